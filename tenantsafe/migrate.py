@@ -1,0 +1,326 @@
+"""What ``migrate_schemas_safe`` does: django-tenants' executors, guarded and fault-isolated."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import CommandError, OutputWrapper
+from django.core.management.color import Style
+from django.db import connections
+from django_tenants.migration_executors import base as upstream
+from django_tenants.migration_executors.multiproc import get_pool
+from django_tenants.utils import get_public_schema_name
+
+from tenantsafe import guard, schemas
+
+logger = logging.getLogger("tenantsafe.migrate")
+
+MIGRATED = "migrated"
+CURRENT = "current"
+PENDING = "pending"
+FAILED = "failed"
+
+# First key of the two-int advisory locks tenantsafe takes: ("tenantsafe", hashtext(schema)).
+LOCK_NAMESPACE = 0x7453
+
+
+@dataclass(frozen=True)
+class TenantResult:
+    schema: str
+    status: str
+    error: str = ""
+    traceback: str = ""
+
+
+@dataclass
+class Summary:
+    results: list[TenantResult] = field(default_factory=list)
+    public_problems: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+    @property
+    def failed(self) -> list[TenantResult]:
+        return [r for r in self.results if r.status == FAILED]
+
+
+class _LockConnection:
+    """One connection per process that holds tenant locks inside a transaction.
+
+    A transaction-level advisory lock is released at COMMIT and a transaction keeps its server
+    connection even through a transaction pooler, so the lock is pooler-safe where a
+    session-level one (``pg_advisory_lock``) is not.
+    """
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self.pid = os.getpid()
+        self.connection = connections.create_connection(alias)
+
+    @contextlib.contextmanager
+    def hold(self, schema: str) -> Iterator[None]:
+        conn = self.connection
+        conn.set_autocommit(False)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [LOCK_NAMESPACE, schema]
+                )
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+                conn.set_autocommit(True)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+_locks: dict[str, _LockConnection] = {}
+
+
+def _lock_for(alias: str) -> _LockConnection:
+    lock = _locks.get(alias)
+    if lock is None or lock.pid != os.getpid():
+        # A forked worker must not share its parent's socket: open its own.
+        lock = _locks[alias] = _LockConnection(alias)
+    return lock
+
+
+def close_locks() -> None:
+    for lock in _locks.values():
+        if lock.pid == os.getpid():
+            lock.close()
+    _locks.clear()
+
+
+def _applied_count(alias: str) -> int:
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM django_migrations"
+            if "django_migrations" in connection.introspection.table_names(cursor)
+            else "SELECT 0"
+        )
+        return int(cursor.fetchone()[0])
+
+
+def _log_path(alias: str, schema: str, when: str) -> None:
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    current, path = guard.read_path(connections[alias])
+    logger.debug(
+        "tenant %s %s migrations: current_schema() = %s, search_path = %s",
+        schema,
+        when,
+        current,
+        path,
+    )
+
+
+def _reset(alias: str) -> None:
+    connection = connections[alias]
+    with contextlib.suppress(Exception):
+        connection.close()
+    connection.set_schema_to_public()
+
+
+def migrate_tenant(
+    args: Sequence[Any],
+    options: dict[str, Any],
+    codename: str,
+    schema: str,
+    tenant_type: str = "",
+    *,
+    allow_atomic: bool = True,
+    idx: int | None = None,
+    count: int | None = None,
+) -> TenantResult:
+    """Migrate one schema through django-tenants' ``run_migrations``, under the guard and lock.
+
+    Never raises for a failure of this tenant: the caller goes on with the next one.
+    """
+    alias = options["database"]
+    try:
+        schemas.validate(schema)
+        with guard.guarding(alias), _lock_for(alias).hold(schema):
+            if not schemas.exists(alias, schema):
+                if not options.get("create_missing"):
+                    raise schemas.MissingSchema(schema)
+                schemas.create(alias, schema)
+            connection = connections[alias]
+            connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
+            before = _applied_count(alias)
+            _log_path(alias, schema, "before")
+            connection.set_schema_to_public()
+            upstream.run_migrations(
+                args,
+                options,
+                codename,
+                schema,
+                tenant_type=tenant_type,
+                allow_atomic=allow_atomic,
+                idx=idx,
+                count=count,
+            )
+            connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
+            _log_path(alias, schema, "after")
+            after = _applied_count(alias)
+            _reset(alias)
+    except SystemExit as exc:
+        # migrate --check exits 1 when something is unapplied.
+        _reset(alias)
+        if options.get("check_unapplied") and exc.code not in (0, None):
+            return TenantResult(schema, PENDING, "unapplied migrations")
+        return TenantResult(schema, FAILED, f"exited with status {exc.code}")
+    except Exception as exc:
+        _reset(alias)
+        return TenantResult(schema, FAILED, _one_line(exc), traceback.format_exc())
+    return TenantResult(schema, MIGRATED if after != before else CURRENT)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (guard.SearchPathError, schemas.SchemaNameError, schemas.MissingSchema)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def _job(
+    args: Sequence[Any],
+    options: dict[str, Any],
+    codename: str,
+    count: int,
+    item: tuple[int, tuple[str, str]],
+) -> TenantResult:
+    idx, (schema, tenant_type) = item
+    result = migrate_tenant(
+        args,
+        options,
+        codename,
+        schema,
+        tenant_type,
+        allow_atomic=False,
+        idx=idx,
+        count=count,
+    )
+    return result
+
+
+class Executor:
+    """Runs tenants one after another (``standard``) or in a fork pool (``multiprocessing``)."""
+
+    codenames = ("standard", "multiprocessing")
+
+    def __init__(self, codename: str, args: Sequence[Any], options: dict[str, Any]) -> None:
+        if codename not in self.codenames:
+            raise CommandError(
+                f"migrate_schemas_safe cannot guard the {codename!r} executor: it runs plain "
+                "migrate_schemas in processes tenantsafe does not control. Use "
+                "--executor=standard or --executor=multiprocessing."
+            )
+        self.codename = codename
+        self.args = args
+        self.options = options
+
+    def run(self, tenants: list[tuple[str, str]]) -> list[TenantResult]:
+        if not tenants:
+            return []
+        if self.codename == "multiprocessing" and len(tenants) > 1:
+            return self._run_pool(tenants)
+        return [
+            migrate_tenant(
+                self.args,
+                self.options,
+                self.codename,
+                schema,
+                tenant_type,
+                idx=idx,
+                count=len(tenants),
+            )
+            for idx, (schema, tenant_type) in enumerate(tenants)
+        ]
+
+    def _run_pool(self, tenants: list[tuple[str, str]]) -> list[TenantResult]:
+        # Workers are forked: close what they would otherwise share with this process.
+        connections[self.options["database"]].close()
+        close_locks()
+        job = functools.partial(_job, self.args, self.options, self.codename, len(tenants))
+        chunks = getattr(settings, "TENANT_MULTIPROCESSING_CHUNKS", 2)
+        pool = get_pool()
+        try:
+            results: list[TenantResult] = pool.map(job, enumerate(tenants), chunks)
+        finally:
+            pool.close()
+            pool.join()
+        return results
+
+
+def run(*, executor: Executor, public: bool, tenants: list[tuple[str, str]]) -> Summary:
+    alias = executor.options["database"]
+    summary = Summary()
+    started = time.monotonic()
+    try:
+        if public:
+            result = executor.run([(get_public_schema_name(), "")])[0]
+            if result.status == FAILED:
+                # Tenants depend on shared tables: stop rather than migrate on a broken base.
+                summary.results.append(result)
+                return summary
+        public_before = schemas.public_tables(alias) if tenants else set()
+        summary.results.extend(executor.run(tenants))
+        if tenants:
+            gained = schemas.public_tables(alias) - public_before
+            if gained:
+                summary.public_problems.append(
+                    "public gained tables while tenants were migrated: " + ", ".join(sorted(gained))
+                )
+    finally:
+        close_locks()
+        summary.elapsed = time.monotonic() - started
+    return summary
+
+
+def report(
+    summary: Summary,
+    *,
+    stdout: OutputWrapper,
+    stderr: OutputWrapper,
+    style: Style,
+    verbosity: int,
+    show_traceback: bool,
+) -> None:
+    tenant_results = [r for r in summary.results if r.schema != get_public_schema_name()]
+    parts = [
+        f"{summary.count(MIGRATED)} migrated",
+        f"{summary.count(CURRENT)} already current",
+    ]
+    if summary.count(PENDING):
+        parts.append(f"{summary.count(PENDING)} with unapplied migrations")
+    parts.append(f"{summary.count(FAILED)} failed")
+    if verbosity >= 1:
+        stdout.write(
+            f"migrate_schemas_safe: {len(tenant_results)} tenant(s): " + ", ".join(parts)
+            + f" in {summary.elapsed:.1f}s"
+        )
+    for result in summary.failed:
+        if show_traceback and result.traceback:
+            stderr.write(result.traceback)
+        stderr.write(style.ERROR(f"FAILED {result.schema}: {result.error}"))
+    for problem in summary.public_problems:
+        stderr.write(style.ERROR(f"FAILED public: {problem}"))
+    if verbosity >= 2:
+        for result in summary.results:
+            if result.status == PENDING:
+                stdout.write(f"PENDING {result.schema}: {result.error}")

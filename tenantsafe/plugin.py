@@ -1,0 +1,1 @@
+"""pytest plugin (loaded through the ``pytest11`` entry point)."""

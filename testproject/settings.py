@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+
+from testproject.dburl import parse_database_url
+
+SECRET_KEY = "tenantsafe-testproject-not-secret"  # noqa: S105
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+ROOT_URLCONF = "testproject.urls"
+PUBLIC_SCHEMA_URLCONF = "testproject.urls_public"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+DATABASES = {
+    "default": parse_database_url(
+        os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tenantsafe")
+    )
+}
+DATABASE_ROUTERS = ["django_tenants.routers.TenantSyncRouter"]
+
+SHARED_APPS = [
+    "django_tenants",
+    "testproject.customers",
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "tenantsafe",
+]
+TENANT_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "testproject.shop",
+    "testproject.notes",
+]
+# The search app holds a non-atomic migration (CREATE INDEX CONCURRENTLY), which cannot run
+# through a transaction pooler; a project deployed through one leaves it out.
+if os.environ.get("TESTPROJECT_POOLER_SAFE") != "1":
+    TENANT_APPS.append("testproject.search")
+
+INSTALLED_APPS = list(SHARED_APPS) + [app for app in TENANT_APPS if app not in SHARED_APPS]
+
+TENANT_MODEL = "customers.Client"
+TENANT_DOMAIN_MODEL = "customers.Domain"
+
+MIDDLEWARE = [
+    "django_tenants.middleware.main.TenantMainMiddleware",
+    "django.middleware.common.CommonMiddleware",
+]
+
+TEMPLATES: list[dict[str, object]] = []
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "tenantsafe": {
+            "handlers": ["console"],
+            "level": os.environ.get("TENANTSAFE_LOG_LEVEL", "WARNING"),
+        }
+    },
+}
