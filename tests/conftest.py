@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture
+def drop_tenant_schemas(transactional_db: None) -> Iterator[None]:
+    """Tenant schemas outlive a transactional test's flush; drop them afterwards."""
+    yield
+    from django.db import connection
+
+    connection.set_schema_to_public()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname NOT IN ('public', "
+            "'information_schema') AND nspname NOT LIKE 'pg\\_%%'"
+        )
+        for (name,) in cursor.fetchall():
+            cursor.execute('DROP SCHEMA "%s" CASCADE' % name.replace('"', '""'))

@@ -1,0 +1,191 @@
+"""Test helpers that talk to PostgreSQL directly (psycopg), outside Django."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def direct_url() -> str:
+    return os.environ["DATABASE_URL"]
+
+
+def pooled_url() -> str:
+    url = os.environ.get("PGBOUNCER_URL")
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PGBOUNCER_URL is not set under CI=true: pgbouncer must run in CI")
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+    return url
+
+
+def with_dbname(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@contextlib.contextmanager
+def fresh_database(prefix: str = "ts") -> Iterator[str]:
+    """A new, empty database on the server; dropped afterwards. Yields its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = with_dbname(direct_url(), "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def manage(url: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300):
+    """Run ``python -m testproject.manage`` against ``url`` in a subprocess."""
+    full_env = {**os.environ, "DATABASE_URL": url, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "testproject.manage", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def connect(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True, prepare_threshold=None)
+
+
+def register_tenants(url: str, names: list[str], *, create_schemas: bool = True) -> None:
+    """Tenant rows (and empty schemas) in a database whose public schema is migrated."""
+    with connect(url) as conn:
+        for name in names:
+            conn.execute(
+                "INSERT INTO public.customers_client (schema_name, name, created_on) "
+                "VALUES (%s, %s, now())",
+                [name, name.title()],
+            )
+            conn.execute(
+                "INSERT INTO public.customers_domain (domain, is_primary, tenant_id) "
+                "SELECT %s, true, id FROM public.customers_client WHERE schema_name = %s",
+                [f"{name}.localhost", name],
+            )
+            if create_schemas:
+                conn.execute(f'CREATE SCHEMA "{name}"')
+
+
+def fingerprint(url: str, schema: str) -> dict[str, Any]:
+    """Everything a migration leaves in ``schema``, with the schema's own name factored out."""
+
+    def rows(sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        return [
+            tuple(str(v).replace(f'"{schema}".', "").replace(f"{schema}.", "") for v in row)
+            for row in conn.execute(sql, params).fetchall()
+        ]
+
+    with connect(url) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema]).fetchall()}
+        fp: dict[str, Any] = {
+            "columns": rows(
+                "SELECT table_name, column_name, data_type, is_nullable, column_default "
+                "FROM information_schema.columns WHERE table_schema = %s ORDER BY 1, 2",
+                schema,
+            ),
+            "indexes": rows(
+                "SELECT tablename, indexname, indexdef FROM pg_indexes "
+                "WHERE schemaname = %s ORDER BY 1, 2",
+                schema,
+            ),
+            "constraints": rows(
+                "SELECT c.conrelid::regclass::text, c.conname, c.contype, "
+                "pg_get_constraintdef(c.oid) FROM pg_constraint c "
+                "JOIN pg_namespace n ON n.oid = c.connamespace WHERE n.nspname = %s "
+                "ORDER BY 1, 2",
+                schema,
+            ),
+            "sequences": rows(
+                "SELECT sequencename, last_value FROM pg_sequences WHERE schemaname = %s "
+                "ORDER BY 1",
+                schema,
+            ),
+        }
+        q = f'"{schema}"'
+        if "django_migrations" in tables:
+            fp["migrations"] = rows(f"SELECT app, name FROM {q}.django_migrations ORDER BY 1, 2")
+        if "django_content_type" in tables:
+            fp["content_types"] = rows(
+                f"SELECT id, app_label, model FROM {q}.django_content_type ORDER BY 2, 3"
+            )
+        if "auth_permission" in tables:
+            fp["permissions"] = rows(
+                f"SELECT p.codename, p.name, ct.app_label, ct.model FROM {q}.auth_permission p "
+                f"JOIN {q}.django_content_type ct ON ct.id = p.content_type_id ORDER BY 1, 3, 4"
+            )
+        for table, column in (
+            ("shop_category", "name"),
+            ("notes_note", "title"),
+            ("notes_tag", "label"),
+        ):
+            if table in tables:
+                fp[table] = rows(f"SELECT id, {column} FROM {q}.{table} ORDER BY id")
+    return fp
+
+
+def public_tables(url: str) -> set[str]:
+    with connect(url) as conn:
+        return {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()}
+
+
+def schemas_named(url: str, names: list[str]) -> set[str]:
+    with connect(url) as conn:
+        return {r[0] for r in conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", [names]).fetchall()}
+
+
+@contextlib.contextmanager
+def pool_load(url: str, paths: list[str], *, clients: int = 4) -> Iterator[None]:
+    """Other clients sharing the pgbouncer pool, as in production.
+
+    Each one keeps issuing a session-level SET to one of ``paths`` (as django-tenants does for
+    the tenants it serves) and a query in autocommit, so the server connections the pool hands
+    out carry other search paths.
+    """
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            with connect(url) as conn:
+                for i in range(200_000):
+                    if stop.is_set():
+                        return
+                    conn.execute(f"SET search_path = {paths[(i + n) % len(paths)]}")
+                    conn.execute("SELECT 1")
+        except BaseException as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
