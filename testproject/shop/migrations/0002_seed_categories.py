@@ -1,7 +1,8 @@
 """A data migration: every tenant starts with the same categories.
 
-TESTPROJECT_FAIL_SEED names a schema whose seeding raises, so tests can watch one tenant's
-atomic migration fail while the others go on.
+For tests: TESTPROJECT_FAIL_SEED names a schema whose seeding raises (one tenant's atomic
+migration fails while the others go on); TESTPROJECT_LEAK_PUBLIC names a schema whose seeding
+also creates a table in public (what a --tenant run must notice).
 """
 
 import os
@@ -15,6 +16,8 @@ def seed(apps, schema_editor):
     Category = apps.get_model("shop", "Category")
     for name in CATEGORIES:
         Category.objects.create(name=name)
+    if connection.schema_name == os.environ.get("TESTPROJECT_LEAK_PUBLIC"):
+        schema_editor.execute("CREATE TABLE public.shop_leaked (id integer)")
     if connection.schema_name == os.environ.get("TESTPROJECT_FAIL_SEED"):
         raise RuntimeError(f"seeding failed on purpose in {connection.schema_name}")
 

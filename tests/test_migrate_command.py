@@ -1,0 +1,264 @@
+"""migrate_schemas_safe through call_command on the test database (direct connection)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from testproject.customers.models import Client
+
+pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
+
+
+def add_tenant(schema: str, *, with_schema: bool = True) -> None:
+    """A tenant row (and an empty schema), as a signup that defers migrations leaves it."""
+    connection.set_schema_to_public()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO customers_client (schema_name, name, created_on) "
+            "VALUES (%s, %s, now())",
+            [schema, schema],
+        )
+        if with_schema:
+            cursor.execute('CREATE SCHEMA "%s"' % schema.replace('"', '""'))
+
+
+def run(*args: str, **options: Any) -> tuple[str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        call_command("migrate_schemas_safe", *args, stdout=out, stderr=err, **options)
+    finally:
+        run.last = (out.getvalue(), err.getvalue())  # type: ignore[attr-defined]
+    return out.getvalue(), err.getvalue()
+
+
+def last_output() -> tuple[str, str]:
+    return run.last  # type: ignore[attr-defined,no-any-return]
+
+
+def tables(schema: str) -> set[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema])
+        return {row[0] for row in cursor.fetchall()}
+
+
+def scalar(sql: str, params: list[Any] | None = None) -> Any:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params or [])
+        return cursor.fetchone()[0]
+
+
+def recorded(schema: str) -> set[str]:
+    with connection.cursor() as cursor:
+        cursor.execute(f'SELECT app || \'.\' || name FROM "{schema}".django_migrations')
+        return {row[0] for row in cursor.fetchall()}
+
+
+def test_migrates_every_tenant_and_summarises():
+    for name in ("alpha", "beta"):
+        add_tenant(name)
+
+    out, err = run(tenant=True)
+
+    assert "migrate_schemas_safe: 2 tenant(s): 2 migrated, 0 already current, 0 failed" in out
+    assert err == ""
+    for name in ("alpha", "beta"):
+        assert {"shop_product", "notes_note", "django_content_type"} <= tables(name)
+        assert scalar(f'SELECT count(*) FROM "{name}".shop_category') == 3
+        assert "search.0002_term_index_concurrently" in recorded(name)
+    # Nothing of the tenants' apps landed in public.
+    assert not {"shop_product", "notes_note", "search_searchentry"} & tables("public")
+
+    out, _ = run(tenant=True)
+    assert "2 tenant(s): 0 migrated, 2 already current, 0 failed" in out
+
+
+@pytest.mark.parametrize("executor", ["standard", "multiprocessing"])
+def test_missing_schema_fails_alone_and_names_the_fix(executor):
+    add_tenant("first")
+    add_tenant("gone", with_schema=False)
+    add_tenant("last")
+
+    with pytest.raises(CommandError, match="1 of 3 schema"):
+        run(tenant=True, executor=executor)
+    out, err = last_output()
+
+    assert "3 tenant(s): 2 migrated, 0 already current, 1 failed" in out
+    assert (
+        'FAILED gone: schema "gone" does not exist; run with --create-missing to create and '
+        "migrate it, or delete the tenant row that names it" in err
+    )
+    assert "Traceback" not in err
+    assert "shop_product" in tables("first")
+    assert "shop_product" in tables("last")
+    assert scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'gone'") == 0
+
+    out, err = run(tenant=True, create_missing=True, executor=executor)
+    assert "3 tenant(s): 1 migrated, 2 already current, 0 failed" in out
+    assert scalar('SELECT count(*) FROM "gone".shop_category') == 3
+
+
+def test_traceback_option_shows_the_traceback():
+    add_tenant("gone", with_schema=False)
+    with pytest.raises(CommandError):
+        run(tenant=True, traceback=True)
+    _, err = last_output()
+    assert "Traceback (most recent call last)" in err
+    assert "MissingSchema" in err
+
+
+def test_failing_data_migration_leaves_nothing_half_applied(monkeypatch):
+    monkeypatch.setenv("TESTPROJECT_FAIL_SEED", "broken")
+    for name in ("before", "broken", "after"):
+        add_tenant(name)
+
+    with pytest.raises(CommandError):
+        run(tenant=True)
+    out, err = last_output()
+
+    assert "3 tenant(s): 2 migrated, 0 already current, 1 failed" in out
+    assert "FAILED broken: RuntimeError: seeding failed on purpose in broken" in err
+    for name in ("before", "after"):
+        assert scalar(f'SELECT count(*) FROM "{name}".shop_category') == 3
+        assert "shop.0003_product_sku" in recorded(name)
+    # The atomic data migration rolled back whole: table from 0001, no rows, not recorded.
+    assert "shop_category" in tables("broken")
+    assert scalar('SELECT count(*) FROM "broken".shop_category') == 0
+    assert "shop.0001_initial" in recorded("broken")
+    assert "shop.0002_seed_categories" not in recorded("broken")
+
+
+def test_debug_log_names_each_tenant_in_current_schema_and_search_path(caplog):
+    for name in ("alpha", "beta"):
+        add_tenant(name)
+    with caplog.at_level(logging.DEBUG, logger="tenantsafe"):
+        run(tenant=True, verbosity=0)
+
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("tenantsafe")]
+    for name in ("alpha", "beta"):
+        for when in ("before", "after"):
+            assert (
+                f'tenant {name} {when} migrations: current_schema() = {name}, '
+                f'search_path = "{name}"' in messages
+            )
+        assert any(
+            m.startswith(f"schema {name}: search_path set to ") and m.endswith(
+                f"current_schema() = {name}"
+            )
+            for m in messages
+        )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ['evil"; DROP SCHEMA public CASCADE; --', "pg_catalog2", "semi;colon", "back\\slash"],
+)
+def test_malicious_schema_names_in_rows_never_reach_sql(bad):
+    add_tenant("good")
+    add_tenant(bad, with_schema=False)
+
+    with pytest.raises(CommandError):
+        run(tenant=True)
+    out, err = last_output()
+
+    assert "2 tenant(s): 1 migrated, 0 already current, 1 failed" in out
+    assert f"FAILED {bad}: {bad!r} is not a valid schema name" in err
+    assert "shop_product" in tables("good")
+    assert "customers_client" in tables("public")
+    assert scalar("SELECT count(*) FROM pg_namespace WHERE nspname = %s", [bad]) == 0
+
+
+def test_malicious_schema_option_is_refused_before_anything_runs():
+    add_tenant("good")
+    with pytest.raises(CommandError, match=r"'a;b' \(--schema\) is not a valid schema name"):
+        run(schema_name="a;b")
+    assert "shop_product" not in tables("good")
+
+
+def test_tenant_run_reports_tables_that_appear_in_public(monkeypatch):
+    monkeypatch.setenv("TESTPROJECT_LEAK_PUBLIC", "leaky")
+    add_tenant("leaky")
+    with pytest.raises(CommandError):
+        run(tenant=True)
+    _, err = last_output()
+    assert "FAILED public: public gained tables while tenants were migrated: shop_leaked" in err
+
+
+def test_check_and_plan_change_nothing():
+    add_tenant("alpha")
+
+    with pytest.raises(CommandError, match="1 schema\\(s\\) have unapplied migrations"):
+        run(tenant=True, check_unapplied=True)
+    out, _ = run(tenant=True, plan=True)
+    assert "Planned operations:" in out
+    assert "shop.0001_initial" in out
+    assert tables("alpha") <= {"django_migrations"}
+
+    run(tenant=True, verbosity=0)
+    out, _ = run(tenant=True, check_unapplied=True)
+    assert "1 tenant(s): 0 migrated, 1 already current, 0 failed" in out
+
+
+def test_fake_records_without_creating_tables():
+    add_tenant("alpha")
+    out, _ = run(tenant=True, fake=True)
+    assert "1 migrated" in out
+    assert "shop.0003_product_sku" in recorded("alpha")
+    assert "shop_product" not in tables("alpha")
+
+
+def test_app_label_and_migration_name_target():
+    add_tenant("alpha")
+    run("shop", "0001", tenant=True, verbosity=0)
+    assert recorded("alpha") >= {"shop.0001_initial"}
+    assert "shop.0002_seed_categories" not in recorded("alpha")
+    assert "notes_note" not in tables("alpha")
+
+
+def test_schema_option_migrates_only_that_tenant():
+    add_tenant("alpha")
+    add_tenant("beta")
+    out, _ = run(schema_name="beta")
+    assert "1 tenant(s): 1 migrated" in out
+    assert "shop_product" in tables("beta")
+    assert "shop_product" not in tables("alpha")
+
+
+def test_schema_option_for_a_missing_schema_names_the_fix():
+    with pytest.raises(CommandError):
+        run(schema_name="nowhere")
+    _, err = last_output()
+    assert 'FAILED nowhere: schema "nowhere" does not exist; run with --create-missing' in err
+
+
+def test_unguardable_executor_is_refused():
+    add_tenant("alpha")
+    with pytest.raises(CommandError, match="cannot guard the 'subprocess' executor"):
+        run(tenant=True, executor="subprocess")
+    assert "shop_product" not in tables("alpha")
+
+
+def test_verbosity_zero_prints_nothing_on_success():
+    add_tenant("alpha")
+    out, err = run(tenant=True, verbosity=0)
+    assert (out, err) == ("", "")
+    assert "shop_product" in tables("alpha")
+
+
+def test_shared_migrates_public_only():
+    add_tenant("alpha")
+    out, _ = run(shared=True)
+    assert "0 tenant(s)" in out
+    assert tables("alpha") == set()
+
+
+def test_tenant_model_rows_are_untouched():
+    add_tenant("alpha")
+    run(tenant=True, verbosity=0)
+    assert list(Client.objects.values_list("schema_name", flat=True)) == ["alpha"]
