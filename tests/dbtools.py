@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,12 +41,12 @@ def fresh_database(prefix: str = "ts") -> Iterator[str]:
     """A new, empty database on the server; dropped afterwards. Yields its name."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = with_dbname(direct_url(), "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
+    with connect(admin) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         yield name
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
+        with connect(admin) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -65,8 +64,38 @@ def manage(url: str, *args: str, env: dict[str, str] | None = None, timeout: flo
     )
 
 
-def connect(url: str) -> psycopg.Connection[Any]:
+def connect(url: str) -> Any:
+    """An autocommit connection with psycopg 3's ``execute()`` API, on either driver."""
+    try:
+        import psycopg
+    except ImportError:
+        import psycopg2
+
+        raw = psycopg2.connect(url)
+        raw.autocommit = True
+        return _Psycopg2(raw)
+    # No server-side prepared statements: they do not survive a transaction pooler.
     return psycopg.connect(url, autocommit=True, prepare_threshold=None)
+
+
+class _Psycopg2:
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.prepare_threshold = None
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        cursor = self.raw.cursor()
+        cursor.execute(sql, params)
+        return cursor
+
+    def cursor(self) -> Any:
+        return self.raw.cursor()
+
+    def __enter__(self) -> _Psycopg2:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.close()
 
 
 def register_tenants(url: str, names: list[str], *, create_schemas: bool = True) -> None:
