@@ -20,6 +20,8 @@ def _run(argv: list[str]) -> int:
         return demo(argv[1:])
     import pytest
 
+    if "--no-cov" not in argv:
+        argv = ["--cov=tenantsafe", "--cov-report=term-missing:skip-covered", *argv]
     return int(pytest.main(argv))
 
 
