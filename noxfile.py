@@ -1,4 +1,4 @@
-"""The support matrix: ``nox`` runs every combination, ``nox -s "tests-3.12(django='6.0', driver='psycopg2')"`` one.
+"""The support matrix: ``nox`` runs every combination; ``nox -l`` lists them.
 
 pyenv users make the interpreters visible first: ``pyenv shell 3.11.7 3.12.1 3.13.0``.
 """

@@ -42,28 +42,27 @@ def main() -> None:
                 if ns.pooled:
                     urls["safe"] = with_dbname(os.environ["PGBOUNCER_URL"], safe_db)
 
-                def plain() -> None:
-                    r = manage(urls["plain"], "migrate_schemas", "--tenant", "-v0",
-                               f"--executor={ns.executor}", env=env)
-                    assert r.returncode == 0, r.stderr
+                def command(name: str, url: str) -> None:
+                    args = ["--tenant", "-v0", f"--executor={ns.executor}"]
+                    result = manage(url, name, *args, env=env)
+                    assert result.returncode == 0, result.stderr
 
-                def safe() -> None:
-                    r = manage(urls["safe"], "migrate_schemas_safe", "--tenant", "-v0",
-                               f"--executor={ns.executor}", env=env)
-                    assert r.returncode == 0, r.stderr
-
-                order = [("plain", plain), ("safe", safe)]
+                order = [("plain", "migrate_schemas"), ("safe", "migrate_schemas_safe")]
                 if round_no % 2:
                     order.reverse()
-                times = {label: timed(fn) for label, fn in order}
+                times = {
+                    label: timed(lambda c=cmd, u=urls[label]: command(c, u))  # type: ignore[misc]
+                    for label, cmd in order
+                }
                 ratio = times["safe"] / times["plain"]
                 ratios.append(ratio)
                 print(
                     f"round {round_no + 1}: migrate_schemas {times['plain']:.2f}s, "
                     f"migrate_schemas_safe {times['safe']:.2f}s, ratio {ratio:.2f}"
                 )
+        via = ", safe via pgbouncer" if ns.pooled else ""
         print(
-            f"{ns.tenants} fresh tenants ({ns.executor}{', safe via pgbouncer' if ns.pooled else ''}): "
+            f"{ns.tenants} fresh tenants ({ns.executor}{via}): "
             f"median ratio migrate_schemas_safe / migrate_schemas = {median(ratios):.2f} "
             "(target <= 1.10)"
         )

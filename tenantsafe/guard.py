@@ -148,9 +148,7 @@ def _pin(connection: Any, cursor: Any, schemas: list[str], *, local: bool = True
     cursor.execute(_PIN_SQL, [quoted_path(schemas), local])
     path, current = cursor.fetchone()
     expected = schemas[0]
-    logger.debug(
-        "schema %s: search_path set to %s, current_schema() = %s", expected, path, current
-    )
+    logger.debug("schema %s: search_path set to %s, current_schema() = %s", expected, path, current)
     if current != expected:
         cursor.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [expected])
         if cursor.fetchone() is None:
@@ -187,11 +185,13 @@ def _guard(
 
     with connection.wrap_database_errors:
         if isinstance(sql, str) and _NON_TRANSACTIONAL.match(sql):
-            return _outside_transaction(connection, pin_cursor, schemas, sql, execute, params,
-                                        many, context, status)
+            return _outside_transaction(
+                connection, pin_cursor, schemas, sql, execute, params, many, context, status
+            )
         if status == _IDLE and connection.get_autocommit():
-            return _in_own_transaction(connection, pin_cursor, schemas, execute, sql, params,
-                                       many, context)
+            return _in_own_transaction(
+                connection, pin_cursor, schemas, execute, sql, params, many, context
+            )
         if status != _INERROR and (status == _IDLE or state.pinned != tuple(schemas)):
             _pin(connection, pin_cursor, schemas)
     try:

@@ -130,7 +130,7 @@ def _log_path(alias: str, schema: str, when: str) -> None:
 
 
 def _reset(alias: str) -> None:
-    connection = connections[alias]
+    connection: Any = connections[alias]
     with contextlib.suppress(Exception):
         connection.close()
     connection.set_schema_to_public()
@@ -159,7 +159,7 @@ def migrate_tenant(
                 if not options.get("create_missing"):
                     raise schemas.MissingSchema(schema)
                 schemas.create(alias, schema)
-            connection = connections[alias]
+            connection: Any = connections[alias]
             connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
             before = _applied_count(alias)
             _log_path(alias, schema, "before")
@@ -311,7 +311,8 @@ def report(
     parts.append(f"{summary.count(FAILED)} failed")
     if verbosity >= 1:
         stdout.write(
-            f"migrate_schemas_safe: {len(tenant_results)} tenant(s): " + ", ".join(parts)
+            f"migrate_schemas_safe: {len(tenant_results)} tenant(s): "
+            + ", ".join(parts)
             + f" in {summary.elapsed:.1f}s"
         )
     for result in summary.failed:

@@ -163,7 +163,9 @@ class Cluster:
         if self.pgbouncer_bin:
             self._start_pgbouncer()
         if not self.quiet:
-            pooled = f", pgbouncer (transaction pooling) on {self.bouncer_port}" if self._bouncer else ""
+            pooled = (
+                f", pgbouncer (transaction pooling) on {self.bouncer_port}" if self._bouncer else ""
+            )
             print(
                 f"tenantsafe: throwaway PostgreSQL on 127.0.0.1:{self.port}{pooled} in {self.dir}",
                 file=sys.stderr,
@@ -183,7 +185,8 @@ class Cluster:
         )
 
     def _start_pgbouncer(self) -> None:
-        assert self.dir is not None and self.pgbouncer_bin is not None
+        assert self.dir is not None
+        assert self.pgbouncer_bin is not None
         self.bouncer_port = free_port()
         (self.dir / "users.txt").write_text('"postgres" ""\n')
         ini = self.dir / "pgbouncer.ini"
@@ -218,10 +221,12 @@ class Cluster:
         while time.monotonic() < deadline:
             if self._bouncer.poll() is not None:
                 raise ClusterUnavailable(
-                    f"pgbouncer exited with {self._bouncer.returncode}; see {self.dir}/pgbouncer.log"
+                    f"pgbouncer exited with {self._bouncer.returncode}; "
+                    f"see {self.dir}/pgbouncer.log"
                 )
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.bouncer_port), timeout=0.5
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.bouncer_port), timeout=0.5),
             ):
                 return
             time.sleep(0.05)

@@ -4,7 +4,7 @@ import os
 
 from testproject.dburl import parse_database_url
 
-SECRET_KEY = "tenantsafe-testproject-not-secret"  # noqa: S105
+SECRET_KEY = "tenantsafe-testproject-not-secret"
 DEBUG = False
 ALLOWED_HOSTS = ["*"]
 USE_TZ = True

@@ -126,8 +126,12 @@ def fingerprint(url: str, schema: str) -> dict[str, Any]:
         ]
 
     with connect(url) as conn:
-        tables = {r[0] for r in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema]).fetchall()}
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema]
+            ).fetchall()
+        }
         fp: dict[str, Any] = {
             "columns": rows(
                 "SELECT table_name, column_name, data_type, is_nullable, column_default "
@@ -176,14 +180,22 @@ def fingerprint(url: str, schema: str) -> dict[str, Any]:
 
 def public_tables(url: str) -> set[str]:
     with connect(url) as conn:
-        return {r[0] for r in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()}
+        return {
+            r[0]
+            for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            ).fetchall()
+        }
 
 
 def schemas_named(url: str, names: list[str]) -> set[str]:
     with connect(url) as conn:
-        return {r[0] for r in conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", [names]).fetchall()}
+        return {
+            r[0]
+            for r in conn.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", [names]
+            ).fetchall()
+        }
 
 
 @contextlib.contextmanager

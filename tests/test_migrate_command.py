@@ -21,8 +21,7 @@ def add_tenant(schema: str, *, with_schema: bool = True) -> None:
     connection.set_schema_to_public()
     with connection.cursor() as cursor:
         cursor.execute(
-            "INSERT INTO customers_client (schema_name, name, created_on) "
-            "VALUES (%s, %s, now())",
+            "INSERT INTO customers_client (schema_name, name, created_on) VALUES (%s, %s, now())",
             [schema, schema],
         )
         if with_schema:
@@ -56,7 +55,7 @@ def scalar(sql: str, params: list[Any] | None = None) -> Any:
 
 def recorded(schema: str) -> set[str]:
     with connection.cursor() as cursor:
-        cursor.execute(f'SELECT app || \'.\' || name FROM "{schema}".django_migrations')
+        cursor.execute(f"SELECT app || '.' || name FROM \"{schema}\".django_migrations")
         return {row[0] for row in cursor.fetchall()}
 
 
@@ -144,13 +143,12 @@ def test_debug_log_names_each_tenant_in_current_schema_and_search_path(caplog):
     for name in ("alpha", "beta"):
         for when in ("before", "after"):
             assert (
-                f'tenant {name} {when} migrations: current_schema() = {name}, '
+                f"tenant {name} {when} migrations: current_schema() = {name}, "
                 f'search_path = "{name}"' in messages
             )
         assert any(
-            m.startswith(f"schema {name}: search_path set to ") and m.endswith(
-                f"current_schema() = {name}"
-            )
+            m.startswith(f"schema {name}: search_path set to ")
+            and m.endswith(f"current_schema() = {name}")
             for m in messages
         )
 

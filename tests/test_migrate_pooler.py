@@ -111,21 +111,28 @@ def test_two_concurrent_runs_migrate_each_tenant_once(pending_tenants, reference
     with busy_pool(pooled):
         runs = [
             subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
             )
             for _ in range(2)
         ]
         outputs = [run.communicate(timeout=300) for run in runs]
 
-    for run, (out, err) in zip(runs, outputs):
+    for run, (_, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err[-3000:]
     counts = [summary(out) for out, _ in outputs]
     assert sum(c["migrated"] for c in counts) == 12
     assert all(c["failed"] == 0 and c["migrated"] + c["current"] == 12 for c in counts)
     # Each tenant's migrations were applied by exactly one of the runs.
     both = "".join(out for out, _ in outputs)
-    applied = [len(re.findall(rf"standard:{name}\] +Applying shop\.0001_initial", both)) for name in TENANTS]
+    applied = [
+        len(re.findall(rf"standard:{name}\] +Applying shop\.0001_initial", both))
+        for name in TENANTS
+    ]
     assert applied == [1] * 12
     assert [name for name in TENANTS if fingerprint(direct, name) != reference] == []
 
@@ -143,7 +150,9 @@ def test_non_atomic_migration_is_refused_through_the_pooler_and_runs_directly():
         assert refused.returncode == 1
         assert summary(refused.stdout)["failed"] == 2
         for schema in ("one", "two"):
-            line = next(l for l in refused.stderr.splitlines() if l.startswith(f"FAILED {schema}:"))
+            line = next(
+                row for row in refused.stderr.splitlines() if row.startswith(f"FAILED {schema}:")
+            )
             assert "CREATE INDEX CONCURRENTLY" in line
             assert "cannot run inside a transaction block" in line
             assert "direct (non-pooled) connection" in line

@@ -18,7 +18,7 @@ from django_tenants.utils import (
 from tenantsafe import migrate, schemas
 
 
-class Command(MigrateSchemasCommand):
+class Command(MigrateSchemasCommand):  # type: ignore[misc]
     help = (
         "django-tenants' migrate_schemas with the search_path pinned to every statement, "
         "per-tenant fault isolation, locking and a summary."
@@ -39,9 +39,7 @@ class Command(MigrateSchemasCommand):
         codename = self.executor or os.environ.get("EXECUTOR") or "standard"
         executor = migrate.Executor(codename, args, options)
         tenants = self._tenants() if self.sync_tenant else []
-        summary = migrate.run(
-            executor=executor, public=bool(self.sync_public), tenants=tenants
-        )
+        summary = migrate.run(executor=executor, public=bool(self.sync_public), tenants=tenants)
         verbosity = int(options["verbosity"])
         migrate.report(
             summary,

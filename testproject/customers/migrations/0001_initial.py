@@ -1,7 +1,6 @@
 import django.db.models.deletion
-from django.db import migrations, models
-
 import django_tenants.postgresql_backend.base
+from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
@@ -13,7 +12,12 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name="Client",
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
                 (
                     "schema_name",
                     models.CharField(
@@ -31,7 +35,12 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name="Domain",
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
                 ("domain", models.CharField(db_index=True, max_length=253, unique=True)),
                 ("is_primary", models.BooleanField(db_index=True, default=True)),
                 (
