@@ -20,7 +20,7 @@ from django_tenants.migration_executors import base as upstream
 from django_tenants.migration_executors.multiproc import get_pool
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import guard, schemas
+from tenantsafe import guard, plan, progress, schemas
 
 logger = logging.getLogger("tenantsafe.migrate")
 
@@ -279,7 +279,12 @@ def run(*, executor: Executor, public: bool, tenants: list[tuple[str, str]]) -> 
                 summary.results.append(result)
                 return summary
         public_before = schemas.public_tables(alias) if tenants else set()
-        summary.results.extend(executor.run(tenants))
+        # Tenants whose django_migrations shows nothing to do are answered from one batched
+        # read (tenantsafe.plan); --no-skip turns that off.
+        todo, answered = plan.split(executor.options, tenants)
+        summary.results.extend(answered)
+        with progress.reporting(executor.options, todo, answered):
+            summary.results.extend(executor.run(todo))
         if tenants:
             gained = schemas.public_tables(alias) - public_before
             if gained:

@@ -31,6 +31,12 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             action="store_true",
             help="Create the schema of a tenant row that has none, then migrate it.",
         )
+        parser.add_argument(
+            "--no-skip",
+            action="store_true",
+            help="Run migrate in every tenant, also in those whose django_migrations shows "
+            "nothing to apply (they are skipped by default; see tenantsafe.plan).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         # SyncCommon parses --shared/--tenant/--schema; MigrateSchemasCommand.handle would run
