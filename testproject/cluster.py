@@ -32,6 +32,11 @@ class ClusterUnavailable(RuntimeError):
 
 
 def find_pg_bindir() -> Path | None:
+    explicit = os.environ.get("TENANTSAFE_PG_BINDIR")
+    if explicit:
+        # An explicit choice is never second-guessed by a search elsewhere.
+        bindir = Path(explicit)
+        return bindir if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists() else None
     candidates: list[Path] = []
     on_path = shutil.which("pg_ctl")
     if on_path:

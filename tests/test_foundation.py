@@ -17,7 +17,15 @@ from django_tenants.postgresql_backend.base import DatabaseWrapper
 
 from testproject.customers.models import Client, Domain
 from testproject.shop.models import Product
-from tests.dbtools import ROOT, connect, pool_load, pooled_url, with_dbname
+from tests.dbtools import (
+    ROOT,
+    connect,
+    direct_url,
+    fresh_database,
+    pool_load,
+    pooled_url,
+    with_dbname,
+)
 
 
 @pytest.mark.django_db
@@ -139,3 +147,49 @@ def test_runtests_cleans_up_on_ctrl_c(cluster_dir, tmp_path):
     assert proc.returncode != 0
     assert our_processes(cluster_dir) == []
     assert list(cluster_dir.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_runtests_without_server_or_binaries_says_how_to_install(cluster_dir):
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "PGBOUNCER_URL"}}
+    env["TENANTSAFE_PG_BINDIR"] = str(cluster_dir / "no-postgres-here")
+    result = subprocess.run(
+        [sys.executable, "runtests.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "tenantsafe: no PostgreSQL server binaries (initdb, pg_ctl) found and DATABASE_URL is "
+        "not set; install them (Debian/Ubuntu: apt-get install postgresql) or set DATABASE_URL "
+        "to a server, e.g. postgres://user:pass@localhost:5432/tenantsafe"
+    ]
+
+
+@pytest.mark.slow
+def test_the_demo_migrates_its_tenants():
+    with fresh_database("demo") as name:
+        env = {**os.environ, "DATABASE_URL": with_dbname(direct_url(), name)}
+        result = subprocess.run(
+            [sys.executable, "runtests.py", "--demo"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "migrate_schemas_safe: 3 tenant(s): 3 migrated, 0 already current, 0 failed" in (
+            result.stdout
+        )
+        with connect(with_dbname(direct_url(), name)) as conn:
+            counts = [
+                conn.execute(f'SELECT count(*) FROM "demo{n}".shop_category').fetchone()[0]
+                for n in (1, 2, 3)
+            ]
+        assert counts == [3, 3, 3]
