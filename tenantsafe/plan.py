@@ -175,7 +175,7 @@ class Planner:
                 applied[key] = migration
             else:
                 applied.pop(key, None)
-        if not _consistent(loader, applied):
+        if not _consistent(loader, recorded):
             return None  # migrate raises InconsistentMigrationHistory; let it say so
         if any(t[1] is not None and t not in loader.graph.nodes for t in targets):
             return None  # a replaced target: migrate rebuilds its graph; do not guess
@@ -226,11 +226,18 @@ class Planner:
         return [(label, migration.name)]
 
 
-def _consistent(loader: MigrationLoader, applied: dict[Key, Any]) -> bool:
-    nodes = loader.graph.node_map
-    return all(
-        parent.key in applied for key in applied if key in nodes for parent in nodes[key].parents
-    )
+def _consistent(loader: MigrationLoader, recorded: frozenset[Key]) -> bool:
+    # What MigrationLoader.check_consistent_history() accepts: every recorded migration's
+    # parents are recorded, a squash counting when all it replaces is recorded.
+    nodes, replacements = loader.graph.node_map, loader.replacements
+    for key in recorded:
+        for parent in nodes[key].parents if key in nodes else ():
+            if parent.key in recorded:
+                continue
+            squash = replacements.get(parent.key)
+            if squash is None or not all(t in recorded for t in squash.replaces):
+                return False
+    return True
 
 
 @dataclass(frozen=True)
