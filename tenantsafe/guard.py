@@ -4,8 +4,8 @@ django-tenants issues a session-level ``SET search_path`` when Django opens a cu
 autocommit that ``SET`` is a transaction of its own, so a transaction pooler (pgbouncer in
 ``pool_mode = transaction``, RDS Proxy) may run it on one server connection and the statements
 after it on another. The guard pins the path to the statements themselves: while it is on for
-a connection, every statement runs inside a transaction that set the tenant's search_path with
-``set_config(..., is_local => true)`` on the same cursor and verified ``current_schema()``.
+a connection, every statement runs in a transaction that set the tenant's search_path with
+``set_config(..., is_local => true)`` and checked ``current_schema()`` before the statement.
 
 It is one execute wrapper, put on every connection by :func:`install` (called from
 ``AppConfig.ready()`` and on ``connection_created``). It is switched on
@@ -13,11 +13,27 @@ It is one execute wrapper, put on every connection by :func:`install` (called fr
 * for one alias while ``migrate_schemas_safe`` runs (:func:`guarding`), which forked executor
   workers inherit;
 * for every alias when ``TENANTSAFE_RUNTIME_GUARD = True`` (``tenantsafe.conf``).
+
+How a statement is pinned, cheapest first:
+
+* merged: ``<check>; <statement>`` as one simple query. PostgreSQL runs a multi-statement query
+  as one transaction (an implicit one in autocommit), so no pooler can separate the two, and it
+  costs no extra round trip. Used for Django's default cursors (psycopg 3 client-side binding,
+  psycopg2).
+* pipelined (psycopg 3 server-side binding cursors, ``executemany``): ``BEGIN``, the check, the
+  statement and ``COMMIT`` sent in one pipeline, one round trip.
+* step by step (named cursors, psycopg2 ``executemany``): ``BEGIN``, the pin verified in Python,
+  the statement, ``COMMIT``.
+
+The check raises inside PostgreSQL when ``current_schema()`` is not the tenant's schema, so the
+transaction is aborted before the statement runs; the error is re-raised as
+:class:`SearchPathError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -26,9 +42,13 @@ from typing import Any
 
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.db.backends.signals import connection_created
 
 from tenantsafe import conf
+
+if is_psycopg3:
+    import psycopg
 
 logger = logging.getLogger("tenantsafe.guard")
 
@@ -40,13 +60,20 @@ _INERROR = 3
 # Statements PostgreSQL refuses inside a transaction block, so they cannot be pinned.
 _NON_TRANSACTIONAL = re.compile(
     r"^\s*(?:(?:CREATE|DROP)\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY"
-    r"|REINDEX\b[^;]*\bCONCURRENTLY|VACUUM\b|CREATE\s+DATABASE|DROP\s+DATABASE"
-    r"|ALTER\s+SYSTEM|CLUSTER\b)",
+    r"|REINDEX\b[^;]*\bCONCURRENTLY|REINDEX\s+(?:\(.*?\)\s*)?(?:SYSTEM|DATABASE|SCHEMA)\b"
+    r"|VACUUM\b|CREATE\s+DATABASE|DROP\s+DATABASE|(?:CREATE|DROP)\s+TABLESPACE"
+    r"|ALTER\s+SYSTEM|CLUSTER\b|DISCARD\s+ALL)",
     re.IGNORECASE,
 )
-_ENDS_TRANSACTION = re.compile(r"^\s*(?:COMMIT|ROLLBACK|END|ABORT)\b", re.IGNORECASE)
+# They read no tenant data and a pin before them would be wasted (or rolled back).
+_TRANSACTION_CONTROL = re.compile(
+    r"^\s*(?:BEGIN|START\s+TRANSACTION|COMMIT|ROLLBACK|END|ABORT)\b", re.IGNORECASE
+)
 
 _PIN_SQL = "SELECT set_config('search_path', %s, %s), current_schema()"
+
+# Appears in the error PostgreSQL raises when the in-statement check fails.
+_MARK = "tenantsafe-search-path:"
 
 _active_aliases: set[str] = set()
 
@@ -144,25 +171,85 @@ def is_pooled(connection: Any) -> bool:
     return cache[id(raw)]
 
 
+def _missing(expected: str) -> SchemaMissingError:
+    return SchemaMissingError(
+        f'Schema "{expected}" does not exist; create it (migrate_schemas_safe '
+        f"--create-missing) or delete the tenant row that names it.",
+        schema=expected,
+    )
+
+
+def _mismatch(current: str | None, schemas: list[str]) -> SearchPathError:
+    return SearchPathError(
+        f"current_schema() is {current!r} after setting search_path to "
+        f'{quoted_path(schemas)}, expected "{schemas[0]}"; nothing was run.',
+        schema=schemas[0],
+    )
+
+
+def _log_pin(schemas: list[str], current: str | None) -> None:
+    logger.debug(
+        "schema %s: search_path set to %s, current_schema() = %s",
+        schemas[0],
+        quoted_path(schemas),
+        current,
+    )
+
+
 def _pin(connection: Any, cursor: Any, schemas: list[str], *, local: bool = True) -> None:
     cursor.execute(_PIN_SQL, [quoted_path(schemas), local])
-    path, current = cursor.fetchone()
+    _, current = cursor.fetchone()
     expected = schemas[0]
-    logger.debug("schema %s: search_path set to %s, current_schema() = %s", expected, path, current)
+    _log_pin(schemas, current)
     if current != expected:
         cursor.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [expected])
         if cursor.fetchone() is None:
-            raise SchemaMissingError(
-                f'Schema "{expected}" does not exist; create it (migrate_schemas_safe '
-                f"--create-missing) or delete the tenant row that names it.",
-                schema=expected,
-            )
-        raise SearchPathError(
-            f"current_schema() is {current!r} after setting search_path to {path}, expected "
-            f'"{expected}"; nothing was run.',
-            schema=expected,
-        )
+            raise _missing(expected)
+        raise _mismatch(current, schemas)
     _state(connection).pinned = tuple(schemas) if local else None
+
+
+def _literal(value: str) -> str:
+    # django-tenants refuses quotes, backslashes, semicolons and NUL in every part of the
+    # path, and standard_conforming_strings is on since PostgreSQL 9.1.
+    return "'%s'" % value.replace("'", "''")
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_sql(schemas: tuple[str, ...], escape_percent: bool) -> str:
+    """One SELECT that pins the path and fails unless ``current_schema()`` is the tenant's.
+
+    CASE evaluates its branches in order, so set_config runs before current_schema() looks.
+    The failure is a cast error on a value computed at run time (from current_schema()): a
+    constant one (``1/0``, ``'x'::int``) is folded, and raised, at plan time whichever branch
+    is taken.
+    """
+    schema = _literal(schemas[0])
+    sql = (
+        f"SELECT CASE WHEN set_config('search_path', {_literal(quoted_path(list(schemas)))}, "
+        f"true) IS NULL THEN NULL "
+        f"WHEN current_schema() = {schema} THEN current_schema() "
+        f"ELSE ((CASE WHEN to_regnamespace({schema}) IS NULL THEN '{_MARK}missing:' "
+        f"ELSE '{_MARK}current=' END) || coalesce(current_schema(), '-'))::int::text END"
+    )
+    # With parameters the driver formats the query and reads % as a placeholder.
+    return sql.replace("%", "%%") if escape_percent else sql
+
+
+def _check_failure(exc: BaseException, schemas: list[str]) -> SearchPathError | None:
+    """The SearchPathError for ``exc`` if it is the check failing (maybe wrapped by Django)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        at = text.find(_MARK)
+        if at >= 0:
+            detail = text[at + len(_MARK) :].split('"', 1)[0]
+            if detail.startswith("missing:"):
+                return _missing(schemas[0])
+            current = detail.removeprefix("current=")
+            return _mismatch(None if current == "-" else current, schemas)
+        seen = seen.__cause__
+    return None
 
 
 def _guard(
@@ -178,27 +265,124 @@ def _guard(
     schemas = search_path(connection)
     raw_cursor = context["cursor"].cursor
     raw = connection.connection
-    # A named (server-side) cursor runs one statement only: pin through a plain one.
-    pin_cursor = raw.cursor() if getattr(raw_cursor, "name", None) else raw_cursor
     status = raw.info.transaction_status
     state = _state(connection)
+    text = sql if isinstance(sql, str) else None
 
-    with connection.wrap_database_errors:
-        if isinstance(sql, str) and _NON_TRANSACTIONAL.match(sql):
+    if text is not None and _TRANSACTION_CONTROL.match(text):
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            state.pinned = None
+    named = bool(getattr(raw_cursor, "name", None))
+    if text is not None and _NON_TRANSACTIONAL.match(text):
+        # A named (server-side) cursor runs one statement only: pin through a plain one.
+        pin_cursor = raw.cursor() if named else raw_cursor
+        with connection.wrap_database_errors:
             return _outside_transaction(
-                connection, pin_cursor, schemas, sql, execute, params, many, context, status
+                connection, pin_cursor, schemas, text, execute, params, many, context, status
             )
-        if status == _IDLE and connection.get_autocommit():
+    if status == _INERROR or (status == _INTRANS and state.pinned == tuple(schemas)):
+        return execute(sql, params, many, context)
+    own = status == _IDLE and connection.get_autocommit()
+
+    if text and not many and not named and _merges(raw, raw_cursor):
+        return _merged(connection, raw, raw_cursor, schemas, execute, text, params, context)
+    if not named and _pipelines(raw):
+        return _pipelined(connection, raw, schemas, execute, sql, params, many, context, own)
+    pin_cursor = raw.cursor() if named else raw_cursor
+    with connection.wrap_database_errors:
+        if own:
             return _in_own_transaction(
                 connection, pin_cursor, schemas, execute, sql, params, many, context
             )
-        if status != _INERROR and (status == _IDLE or state.pinned != tuple(schemas)):
+        if status != _INERROR:
             _pin(connection, pin_cursor, schemas)
+    return execute(sql, params, many, context)
+
+
+def _merges(raw: Any, raw_cursor: Any) -> bool:
+    if is_psycopg3:
+        # A client-side binding cursor sends a simple query, which may hold several
+        # statements; a pipeline would force the extended protocol, which may not.
+        return isinstance(raw_cursor, psycopg.ClientCursor) and not raw.pgconn.pipeline_status
+    return True
+
+
+def _pipelines(raw: Any) -> bool:
+    return is_psycopg3 and psycopg.Pipeline.is_supported() and not raw.pgconn.pipeline_status
+
+
+def _merged(
+    connection: Any,
+    raw: Any,
+    raw_cursor: Any,
+    schemas: list[str],
+    execute: Callable[..., Any],
+    sql: str,
+    params: Any,
+    context: dict[str, Any],
+) -> Any:
+    state = _state(connection)
+    check = _check_sql(tuple(schemas), params is not None)
     try:
-        return execute(sql, params, many, context)
+        result = execute(f"{check};\n{sql}", params, False, context)
+    except Exception as exc:
+        state.pinned = None
+        failure = _check_failure(exc, schemas)
+        if failure is None:
+            raise
+        raise failure from exc
+    if is_psycopg3:
+        # The check's row comes first; leave the cursor on the statement's results.
+        if logger.isEnabledFor(logging.DEBUG):
+            row = raw_cursor.fetchone()
+            _log_pin(schemas, row[0] if row else None)
+        raw_cursor.nextset()
+    else:
+        # psycopg2 keeps the last result only; the check raised if it did not hold.
+        _log_pin(schemas, schemas[0])
+    state.pinned = tuple(schemas) if raw.info.transaction_status == _INTRANS else None
+    return result
+
+
+def _pipelined(
+    connection: Any,
+    raw: Any,
+    schemas: list[str],
+    execute: Callable[..., Any],
+    sql: Any,
+    params: Any,
+    many: bool,
+    context: dict[str, Any],
+    own: bool,
+) -> Any:
+    # Explicit BEGIN/COMMIT: a sync psycopg issued inside the pipeline would end an implicit
+    # transaction between the check and the statement, but cannot end this one.
+    state = _state(connection)
+    helper = raw.cursor()
+    try:
+        with raw.pipeline():
+            if own:
+                helper.execute("BEGIN")
+            helper.execute(_check_sql(tuple(schemas), False))
+            result = execute(sql, params, many, context)
+            if own:
+                helper.execute("COMMIT")
+    except Exception as exc:
+        state.pinned = None
+        if own and raw.info.transaction_status != _IDLE:
+            with contextlib.suppress(Exception):
+                helper.execute("ROLLBACK")
+        failure = _check_failure(exc, schemas)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
-        if isinstance(sql, str) and _ENDS_TRANSACTION.match(sql):
-            state.pinned = None
+        helper.close()
+    _log_pin(schemas, schemas[0])
+    state.pinned = tuple(schemas) if raw.info.transaction_status == _INTRANS else None
+    return result
 
 
 def _in_own_transaction(
@@ -242,11 +426,20 @@ def _outside_transaction(
 ) -> Any:
     if is_pooled(connection):
         statement = " ".join(sql.split())[:80]
+        if connection.alias in _active_aliases:
+            advice = (
+                "Run this migration over a direct (non-pooled) connection: add a DATABASES "
+                "entry that points at PostgreSQL itself and pass its alias with --database"
+            )
+        else:
+            advice = (
+                "Run it over a direct (non-pooled) connection: add a DATABASES entry that "
+                "points at PostgreSQL itself and use it for this statement "
+                "(connections[alias].cursor())"
+            )
         raise PooledStatementError(
             f'Schema "{schemas[0]}": "{statement}" cannot run inside a transaction block, so '
-            "its search_path cannot be pinned through a transaction pooler. Run this "
-            "migration over a direct (non-pooled) connection: add a DATABASES entry that "
-            "points at PostgreSQL itself and pass its alias with --database (or set "
+            f"its search_path cannot be pinned through a transaction pooler. {advice} (or set "
             "TENANTSAFE_TRANSACTION_POOLER = False if no pooler is in between).",
             schema=schemas[0],
         )
