@@ -1,0 +1,604 @@
+"""TENANTSAFE_RUNTIME_GUARD: every statement the process runs carries its tenant's search_path.
+
+Two halves. In-process tests on the test database (a direct connection) make the pooler's
+behaviour deterministic with ``foreign_server_path``: before every statement that would start a
+transaction, the session search_path is set to another tenant's, which is what a transaction
+pooler does when it hands over a server connection last used for that tenant. The pooler tests
+run worker processes (with threads) through a real pgbouncer in transaction pooling, shared with
+other clients, and count every read and write that reached another tenant's schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import connection, connections, transaction
+
+from tenantsafe import guard
+from testproject.customers.models import Client, Domain
+from testproject.shop.models import Category, Product
+from tests.dbtools import (
+    ROOT,
+    connect,
+    direct_url,
+    fresh_database,
+    manage,
+    pool_load,
+    pooled_url,
+    register_tenants,
+    with_dbname,
+)
+
+PRODUCTS = {"alpha": ["alpha-0", "alpha-1"], "beta": ["beta-0", "beta-1", "beta-2"]}
+
+
+def names(schema: str) -> list[str]:
+    # Schema-qualified, so the answer does not depend on any search_path.
+    with connection.cursor() as cursor:
+        cursor.execute(f'SELECT name FROM "{schema}".shop_product ORDER BY name')
+        return [row[0] for row in cursor.fetchall()]
+
+
+def make_tenant(schema: str) -> Client:
+    """A tenant row, its domain and a schema holding the shop tables (no migrations: fast)."""
+    connection.set_schema_to_public()
+    tenant = Client(schema_name=schema, name=schema.title())
+    tenant.auto_create_schema = False
+    tenant.save()
+    Domain.objects.create(domain=f"{schema}.localhost", tenant=tenant, is_primary=True)
+    with connection.cursor() as cursor:
+        cursor.execute(f'CREATE SCHEMA "{schema}"')
+    connection.set_tenant(tenant)
+    with connection.schema_editor() as editor:
+        editor.create_model(Category)
+        editor.create_model(Product)
+    Product.objects.bulk_create(Product(name=name) for name in PRODUCTS[schema])
+    connection.set_schema_to_public()
+    return tenant
+
+
+@pytest.fixture
+def tenants(drop_tenant_schemas: None) -> Iterator[dict[str, Client]]:
+    made = {schema: make_tenant(schema) for schema in PRODUCTS}
+    yield made
+    connection.set_schema_to_public()
+
+
+@pytest.fixture
+def runtime_guard(settings: Any) -> None:
+    settings.TENANTSAFE_RUNTIME_GUARD = True
+
+
+@contextlib.contextmanager
+def foreign_server_path(schema: str) -> Iterator[None]:
+    """Act like a pooler whose server connections were last used for ``schema``.
+
+    Between transactions a pooler may hand the next statement to any server connection, and
+    its session search_path is whatever the last client set. Here that is always ``schema``.
+    """
+
+    def hand_over(
+        execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        raw = connection.connection
+        if raw.info.transaction_status == 0:
+            with raw.cursor() as cursor:
+                cursor.execute(f'SET search_path = "{schema}", public')
+        return execute(sql, params, many, context)
+
+    # Outermost, before the guard: a pooler acts before the statement reaches the server.
+    connection.execute_wrappers.insert(0, hand_over)
+    try:
+        yield
+    finally:
+        connection.execute_wrappers.remove(hand_over)
+
+
+def raw_count() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM shop_product")
+        return int(cursor.fetchone()[0])
+
+
+def atomic_count() -> int:
+    with transaction.atomic():
+        return Product.objects.count()
+
+
+def count_after_rollback() -> int:
+    with contextlib.suppress(ZeroDivisionError), transaction.atomic():
+        Product.objects.create(name="rolled back")
+        1 / 0  # noqa: B018
+    return Product.objects.count()
+
+
+def count_after_savepoint_rollback() -> int:
+    with transaction.atomic():
+        Product.objects.count()
+        with contextlib.suppress(ZeroDivisionError), transaction.atomic():
+            Product.objects.create(name="rolled back")
+            1 / 0  # noqa: B018
+        return Product.objects.count()
+
+
+def iterator_count() -> int:
+    # A named (server-side) cursor.
+    return sum(1 for _ in Product.objects.all().iterator(chunk_size=1))
+
+
+def percent_param_count() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM shop_product WHERE name LIKE %s", ["%-%"])
+        return int(cursor.fetchone()[0])
+
+
+READS: dict[str, Callable[[], int]] = {
+    "orm": lambda: Product.objects.count(),
+    "raw cursor": raw_count,
+    "raw cursor with a % parameter": percent_param_count,
+    "atomic block": atomic_count,
+    "after rollback": count_after_rollback,
+    "after savepoint rollback": count_after_savepoint_rollback,
+    "server-side cursor": iterator_count,
+}
+
+
+@pytest.mark.usefixtures("runtime_guard")
+@pytest.mark.parametrize("how", READS)
+def test_reads_see_only_their_tenant_whatever_path_the_server_connection_carries(tenants, how):
+    connection.set_tenant(tenants["alpha"])
+    with foreign_server_path("beta"):
+        assert READS[how]() == len(PRODUCTS["alpha"])
+    connection.set_tenant(tenants["beta"])
+    with foreign_server_path("alpha"):
+        assert READS[how]() == len(PRODUCTS["beta"])
+
+
+@pytest.mark.parametrize("how", ["orm", "raw cursor"])
+def test_without_the_guard_autocommit_reads_follow_the_server_connection(tenants, how):
+    """Documents the leak the setting exists for (the same as through a real pooler)."""
+    connection.set_tenant(tenants["alpha"])
+    with foreign_server_path("beta"):
+        assert READS[how]() == len(PRODUCTS["beta"])
+
+
+def write_orm(n: int) -> None:
+    Product.objects.create(name=f"new-{n}")
+
+
+def write_atomic(n: int) -> None:
+    with transaction.atomic():
+        Product.objects.create(name=f"new-{n}")
+        Product.objects.filter(name=f"new-{n}").update(price_cents=n)
+
+
+def write_bulk(n: int) -> None:
+    Product.objects.bulk_create([Product(name=f"new-{n}")])
+
+
+def write_executemany(n: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO shop_product (name, sku, price_cents) VALUES (%s, '', 0)",
+            [(f"new-{n}",)],
+        )
+
+
+WRITES: dict[str, Callable[[int], None]] = {
+    "orm": write_orm,
+    "atomic block": write_atomic,
+    "bulk_create": write_bulk,
+    "executemany": write_executemany,
+}
+
+
+@pytest.mark.usefixtures("runtime_guard")
+@pytest.mark.parametrize("how", WRITES)
+def test_writes_land_only_in_their_tenant(tenants, how):
+    connection.set_tenant(tenants["alpha"])
+    with foreign_server_path("beta"):
+        WRITES[how](1)
+        WRITES[how](2)
+    assert names("alpha") == [*PRODUCTS["alpha"], "new-1", "new-2"]
+    assert names("beta") == PRODUCTS["beta"]
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_path_holds_after_commit_and_rollback(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with foreign_server_path("beta"):
+        with transaction.atomic():
+            Product.objects.create(name="committed")
+        assert Product.objects.filter(name="committed").count() == 1
+        with contextlib.suppress(ZeroDivisionError), transaction.atomic():
+            Product.objects.create(name="rolled back")
+            1 / 0  # noqa: B018
+        with transaction.atomic():
+            assert raw_count() == len(PRODUCTS["alpha"]) + 1
+            Product.objects.create(name="after rollback")
+        # A manual transaction ended by connection.commit()/rollback(), not by atomic.
+        transaction.set_autocommit(False)
+        try:
+            Product.objects.create(name="manual")
+            transaction.commit()
+            Product.objects.create(name="manual rolled back")
+            transaction.rollback()
+            assert Product.objects.count() == len(PRODUCTS["alpha"]) + 3
+            transaction.commit()
+        finally:
+            transaction.set_autocommit(True)
+    assert names("alpha") == sorted([*PRODUCTS["alpha"], "committed", "after rollback", "manual"])
+    assert names("beta") == PRODUCTS["beta"]
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_savepoint_rollback_leaves_the_current_tenant_in_force(tenants):
+    # Inside the savepoint the path is re-pinned to beta; rolling the savepoint back undoes
+    # that pin (PostgreSQL restores alpha's), but the connection is still set to beta.
+    with transaction.atomic():
+        connection.set_tenant(tenants["alpha"])
+        Product.objects.create(name="a-before")
+        with contextlib.suppress(ZeroDivisionError), transaction.atomic():
+            connection.set_tenant(tenants["beta"])
+            Product.objects.create(name="b-rolled-back")
+            1 / 0  # noqa: B018
+        Product.objects.create(name="b-after")
+    assert names("alpha") == sorted([*PRODUCTS["alpha"], "a-before"])
+    assert names("beta") == sorted([*PRODUCTS["beta"], "b-after"])
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_rollback_to_savepoint_in_raw_sql_leaves_the_current_tenant_in_force(tenants):
+    with transaction.atomic(), connection.cursor() as cursor:
+        connection.set_tenant(tenants["alpha"])
+        cursor.execute("SELECT 1")
+        cursor.execute("SAVEPOINT s1")
+        connection.set_tenant(tenants["beta"])
+        cursor.execute("INSERT INTO shop_product (name, sku, price_cents) VALUES ('x', '', 0)")
+        cursor.execute("ROLLBACK TO SAVEPOINT s1")
+        cursor.execute("SELECT current_schema(), count(*) FROM shop_product")
+        assert cursor.fetchone() == ("beta", len(PRODUCTS["beta"]))
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_switching_tenants_mid_transaction_applies_from_the_next_statement(tenants):
+    with transaction.atomic():
+        connection.set_tenant(tenants["alpha"])
+        Product.objects.create(name="first")
+        connection.set_tenant(tenants["beta"])
+        Product.objects.create(name="second")
+        assert Product.objects.count() == len(PRODUCTS["beta"]) + 1
+    assert names("alpha") == sorted([*PRODUCTS["alpha"], "first"])
+    assert names("beta") == sorted([*PRODUCTS["beta"], "second"])
+
+    # Both halves belong to one transaction: a rollback undoes both.
+    with contextlib.suppress(ZeroDivisionError), transaction.atomic():
+        connection.set_tenant(tenants["alpha"])
+        Product.objects.create(name="gone")
+        connection.set_tenant(tenants["beta"])
+        Product.objects.create(name="gone")
+        1 / 0  # noqa: B018
+    assert "gone" not in names("alpha") + names("beta")
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
+def test_request_through_tenant_middleware_sees_only_its_tenant(tenants, client, settings, guarded):
+    settings.TENANTSAFE_RUNTIME_GUARD = guarded
+    with foreign_server_path("beta"):
+        response = client.get("/products/", HTTP_HOST="alpha.localhost")
+    assert response.status_code == 200
+    if guarded:
+        assert response.json() == {"schema": "alpha", "products": PRODUCTS["alpha"]}
+    else:
+        # The leak: alpha's page lists beta's products.
+        assert response.json() == {"schema": "alpha", "products": PRODUCTS["beta"]}
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_missing_schema_raises_and_runs_nothing(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with connection.cursor() as cursor:
+        cursor.execute('DROP SCHEMA "beta" CASCADE')
+    connection.set_tenant(tenants["beta"])
+    with pytest.raises(guard.SchemaMissingError, match='Schema "beta" does not exist') as info:
+        Product.objects.create(name="nowhere")
+    assert info.value.schema == "beta"
+    with pytest.raises(guard.SchemaMissingError), transaction.atomic():
+        Product.objects.count()
+    # Nothing landed in public or in alpha, and the connection still works.
+    connection.set_tenant(tenants["alpha"])
+    assert names("alpha") == PRODUCTS["alpha"]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('public.shop_product')")
+        assert cursor.fetchone() == (None,)
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_non_transactional_statement_is_refused_when_pooled(tenants, settings):
+    connection.set_tenant(tenants["alpha"])
+    settings.TENANTSAFE_TRANSACTION_POOLER = True
+    with pytest.raises(guard.PooledStatementError) as info, connection.cursor() as cursor:
+        cursor.execute("VACUUM shop_product")
+    message = str(info.value)
+    assert 'Schema "alpha": "VACUUM shop_product" cannot run inside a transaction block' in message
+    assert "direct (non-pooled) connection" in message
+    assert "--database" not in message  # that advice is for migrate_schemas_safe
+
+    settings.TENANTSAFE_TRANSACTION_POOLER = False
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM shop_product")
+        cursor.execute("SELECT current_schema()")
+        assert cursor.fetchone() == ("alpha",)
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_server_side_binding_cursors_are_pinned_too(tenants):
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    if not is_psycopg3:
+        pytest.skip("server_side_binding is a psycopg 3 option")
+    settings_dict = copy.deepcopy(connection.settings_dict)
+    settings_dict["OPTIONS"]["server_side_binding"] = True
+    other = type(connections["default"])(settings_dict, alias="default")
+    try:
+        other.set_tenant(tenants["alpha"])
+        with other.cursor() as cursor:
+            other.connection.execute('SET search_path = "beta", public')
+            cursor.execute("SELECT current_schema(), count(*) FROM shop_product WHERE id > %s", [0])
+            assert cursor.fetchone() == ("alpha", len(PRODUCTS["alpha"]))
+            other.connection.execute('SET search_path = "beta", public')
+            cursor.execute(
+                "INSERT INTO shop_product (name, sku, price_cents) VALUES (%s, '', 0)", ["bound"]
+            )
+    finally:
+        other.close()
+    assert names("alpha") == sorted([*PRODUCTS["alpha"], "bound"])
+
+
+# --- Through pgbouncer, in worker processes -------------------------------------------------
+
+POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
+WORKER_TENANTS = [f"w{n}" for n in range(6)]
+SEEDED = {name: n + 2 for n, name in enumerate(WORKER_TENANTS)}  # products per tenant
+
+# Each thread is pinned to its own tenant and runs a mix of autocommit ORM, raw cursors,
+# atomic blocks, rollbacks, savepoint rollbacks and requests; every read is checked against
+# the tenant's own data and every write is recorded to be checked in the database afterwards.
+WORKER = textwrap.dedent(
+    """
+    import json, sys, threading
+    import django
+    django.setup()
+    from django.conf import settings
+    from django.db import connection, connections, transaction
+    from django.test import Client as HttpClient
+    from testproject.customers.models import Client
+    from testproject.notes.models import Note
+    from testproject.shop.models import Product
+
+    settings.TENANTSAFE_RUNTIME_GUARD = sys.argv[1] == "guarded"
+    rounds = int(sys.argv[2])
+    seeded = json.loads(sys.argv[3])
+    results = {}
+
+    class Rollback(Exception):
+        pass
+
+    def work(schema):
+        counts = {"reads": 0, "wrong": 0, "errors": 0, "statements": 0, "written": 0}
+        samples = []
+
+        def statement(execute, sql, params, many, context):
+            counts["statements"] += 1
+            return execute(sql, params, many, context)
+
+        def check(what, got, expected):
+            counts["reads"] += 1
+            if got != expected:
+                counts["wrong"] += 1
+                samples.append(f"{what}: {got!r} != {expected!r}")
+
+        connection.set_schema_to_public()
+        tenant = Client.objects.get(schema_name=schema)
+        expected = seeded[schema]
+        http = HttpClient()
+        for i in range(rounds):
+            try:
+                with connection.execute_wrapper(statement):
+                    connection.set_tenant(tenant)
+                    check("orm", Product.objects.count(), expected)
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT current_schema(), count(*) FROM shop_product")
+                        check("raw", cursor.fetchone(), (schema, expected))
+                    Note.objects.create(title=f"{schema}:{i}:auto")
+                    counts["written"] += 1
+                    with transaction.atomic():
+                        check("atomic", Product.objects.count(), expected)
+                        Note.objects.create(title=f"{schema}:{i}:atomic")
+                        try:
+                            with transaction.atomic():
+                                Note.objects.create(title=f"{schema}:{i}:savepoint")
+                                raise Rollback
+                        except Rollback:
+                            pass
+                        check("after savepoint", Note.objects.filter(
+                            title__startswith=f"{schema}:{i}:").count(), 2)
+                    counts["written"] += 1
+                    try:
+                        with transaction.atomic():
+                            Note.objects.create(title=f"{schema}:{i}:rolled-back")
+                            raise Rollback
+                    except Rollback:
+                        pass
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT count(*) FROM notes_note WHERE title LIKE %s",
+                                       [f"{schema}:%"])
+                        check("after rollback", cursor.fetchone()[0], counts["written"])
+                    if i % 5 == 0:
+                        response = http.get("/products/", HTTP_HOST=f"{schema}.localhost")
+                        body = response.json()
+                        check("request", (body["schema"], len(body["products"]),
+                              all(p.startswith(schema + "-") for p in body["products"])),
+                              (schema, expected, True))
+            except Exception as exc:
+                counts["errors"] += 1
+                samples.append(f"{type(exc).__name__}: {exc}"[:200])
+        connection.close()
+        results[schema] = {**counts, "samples": samples[:5]}
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in sys.argv[4:]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def pooled_site() -> Iterator[tuple[str, str]]:
+    """A migrated database with six tenants, each holding its own number of products."""
+    pooled = pooled_url()
+    with fresh_database("rtguard") as name:
+        direct = with_dbname(direct_url(), name)
+        result = manage(direct, "migrate_schemas_safe", "--shared", "-v0", env=POOLER_SAFE)
+        assert result.returncode == 0, result.stderr
+        register_tenants(direct, WORKER_TENANTS)
+        result = manage(direct, "migrate_schemas_safe", "--tenant", "-v0", env=POOLER_SAFE)
+        assert result.returncode == 0, result.stderr
+        with connect(direct) as conn:
+            for schema, count in SEEDED.items():
+                for n in range(count):
+                    conn.execute(
+                        f'INSERT INTO "{schema}".shop_product (name, sku, price_cents) '
+                        "VALUES (%s, '', 0)",
+                        [f"{schema}-{n}"],
+                    )
+        yield direct, with_dbname(pooled, name)
+
+
+def run_workers(pooled: str, mode: str, rounds: int) -> dict[str, dict[str, Any]]:
+    """Three processes with two threads each, one tenant per thread, on a busy pool."""
+    env = {
+        **os.environ,
+        **POOLER_SAFE,
+        "DATABASE_URL": pooled,
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+    }
+    args = [mode, str(rounds), json.dumps(SEEDED)]
+    busy = [f'"{schema}", public' for schema in WORKER_TENANTS] + ["public"]
+    with pool_load(pooled, busy, clients=3):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, *args, *WORKER_TENANTS[n : n + 2]],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for n in range(0, len(WORKER_TENANTS), 2)
+        ]
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    results: dict[str, dict[str, Any]] = {}
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        results.update(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def notes_by_schema(direct: str) -> dict[str, list[str]]:
+    with connect(direct) as conn:
+        return {
+            schema: [
+                row[0]
+                for row in conn.execute(f'SELECT title FROM "{schema}".notes_note').fetchall()
+            ]
+            for schema in WORKER_TENANTS
+        }
+
+
+def clear_notes(direct: str) -> None:
+    with connect(direct) as conn:
+        for schema in WORKER_TENANTS:
+            conn.execute(f'TRUNCATE "{schema}".notes_note CASCADE')
+
+
+@pytest.mark.pooler
+@pytest.mark.slow
+def test_guarded_workers_through_pgbouncer_never_touch_another_tenant(pooled_site):
+    direct, pooled = pooled_site
+    clear_notes(direct)
+    results = run_workers(pooled, "guarded", rounds=60)
+
+    statements = sum(r["statements"] for r in results.values())
+    assert statements > 5000
+    for schema, result in results.items():
+        assert (result["wrong"], result["errors"]) == (0, 0), (schema, result["samples"])
+        assert result["reads"] == 60 * 5 + 12
+    # Every write is in its own tenant's schema, committed exactly as often as reported.
+    for schema, titles in notes_by_schema(direct).items():
+        assert all(title.startswith(f"{schema}:") for title in titles), (schema, titles[:5])
+        assert len(titles) == results[schema]["written"] == 120
+        assert not [t for t in titles if t.endswith(("savepoint", "rolled-back"))]
+
+
+@pytest.mark.pooler
+@pytest.mark.slow
+def test_unguarded_workers_through_pgbouncer_leak_between_tenants(pooled_site):
+    """The companion: the same workers without the setting read and write other tenants."""
+    direct, pooled = pooled_site
+    clear_notes(direct)
+    results = run_workers(pooled, "unguarded", rounds=20)
+
+    wrong = sum(r["wrong"] + r["errors"] for r in results.values())
+    foreign = [
+        title
+        for schema, titles in notes_by_schema(direct).items()
+        for title in titles
+        if not title.startswith(f"{schema}:")
+    ]
+    assert wrong + len(foreign) > 0, results
+
+
+@pytest.mark.pooler
+@pytest.mark.slow
+def test_non_transactional_statement_through_pgbouncer_names_the_fix(pooled_site):
+    _, pooled = pooled_site
+    code = textwrap.dedent(
+        """
+        import django
+        django.setup()
+        from django.conf import settings
+        from django.db import connection
+        settings.TENANTSAFE_RUNTIME_GUARD = True
+        connection.set_schema("w0")
+        with connection.cursor() as cursor:
+            cursor.execute("VACUUM shop_product")
+        """
+    )
+    env = {**os.environ, **POOLER_SAFE, "DATABASE_URL": pooled}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert (
+        'PooledStatementError: Schema "w0": "VACUUM shop_product" cannot run inside a '
+        "transaction block" in result.stderr
+    )
