@@ -9,6 +9,8 @@ class TenantsafeConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from tenantsafe import guard
+        from tenantsafe import checks, guard
 
         guard.install()
+        # Checks report misconfiguration; ready() itself never raises for it.
+        checks.register()
