@@ -60,7 +60,7 @@ def read_applied(
     alias: str, names: Sequence[str], *, chunk: int = CHUNK
 ) -> dict[str, frozenset[Key] | None]:
     """Every schema's recorded migrations; None where the schema or its table is missing."""
-    valid = [name for name in dict.fromkeys(names) if _valid(name)]
+    valid = [name for name in dict.fromkeys(names) if valid_schema_name(name)]
     with_table = with_migrations_table(alias, valid)
     readable = [name for name in valid if name in with_table]
     result: dict[str, frozenset[Key] | None] = dict.fromkeys(names)
@@ -78,7 +78,7 @@ def read_applied(
     return result
 
 
-def _valid(name: str) -> bool:
+def valid_schema_name(name: str) -> bool:
     try:
         schemas.validate(name)
     except schemas.SchemaNameError:
@@ -333,7 +333,7 @@ def split(
     if check and todo and not options.get("create_missing"):
         # Without django_migrations everything is unapplied. A missing schema still goes to
         # the executor, which names it.
-        present = schemas.existing(alias, [s for s, _ in todo if _valid(s)])
+        present = schemas.existing(alias, [s for s, _ in todo if valid_schema_name(s)])
         without_table = [pair for pair in todo if pair[0] in present]
         done.extend(
             TenantResult(s, PENDING, "unapplied migrations: no django_migrations table")

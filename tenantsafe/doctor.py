@@ -1,0 +1,289 @@
+"""``tenantsafe_doctor``: the state of every tenant, read in a few queries.
+
+Tenant rows without a schema, schemas that look like tenants (they hold ``django_migrations``)
+without a row, tenants behind on migrations and what each one misses, tenant-app tables in
+public, the pooler in front of the connection, and tenantsafe's system check messages.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from django.apps import apps
+from django.conf import settings
+from django.core import checks
+from django.db import connections
+from django_tenants.utils import (
+    get_multi_type_database_field_name,
+    get_public_schema_name,
+    get_tenant_model,
+    get_tenant_types,
+    get_type_base_schemas,
+    has_multi_type_tenants,
+)
+
+from tenantsafe import conf, guard, plan, schemas
+
+ERROR = "error"
+WARNING = "warning"
+INFO = "info"
+LEVELS = (ERROR, WARNING, INFO)
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str
+    kind: str
+    schema: str | None
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    database: str
+    tenants: int = 0
+    current: int = 0
+    pooler: dict[str, Any] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def count(self, level: str) -> int:
+        return sum(1 for f in self.findings if f.level == level)
+
+    def fails(self, fail_on: str) -> bool:
+        failing = {ERROR} if fail_on == ERROR else {ERROR, WARNING}
+        return any(f.level in failing for f in self.findings)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["counts"] = {level: self.count(level) for level in LEVELS}
+        data["elapsed"] = round(self.elapsed, 3)
+        return data
+
+
+def quoted(name: str) -> str:
+    # As a JSON string: names straight from tenant rows may hold quotes or control characters.
+    return json.dumps(name, ensure_ascii=False)
+
+
+def diagnose(alias: str) -> Report:
+    started = time.monotonic()
+    report = Report(database=alias)
+    connection: Any = connections[alias]
+    connection.set_schema_to_public()
+    public = get_public_schema_name()
+
+    report.findings.extend(_check_messages(alias))
+    rows = _tenant_rows(alias)
+    report.tenants = len(rows)
+    named = {schema for schema, _ in rows}
+    valid = []
+    for schema, tenant_type in rows:
+        if plan.valid_schema_name(schema):
+            valid.append((schema, tenant_type))
+        else:
+            report.findings.append(
+                Finding(
+                    ERROR,
+                    "invalid-schema-name",
+                    schema,
+                    f"The tenant row for {quoted(schema)} names an invalid schema: no schema "
+                    "can be created or migrated for it. Rename it or delete the row.",
+                )
+            )
+
+    namespaces = _namespaces(alias)
+    for schema, _ in valid:
+        if schema not in namespaces:
+            report.findings.append(
+                Finding(
+                    ERROR,
+                    "missing-schema",
+                    schema,
+                    f"The tenant row for {quoted(schema)} has no schema. Create and migrate it "
+                    "with migrate_schemas_safe --create-missing, or delete the row.",
+                )
+            )
+    templates = {getattr(settings, "TENANT_BASE_SCHEMA", None), *get_type_base_schemas().values()}
+    for schema, has_table in sorted(namespaces.items()):
+        if has_table and schema != public and schema not in named and schema not in templates:
+            report.findings.append(
+                Finding(
+                    WARNING,
+                    "schema-without-tenant",
+                    schema,
+                    f"Schema {quoted(schema)} holds a django_migrations table, but no tenant row "
+                    "names it. Drop it if its tenant is gone, or add the tenant row back.",
+                )
+            )
+
+    present = [(public, "")] + [(s, t) for s, t in valid if s in namespaces]
+    for entry in plan.plan_schemas(alias, present):
+        finding = _behind(entry, public)
+        if finding is None:
+            report.current += entry.schema != public
+        else:
+            report.findings.append(finding)
+
+    report.findings.extend(_tenant_tables_in_public(alias, public, rows))
+    report.pooler = _pooler(alias)
+    report.findings.append(Finding(INFO, "pooler", None, report.pooler["description"]))
+    report.elapsed = time.monotonic() - started
+    return report
+
+
+def _check_messages(alias: str) -> list[Finding]:
+    found = []
+    for message in checks.run_checks(databases=[alias]):
+        if not (message.id or "").startswith("tenantsafe.") or message.is_silenced():
+            continue
+        level = (
+            ERROR
+            if message.level >= checks.ERROR
+            else WARNING
+            if message.level >= checks.WARNING
+            else INFO
+        )
+        text = f"{message.msg} {message.hint}" if message.hint else str(message.msg)
+        found.append(Finding(level, "check", None, text, {"id": message.id}))
+    return found
+
+
+def _tenant_rows(alias: str) -> list[tuple[str, str]]:
+    public = get_public_schema_name()
+    type_field = get_multi_type_database_field_name() if has_multi_type_tenants() else None
+    fields = ["schema_name", type_field] if type_field else ["schema_name"]
+    queryset = get_tenant_model().objects.using(alias).exclude(schema_name=public)
+    return [
+        (row[0], str(row[1]) if len(row) > 1 and row[1] is not None else "")
+        for row in queryset.order_by("schema_name").values_list(*fields)
+    ]
+
+
+def _namespaces(alias: str) -> dict[str, bool]:
+    """Every non-system schema, and whether it holds a django_migrations table."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            "SELECT n.nspname, EXISTS (SELECT 1 FROM pg_catalog.pg_class c "
+            "WHERE c.relnamespace = n.oid AND c.relname = 'django_migrations' "
+            "AND c.relkind IN ('r', 'p')) FROM pg_catalog.pg_namespace n "
+            "WHERE n.nspname NOT LIKE 'pg\\_%%' AND n.nspname <> 'information_schema'"
+        )
+        return {name: bool(has) for name, has in cursor.fetchall()}
+
+
+def _behind(entry: plan.SchemaPlan, public: str) -> Finding | None:
+    who = "The public schema" if entry.schema == public else f"Tenant {quoted(entry.schema)}"
+    if not entry.has_table:
+        return Finding(
+            WARNING,
+            "behind",
+            entry.schema,
+            f"{who} has no django_migrations table: it was never migrated. Run "
+            "migrate_schemas_safe.",
+            {"missing": "all"},
+        )
+    if entry.plan is None:
+        return Finding(
+            WARNING,
+            "unplannable",
+            entry.schema,
+            f"{who} has a migration history migrate would refuse or re-plan (a migration "
+            "recorded before its dependencies, or a squashed migration partly applied). Run "
+            f"migrate_schemas_safe --schema {entry.schema} --plan to see it.",
+        )
+    if entry.current:
+        return None
+    missing = entry.missing_by_app()
+    listed = "; ".join(f"{app}: {', '.join(names)}" for app, names in missing.items())
+    return Finding(
+        WARNING,
+        "behind",
+        entry.schema,
+        f"{who} is behind on migrations ({listed}). Run migrate_schemas_safe.",
+        {"missing": missing},
+    )
+
+
+def _tenant_tables_in_public(alias: str, public: str, rows: list[tuple[str, str]]) -> list[Finding]:
+    shared = plan.routed_apps(alias, public)
+    # The router decides from the schema and the tenant type; any non-public name will do.
+    probe = next((s for s, _ in rows if plan.valid_schema_name(s)), "tenantsafe_probe")
+    types = [t for t in get_tenant_types() if t != public] if has_multi_type_tenants() else [""]
+    tenant_only = set().union(*(plan.routed_apps(alias, probe, t) for t in types)) - shared
+    expected = {
+        model._meta.db_table: model._meta.app_label
+        for model in apps.get_models(include_auto_created=True)
+        if model._meta.app_label in tenant_only and model._meta.managed and not model._meta.proxy
+    }
+    leaked = sorted(set(expected) & schemas.public_tables(alias))
+    if not leaked:
+        return []
+    return [
+        Finding(
+            ERROR,
+            "tenant-tables-in-public",
+            public,
+            f"The public schema holds {len(leaked)} table(s) of tenant-only apps "
+            f"({', '.join(leaked)}): a migration ran in public with a tenant's search_path, "
+            "typically through a transaction pooler. Check them for tenant data, then drop "
+            "them from public.",
+            {"tables": leaked, "apps": sorted({expected[t] for t in leaked})},
+        )
+    ]
+
+
+def _pooler(alias: str) -> dict[str, Any]:
+    connection: Any = connections[alias]
+    configured = conf.transaction_pooler(alias)
+    pooled = guard.is_pooled(connection)
+    port = int(connection.settings_dict.get("PORT") or 5432)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT inet_server_port()")
+        server_port = cursor.fetchone()[0]
+    if configured is not None:
+        source = "TENANTSAFE_TRANSACTION_POOLER"
+        why = f"as TENANTSAFE_TRANSACTION_POOLER says ({configured})"
+    elif server_port is None:
+        source = "detected"
+        why = "detected: connected through a Unix socket"
+    else:
+        source = "detected"
+        relation = "differs from" if pooled else "matches"
+        why = f"detected: server port {server_port} {relation} the configured port {port}"
+    state = "through a transaction pooler" if pooled else "directly to PostgreSQL"
+    return {
+        "pooled": pooled,
+        "source": source,
+        "configured_port": port,
+        "server_port": server_port,
+        "runtime_guard": conf.runtime_guard_enabled(),
+        "description": f"Database {quoted(alias)} connects {state} ({why}).",
+    }
+
+
+def render(report: Report) -> list[str]:
+    """The report as lines of an aligned table."""
+    lines = [
+        f"tenantsafe doctor: database {quoted(report.database)}, {report.tenants} tenant(s), "
+        f"{report.current} current, read in {report.elapsed:.2f}s",
+        "",
+    ]
+    rows = [("LEVEL", "SCHEMA", "FINDING")] + [
+        (f.level.upper(), quoted(f.schema) if f.schema is not None else "-", f.message)
+        for f in sorted(report.findings, key=lambda f: (LEVELS.index(f.level), f.kind))
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in (0, 1)]
+    for level, schema, message in rows:
+        lines.append(f"{level:<{widths[0]}}  {schema:<{widths[1]}}  {message}")
+    errors, warnings = report.count(ERROR), report.count(WARNING)
+    lines.append("")
+    if errors or warnings:
+        lines.append(f"{errors} error(s), {warnings} warning(s).")
+    else:
+        lines.append("No problems found.")
+    return lines
