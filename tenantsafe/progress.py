@@ -140,7 +140,7 @@ def reporting(
         for result in answered:
             counts[result.status] = counts.get(result.status, 0) + 1
         parts = [f"{count} {_LABELS.get(status, status)}" for status, count in counts.items()]
-        parts.append(f"{len(todo)} to migrate")
+        parts.append(f"{len(todo)} to {'check' if options.get('check_unapplied') else 'migrate'}")
         stream.write(
             f"migrate_schemas_safe: read django_migrations of {len(todo) + len(answered)} "
             f"tenant(s): {', '.join(parts)}\n"
