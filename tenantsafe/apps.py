@@ -9,8 +9,14 @@ class TenantsafeConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from tenantsafe import checks, guard
+        from django.db.models.signals import pre_save
+
+        from tenantsafe import checks, guard, testing
 
         guard.install()
         # Checks report misconfiguration; ready() itself never raises for it.
         checks.register()
+        # The _skip_auto_migrate contract of create_tenant: any tenant model, no changes to it.
+        pre_save.connect(
+            testing.honour_skip_auto_migrate, dispatch_uid="tenantsafe.skip_auto_migrate"
+        )

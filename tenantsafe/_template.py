@@ -1,0 +1,297 @@
+"""Provisioning tenant schemas from a recording of the statements their migration ran.
+
+Migrating a schema mostly costs Python: loading the graph, rendering model states, running
+post_migrate handlers. The SQL it sends is small and, for a fresh schema, the same every time.
+So the first schema for a given migration state is migrated while an execute wrapper records
+every statement that changed something; later schemas replay that recording in one
+transaction with the search_path pinned, which leaves the same tables, rows and sequence
+values.
+
+A recording is only trusted when nothing in it is specific to the schema it was taken from
+(its name, its tenant's domain or field values) and when it can run inside one transaction.
+Otherwise every schema is migrated, as without tenantsafe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import connections, transaction
+from django.db.backends.postgresql.psycopg_any import is_psycopg3
+from django.db.migrations.executor import MigrationExecutor
+from django.db.migrations.loader import MigrationLoader
+
+from tenantsafe import guard, schemas
+
+if is_psycopg3:
+    import psycopg
+
+logger = logging.getLogger("tenantsafe.testing")
+
+# Reads that cannot change what a schema holds. A SELECT calling one of these (or SELECT
+# INTO, which creates a table) is recorded like any other statement.
+_READ = re.compile(r"^\s*(?:SELECT|SHOW)\b", re.IGNORECASE)
+_READ_WITH_EFFECTS = re.compile(
+    r"\b(?:nextval|setval|set_config|pg_advisory\w*|lo_\w+|INTO)\b", re.IGNORECASE
+)
+_SET_PATH = re.compile(
+    r"^\s*SET\s+(?:SESSION\s+|LOCAL\s+)?search_path\s*(?:=|TO)\s*(.*?)\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL,
+)
+# Inside the replay transaction CONCURRENTLY buys nothing and is not allowed.
+_CONCURRENTLY = re.compile(
+    r"^(\s*(?:CREATE\s+(?:UNIQUE\s+)?|DROP\s+)INDEX\s+)CONCURRENTLY\s+", re.IGNORECASE
+)
+_OUTSIDE_TRANSACTION = re.compile(
+    r"^\s*(?:(?:CREATE|DROP)\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY|REINDEX\b[^;]*\bCONCURRENTLY"
+    r"|VACUUM\b|CREATE\s+DATABASE|DROP\s+DATABASE|ALTER\s+SYSTEM|CLUSTER\b)",
+    re.IGNORECASE,
+)
+# A statement that ends or starts a transaction would break the one the replay runs in.
+_TRANSACTION_CONTROL = re.compile(
+    r"(?:^|;)\s*(?:BEGIN|START\s+TRANSACTION|COMMIT|END|ABORT|ROLLBACK(?!\s+TO\b)"
+    r"|PREPARE\s+TRANSACTION)\b",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Statement:
+    sql: Any
+    params: Any
+    many: bool
+
+
+@dataclass(frozen=True)
+class Template:
+    key: str
+    statements: tuple[Statement, ...]
+    # Why the recording cannot be replayed; empty when it can.
+    problem: str = ""
+
+
+_templates: dict[str, Template] = {}
+
+
+def state_key(alias: str, tenant_type: str = "") -> str:
+    """A digest of everything a fresh schema's migration depends on.
+
+    Every migration the loader finds on disk (so a new, removed or edited migration file
+    changes it), which apps migrate into tenant schemas, and the database.
+    """
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    digest = hashlib.sha256()
+    settings_dict = connections[alias].settings_dict
+    for part in (
+        alias,
+        str(settings_dict.get("NAME")),
+        tenant_type,
+        repr(list(getattr(settings, "TENANT_APPS", []))),
+        repr(getattr(settings, "TENANT_TYPES", None)),
+        repr(list(getattr(settings, "DATABASE_ROUTERS", []))),
+    ):
+        digest.update(part.encode() + b"\0")
+    for key in sorted(loader.disk_migrations):
+        migration = loader.disk_migrations[key]
+        digest.update(repr(key).encode() + b"\0")
+        digest.update(_source(type(migration).__module__) + b"\0")
+    return digest.hexdigest()
+
+
+def _source(module_name: str) -> bytes:
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    if not path:
+        return module_name.encode()
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return module_name.encode()
+
+
+def get(key: str) -> Template | None:
+    return _templates.get(key)
+
+
+def forget() -> None:
+    _templates.clear()
+
+
+def discard(key: str, problem: str) -> None:
+    """Stop replaying for ``key``: schemas for it are migrated one by one from now on."""
+    _templates[key] = Template(key, (), problem)
+    logger.warning("tenantsafe: new tenant schemas will be migrated, not replayed: %s", problem)
+
+
+def is_current(alias: str, schema: str, tenant_type: str = "") -> bool:
+    """Whether ``schema`` has every migration applied, as ``migrate --check`` decides."""
+    connection: Any = connections[alias]
+    # Only the schema's own django_migrations counts, never public's.
+    connection.set_schema(schema, tenant_type=tenant_type or None, include_public=False)
+    try:
+        executor = MigrationExecutor(connection)
+        return not executor.migration_plan(executor.loader.graph.leaf_nodes())
+    finally:
+        connection.set_schema_to_public()
+
+
+class Recorder:
+    """An execute wrapper keeping every statement that changed ``schema`` and succeeded."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        self.statements: list[Statement] = []
+
+    def __call__(
+        self,
+        execute: Callable[..., Any],
+        sql: Any,
+        params: Any,
+        many: bool,
+        context: dict[str, Any],
+    ) -> Any:
+        if many and params is not None and not isinstance(params, (list, tuple)):
+            # An iterator would be used up by the driver; keep a list we can replay.
+            params = list(params)
+        connection = context["connection"]
+        ours = getattr(connection, "schema_name", None) == self.schema and not _sets_own_path(
+            sql, connection, self.schema
+        )
+        result = execute(sql, params, many, context)
+        if ours and not (
+            isinstance(sql, str) and _READ.match(sql) and not _READ_WITH_EFFECTS.search(sql)
+        ):
+            self.statements.append(Statement(sql, params, many))
+        return result
+
+
+def _sets_own_path(sql: Any, connection: Any, schema: str) -> bool:
+    # django-tenants sets the path to the schema (and back) when it opens a cursor and around
+    # introspection; that is not part of the migration, and the replay pins the path itself.
+    match = isinstance(sql, str) and _SET_PATH.match(sql)
+    if not match:
+        return False
+    names = {part.strip().strip('"') for part in match.group(1).split(",")}
+    return names <= {schema, "$user", *connection._get_cursor_search_paths()}
+
+
+def build(key: str, recorder: Recorder, identifying: Iterable[str]) -> Template:
+    """Turn a recording into a template (usable or with the reason it is not) and keep it."""
+    statements: list[Statement] = []
+    problem = ""
+    words = sorted({w for w in identifying if w}, key=len, reverse=True)
+    pattern = (
+        re.compile("|".join(rf"(?<![\w$]){re.escape(w)}(?![\w$])" for w in words), re.IGNORECASE)
+        if words
+        else None
+    )
+    for statement in recorder.statements:
+        sql = statement.sql
+        if isinstance(sql, str):
+            sql = _CONCURRENTLY.sub(r"\1", sql)
+            if _OUTSIDE_TRANSACTION.match(sql):
+                problem = f"{_short(sql)!r} cannot run inside a transaction"
+            elif _TRANSACTION_CONTROL.search(sql):
+                problem = f"{_short(sql)!r} controls the transaction"
+        if not problem and pattern is not None:
+            found = pattern.search(sql if isinstance(sql, str) else repr(sql))
+            found = found or next(
+                (m for m in map(pattern.search, _strings(statement.params)) if m), None
+            )
+            if found:
+                problem = (
+                    f"{_short(str(sql))!r} names {found.group(0)!r}, which belongs to the "
+                    f'tenant of schema "{recorder.schema}"'
+                )
+        if problem:
+            break
+        statements.append(Statement(sql, statement.params, statement.many))
+    if problem:
+        discard(key, problem)
+    else:
+        _templates[key] = Template(key, tuple(statements))
+    return _templates[key]
+
+
+def _strings(params: Any) -> Iterable[str]:
+    if isinstance(params, str):
+        yield params
+    elif isinstance(params, dict):
+        for value in params.values():
+            yield from _strings(value)
+    elif isinstance(params, (list, tuple)):
+        for value in params:
+            yield from _strings(value)
+
+
+def _short(sql: str) -> str:
+    return " ".join(sql.split())[:100]
+
+
+def replay(alias: str, schema: str, template: Template, tenant_type: str = "") -> None:
+    """Create ``schema`` and run the template in it, inside one transaction."""
+    connection: Any = connections[alias]
+    started = time.perf_counter()
+    # The path the migration ran with: the schema, then public and any extra paths.
+    connection.set_schema(schema, tenant_type=tenant_type or None)
+    path = ", ".join('"%s"' % name for name in connection._get_cursor_search_paths())
+    connection.set_schema_to_public()
+    with transaction.atomic(using=alias), connection.wrap_database_errors:
+        connection.ensure_connection()
+        with connection.connection.cursor() as cursor:
+            cursor.execute("CREATE SCHEMA %s" % schemas.quote(schema))
+            # Pinned for this transaction only and checked, as the guard does: through a
+            # transaction pooler the batch below runs on this same server connection.
+            cursor.execute("SELECT set_config('search_path', %s, true), current_schema()", [path])
+            current = cursor.fetchone()[1]
+            if current != schema:
+                raise guard.SearchPathError(
+                    f"current_schema() is {current!r} after setting search_path to {path}, "
+                    f'expected "{schema}"; nothing was replayed.',
+                    schema=schema,
+                )
+            # One round trip: the statements, their parameters bound client-side, as one
+            # multi-statement query.
+            cursor.execute(_batch(connection.connection, template))
+    logger.debug(
+        "schema %s: replayed %d statements in %.1f ms",
+        schema,
+        len(template.statements),
+        (time.perf_counter() - started) * 1000,
+    )
+
+
+def _batch(raw: Any, template: Template) -> str:
+    bind = _binder(raw)
+    parts: list[str] = []
+    for statement in template.statements:
+        if statement.many:
+            parts.extend(bind(statement.sql, params) for params in statement.params)
+        elif statement.params is None:
+            parts.append(statement.sql)
+        else:
+            parts.append(bind(statement.sql, statement.params))
+    # A newline before each ';' so that a statement ending in a -- comment still ends.
+    return "\n;\n".join(parts)
+
+
+def _binder(raw: Any) -> Callable[[str, Any], str]:
+    if is_psycopg3:
+        cursor = psycopg.ClientCursor(raw)
+        return lambda sql, params: str(cursor.mogrify(sql, params))
+    cursor = raw.cursor()
+    encoding = raw.encoding
+
+    def bind(sql: str, params: Any) -> str:
+        value = cursor.mogrify(sql, params)
+        return value.decode(encoding) if isinstance(value, bytes) else str(value)
+
+    return bind

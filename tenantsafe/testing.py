@@ -1,0 +1,449 @@
+"""Tenants for tests: ``create_tenant`` and a ``TenantTestCase`` that keeps Django's class setup.
+
+``create_tenant`` works on connections of its own and commits, whatever transaction the caller
+is in, so a tenant it returns is a real, committed tenant that later calls (from this process
+or any other sharing the database) find and reuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import re
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from django.conf import settings
+from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db.models import Model
+from django.test import TestCase
+from django.test.utils import override_settings
+from django_tenants.models import TenantMixin
+from django_tenants.signals import post_schema_sync
+from django_tenants.test.client import TenantClient
+from django_tenants.utils import (
+    get_multi_type_database_field_name,
+    get_public_schema_name,
+    get_tenant_base_migrate_command_class,
+    get_tenant_database_alias,
+    get_tenant_domain_model,
+    get_tenant_model,
+    has_multi_type_tenants,
+)
+
+from tenantsafe import _template, conf, migrate, schemas
+
+logger = logging.getLogger("tenantsafe.testing")
+
+# First key of the advisory lock create_tenant takes: ("tenantsafe create", hashtext(schema)).
+# Not migrate.LOCK_NAMESPACE: migrate_tenant takes that one on the same schema from another
+# connection of this process while we hold ours.
+CREATE_LOCK_NAMESPACE = 0x7454
+
+DEFAULT_SCHEMA = "test_tenant"
+
+__all__ = [
+    "CREATE_LOCK_NAMESPACE",
+    "MissingTenantFields",
+    "TenantProvisionError",
+    "TenantTestCase",
+    "create_tenant",
+    "default_domain",
+    "default_schema_names",
+]
+
+
+class MissingTenantFields(TypeError):
+    def __init__(self, schema: str, model: type[Model], fields: list[str]) -> None:
+        names = ", ".join(fields)
+        example = ", ".join(f"{name}=..." for name in fields)
+        super().__init__(
+            f"create_tenant({schema!r}): {model.__name__} requires {names}, which was not "
+            f"given; pass it: create_tenant({schema!r}, {example})."
+        )
+        self.schema = schema
+        self.fields = fields
+
+
+class TenantProvisionError(RuntimeError):
+    def __init__(self, schema: str, error: str, traceback: str = "") -> None:
+        super().__init__(
+            f'create_tenant({schema!r}): migrating schema "{schema}" failed: {error}'
+            + (f"\n{traceback}" if traceback else "")
+        )
+        self.schema = schema
+
+
+def default_domain(schema_name: str) -> str:
+    # Hostnames allow neither underscores nor upper case (Django rejects them as
+    # DisallowedHost), schema names do.
+    label = re.sub(r"[^a-z0-9-]+", "-", schema_name.lower()).strip("-") or "tenant"
+    return f"{label[:63]}.localhost"
+
+
+def default_schema_names() -> list[str]:
+    return conf.test_tenants() or [DEFAULT_SCHEMA]
+
+
+def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any) -> Any:
+    """The tenant with ``schema_name``, created with a migrated schema if it does not exist.
+
+    See the README ("Testing") for the contract: idempotent, ``_skip_auto_migrate`` set,
+    serialized across processes, schemas provisioned from a template of the migration.
+    """
+    try:
+        schemas.validate(schema_name)
+    except schemas.SchemaNameError as exc:
+        raise schemas.SchemaNameError(schema_name, owner="create_tenant") from exc
+    if schema_name == get_public_schema_name():
+        raise schemas.SchemaNameError(schema_name, owner="create_tenant: the public schema")
+    model = get_tenant_model()
+    alias = get_tenant_database_alias()
+    with _own_connection(alias):
+        tenant = _ready(model, alias, schema_name, domain)
+        for pause in _pauses() if tenant is None else ():
+            with transaction.atomic(using=alias):
+                if _lock(alias, schema_name):
+                    tenant = _without_migrating(model, alias, schema_name, domain, fields)
+                    break
+            time.sleep(pause)
+        if tenant is None:
+            # Migrating commits as it goes, so the lock needs a connection of its own.
+            with _locked(alias, schema_name):
+                tenant = _migrating(model, alias, schema_name, domain, fields)
+    tenant._skip_auto_migrate = True
+    return tenant
+
+
+@contextlib.contextmanager
+def _own_connection(alias: str) -> Iterator[Any]:
+    # Django's connections are per thread: swapping in a new one for the duration leaves the
+    # caller's connection (its transaction, its tenant) untouched, while everything we call
+    # (the ORM, migrate_tenant, the migrate command) picks up ours.
+    original = connections[alias]
+    own = connections.create_connection(alias)
+    connections[alias] = own
+    try:
+        yield own
+    finally:
+        connections[alias] = original
+        own.close()
+
+
+def _lock(alias: str, schema: str) -> bool:
+    # Transaction-level, so it is released by COMMIT and survives a transaction pooler;
+    # lower() so that tenants differing only in case (which django-tenants refuses) wait too.
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_try_advisory_xact_lock(%s, hashtext(lower(%s)))",
+            [CREATE_LOCK_NAMESPACE, schema],
+        )
+        return bool(cursor.fetchone()[0])
+
+
+def _pauses() -> Iterator[float]:
+    # Waiters poll and end their transaction between tries instead of blocking in
+    # pg_advisory_xact_lock: a blocked statement holds a snapshot, and the holder's CREATE
+    # INDEX CONCURRENTLY waits for every older snapshot to go, so it would wait forever.
+    pause = 0.01
+    while True:
+        yield pause
+        pause = min(pause * 1.5, 0.2)
+
+
+@contextlib.contextmanager
+def _locked(alias: str, schema: str) -> Iterator[None]:
+    lock = connections.create_connection(alias)
+    original = connections[alias]
+    try:
+        connections[alias] = lock
+        lock.set_autocommit(False)
+        for pause in _pauses():
+            if _lock(alias, schema):
+                break
+            lock.rollback()
+            time.sleep(pause)
+    finally:
+        connections[alias] = original
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            lock.rollback()
+        lock.close()
+
+
+def _ready(model: type[Model], alias: str, schema: str, domain: str | None) -> Any:
+    """The tenant if there is nothing to do for it, else None."""
+    tenant = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
+    if tenant is None or not _has_domain(tenant, alias, domain):
+        return None
+    if not schemas.exists(alias, schema):
+        return None
+    if not _template.is_current(alias, schema, _tenant_type(tenant)):
+        return None
+    return tenant
+
+
+def _without_migrating(
+    model: type[Model], alias: str, schema: str, domain: str | None, fields: dict[str, Any]
+) -> Any:
+    """Under the lock, in one transaction: the tenant, if it needs no migration; else None."""
+    tenant = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
+    if tenant is None:
+        missing = _missing_fields(model, fields)
+        if missing:
+            raise MissingTenantFields(schema, model, missing)
+        if schemas.exists(alias, schema):
+            return None
+        tenant = _unsaved(model, schema, fields)
+        if not _replayed(tenant, alias):
+            return None
+        tenant.save(verbosity=0, using=alias)
+        _add_domain(tenant, alias, domain or default_domain(schema), primary=True)
+    else:
+        _ensure_domain(tenant, alias, domain)
+        if schemas.exists(alias, schema):
+            # Another process finished it while we waited for the lock, or only the domain
+            # was missing; otherwise the schema is behind.
+            return tenant if _template.is_current(alias, schema, _tenant_type(tenant)) else None
+        if not _replayed(tenant, alias):
+            return None
+    transaction.on_commit(functools.partial(_schema_synced, tenant), using=alias)
+    return tenant
+
+
+def _migrating(
+    model: type[Model], alias: str, schema: str, domain: str | None, fields: dict[str, Any]
+) -> Any:
+    """Under the lock: create or repair the tenant by migrating its schema."""
+    tenant = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
+    if tenant is not None:
+        _ensure_domain(tenant, alias, domain)
+        if schemas.exists(alias, schema):
+            if not _template.is_current(alias, schema, _tenant_type(tenant)):
+                logger.info("tenantsafe: schema %s is behind its migrations; migrating", schema)
+                _migrate(tenant, alias, record=False)
+            return tenant
+        _migrate(tenant, alias, record=True)
+        _schema_synced(tenant)
+        return tenant
+    # As django-tenants' save() does: the row first (a data migration may read it), then the
+    # schema; on failure neither is kept.
+    tenant = _unsaved(model, schema, fields)
+    fresh = not schemas.exists(alias, schema)
+    tenant.save(verbosity=0, using=alias)
+    try:
+        _ensure_domain(tenant, alias, domain)
+        if fresh or not _template.is_current(alias, schema, _tenant_type(tenant)):
+            _migrate(tenant, alias, record=fresh)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            connection: Any = connections[alias]
+            connection.set_schema_to_public()
+            tenant.delete(force_drop=fresh)
+        raise
+    _schema_synced(tenant)
+    return tenant
+
+
+def _missing_fields(model: type[Model], given: dict[str, Any]) -> list[str]:
+    missing = []
+    for field in model._meta.concrete_fields:
+        if (
+            field.name == "schema_name"
+            or field.primary_key
+            or field.auto_created
+            or field.has_default()
+            or field.null
+            or field.blank
+        ):
+            continue
+        if field.name not in given and getattr(field, "attname", None) not in given:
+            missing.append(field.name)
+    return missing
+
+
+def _tenant_type(tenant: Any) -> str:
+    if not has_multi_type_tenants():
+        return ""
+    return str(getattr(tenant, get_multi_type_database_field_name()) or "")
+
+
+def _unsaved(model: type[Model], schema: str, fields: dict[str, Any]) -> Any:
+    tenant = model(schema_name=schema, **fields)
+    tenant._skip_auto_migrate = True  # type: ignore[attr-defined]
+    return tenant
+
+
+def _replayed(tenant: Any, alias: str) -> bool:
+    """Provision the tenant's schema from the template for its migration state, if usable."""
+    key = _template.state_key(alias, _tenant_type(tenant))
+    template = _template.get(key)
+    if template is None or template.problem:
+        return False
+    try:
+        _template.replay(alias, tenant.schema_name, template, _tenant_type(tenant))
+    except DatabaseError as exc:
+        # Something in the recording depends on more than the schema (a row a data
+        # migration read in public, say): stop trusting it and migrate instead.
+        _template.discard(key, f"replaying it into {tenant.schema_name} failed: {exc}")
+        return False
+    return True
+
+
+def _migrate(tenant: Any, alias: str, *, record: bool) -> None:
+    schema = tenant.schema_name
+    connection = connections[alias]
+    key = _template.state_key(alias, _tenant_type(tenant))
+    recorder = _template.Recorder(schema) if record and _template.get(key) is None else None
+    if recorder is not None:
+        # First in the list is outermost: the recorder sees each statement as the migration
+        # sent it, before the guard adds its search_path check to it.
+        connection.execute_wrappers.insert(0, recorder)
+    try:
+        result = migrate.migrate_tenant(
+            (), _migrate_options(alias), "standard", schema, _tenant_type(tenant)
+        )
+    finally:
+        if recorder is not None:
+            connection.execute_wrappers.remove(recorder)
+        # Its lock connection would keep the test database from being dropped.
+        migrate.close_locks()
+    if result.status == migrate.FAILED:
+        raise TenantProvisionError(schema, result.error, result.traceback)
+    if recorder is not None:
+        _template.build(key, recorder, _identifying(tenant, alias))
+
+
+def _identifying(tenant: Any, alias: str) -> list[str]:
+    # What a data migration could copy from the tenant it runs for: its schema name, domains
+    # and (longer) text fields. A recording naming any of them is specific to that tenant.
+    values = [tenant.schema_name]
+    domain_model = get_tenant_domain_model()
+    values += list(
+        domain_model._default_manager.db_manager(alias)
+        .filter(tenant=tenant)
+        .values_list("domain", flat=True)
+    )
+    for field in tenant._meta.concrete_fields:
+        value = getattr(tenant, field.attname, None)
+        if isinstance(value, str) and len(value) >= 3:
+            values.append(value)
+    return values
+
+
+@functools.lru_cache(maxsize=8)
+def _default_migrate_options(command_path: str) -> tuple[tuple[str, Any], ...]:
+    command = get_tenant_base_migrate_command_class()()
+    parser = command.create_parser("manage.py", "migrate")
+    return tuple(sorted(vars(parser.parse_args([])).items()))
+
+
+def _migrate_options(alias: str) -> dict[str, Any]:
+    path = str(getattr(settings, "TENANT_BASE_MIGRATE_COMMAND", ""))
+    options = dict(_default_migrate_options(path))
+    options.update(
+        database=alias,
+        verbosity=0,
+        interactive=False,
+        skip_checks=True,
+        create_missing=True,
+    )
+    return options
+
+
+def _has_domain(tenant: Any, alias: str, domain: str | None) -> bool:
+    domains = get_tenant_domain_model()._default_manager.db_manager(alias).filter(tenant=tenant)
+    if domain is None:
+        return bool(domains.filter(is_primary=True).exists())
+    return bool(domains.filter(domain=domain).exists())
+
+
+def _ensure_domain(tenant: Any, alias: str, domain: str | None) -> None:
+    if not _has_domain(tenant, alias, domain):
+        _add_domain(tenant, alias, domain or default_domain(tenant.schema_name))
+
+
+def _add_domain(tenant: Any, alias: str, name: str, *, primary: bool = False) -> None:
+    # DomainMixin.save() also makes it primary when the tenant has no primary domain yet.
+    model = get_tenant_domain_model()
+    manager = model._default_manager.db_manager(alias)
+    try:
+        manager.create(tenant=tenant, domain=name, is_primary=primary)
+    except IntegrityError:
+        owner = manager.filter(domain=name).values_list("tenant__schema_name", flat=True).first()
+        raise ValueError(
+            f"create_tenant({tenant.schema_name!r}): domain {name!r} already belongs to tenant "
+            f"{owner!r}; pass another one with domain=..."
+        ) from None
+
+
+def _schema_synced(tenant: Any) -> None:
+    # What django-tenants' save() sends once it has created and migrated a schema.
+    post_schema_sync.send(sender=TenantMixin, tenant=tenant.serializable_fields())
+
+
+def honour_skip_auto_migrate(sender: type[Model], instance: Model, **kwargs: Any) -> None:
+    """``pre_save`` receiver: while ``_skip_auto_migrate`` is set, save() leaves schemas alone.
+
+    TenantMixin.save() reads ``self.auto_create_schema`` after Django's save (so after
+    pre_save); an instance attribute shadows the class's for exactly that instance.
+    """
+    if not isinstance(instance, TenantMixin):
+        return
+    state = instance.__dict__
+    if getattr(instance, "_skip_auto_migrate", False):
+        if not state.get("_tenantsafe_auto_create_overridden"):
+            state["_tenantsafe_auto_create_overridden"] = True
+            state["_tenantsafe_auto_create_before"] = state.get("auto_create_schema", _UNSET)
+        state["auto_create_schema"] = False
+    elif state.pop("_tenantsafe_auto_create_overridden", False):
+        before = state.pop("_tenantsafe_auto_create_before", _UNSET)
+        if before is _UNSET:
+            state.pop("auto_create_schema", None)
+        else:
+            state["auto_create_schema"] = before
+
+
+_UNSET = object()
+
+
+class TenantTestCase(TestCase):
+    """django-tenants' TenantTestCase, keeping Django's class setup (``setUpTestData`` runs).
+
+    The tenant comes from create_tenant, so it is created once and then reused by every class
+    (and test run, with a kept database) that asks for the same schema.
+    """
+
+    tenant_schema_name: ClassVar[str | None] = None
+    tenant_domain: ClassVar[str | None] = None
+    tenant_fields: ClassVar[dict[str, Any]] = {}
+    tenant: ClassVar[Any]
+
+    @classmethod
+    def get_tenant_schema_name(cls) -> str:
+        return cls.tenant_schema_name or default_schema_names()[0]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tenant = create_tenant(
+            cls.get_tenant_schema_name(), domain=cls.tenant_domain, **cls.tenant_fields
+        )
+        connection: Any = connections[get_tenant_database_alias()]
+        domain = cls.tenant.get_primary_domain().domain
+        hosts = list(settings.ALLOWED_HOSTS)
+        if "*" not in hosts and domain not in hosts:
+            allowed = override_settings(ALLOWED_HOSTS=[*hosts, domain])
+            allowed.enable()
+            cls.addClassCleanup(allowed.disable)
+        connection.set_tenant(cls.tenant)
+        cls.addClassCleanup(connection.set_schema_to_public)
+        # After the tenant is active, so setUpTestData writes into its schema.
+        super().setUpClass()
+
+    @functools.cached_property
+    def tenant_client(self) -> TenantClient:
+        return TenantClient(self.tenant)
