@@ -1,0 +1,142 @@
+"""create_tenant of fresh tenants against django-tenants' migrating save(), same run.
+
+    python bench/bench_create_tenant.py [--tenants 12] [--rounds 2]
+
+Two identical databases (public schema migrated) per round; in one, N tenants are created with
+``Client(...).save()`` (django-tenants creates and migrates each schema), in the other with
+``tenantsafe.testing.create_tenant`` (the first is migrated and recorded, the rest replayed).
+Each side runs in a fresh process and only the creation loop is timed. Uses DATABASE_URL, or
+starts a throwaway cluster when it is not set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _with_dbname(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
+@contextlib.contextmanager
+def _database(url: str) -> Iterator[str]:
+    import psycopg
+
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = _with_dbname(url, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        target = _with_dbname(url, name)
+        _run(
+            [sys.executable, "-m", "testproject.manage", "migrate_schemas", "--shared", "-v0"],
+            target,
+        )
+        yield target
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _run(cmd: list[str], url: str) -> str:
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def _phase(side: str, count: int) -> list[float]:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
+    import django
+
+    django.setup()
+    from tenantsafe.testing import create_tenant
+    from testproject.customers.models import Client, Domain
+
+    times = []
+    for number in range(count):
+        schema = f"bench{number}"
+        started = time.perf_counter()
+        if side == "save":
+            tenant = Client(schema_name=schema, name=f"Bench {number}")
+            tenant.save(verbosity=0)
+            Domain.objects.create(tenant=tenant, domain=f"bench{number}.localhost")
+        else:
+            create_tenant(schema, name=f"Bench {number}")
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _side(side: str, url: str, count: int) -> list[float]:
+    out = _run([sys.executable, __file__, "--phase", side, "--tenants", str(count)], url)
+    return [float(t) for t in json.loads(out.strip().splitlines()[-1])]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tenants", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--phase", choices=["save", "create"])
+    ns = parser.parse_args(argv)
+    if ns.phase:
+        print(json.dumps(_phase(ns.phase, ns.tenants)))
+        return 0
+    if not os.environ.get("DATABASE_URL"):
+        sys.path.insert(0, str(ROOT))
+        from testproject.cluster import throwaway_cluster
+
+        with throwaway_cluster(quiet=True):
+            return _compare(os.environ["DATABASE_URL"], ns.tenants, ns.rounds)
+    return _compare(os.environ["DATABASE_URL"], ns.tenants, ns.rounds)
+
+
+def _compare(url: str, count: int, rounds: int) -> int:
+    save: list[float] = []
+    create: list[float] = []
+    for number in range(rounds):
+        # Alternate which side goes first, so neither always gets the warmer server.
+        order = ["save", "create"] if number % 2 == 0 else ["create", "save"]
+        for side in order:
+            with _database(url) as target:
+                (save if side == "save" else create).extend(_side(side, target, count))
+    firsts = slice(0, None, count)
+    save_first, create_first = save[firsts], create[firsts]
+    save_rest = [t for i, t in enumerate(save) if i % count]
+    create_rest = [t for i, t in enumerate(create) if i % count]
+    print(f"{count} fresh tenants x {rounds} rounds (python {sys.version.split()[0]})")
+    print(
+        f"  django-tenants save(): total {sum(save):7.2f}s  first {_ms(save_first)}  "
+        f"then {_ms(save_rest)} each (median)"
+    )
+    print(
+        f"  create_tenant():       total {sum(create):7.2f}s  first {_ms(create_first)}  "
+        f"then {_ms(create_rest)} each (median)"
+    )
+    print(f"  ratio create_tenant/save, all tenants:   {sum(create) / sum(save):.2f}")
+    print(
+        f"  ratio create_tenant/save, after the first: "
+        f"{statistics.median(create_rest) / statistics.median(save_rest):.2f}"
+    )
+    return 0
+
+
+def _ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:6.0f} ms"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
