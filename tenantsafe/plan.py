@@ -312,14 +312,27 @@ def split(
         return tenants, []
     alias = options["database"]
     started = time.monotonic()
+    check = bool(options.get("check_unapplied"))
     try:
         planner = Planner(options.get("app_label"), options.get("migration_name"))
+        entries = plan_schemas(alias, tenants, planner=planner)
+        # Under --check a schema without django_migrations has everything unapplied; a missing
+        # schema still goes to the executor, which names it (or creates it).
+        bare = [e.schema for e in entries if not e.has_table and valid_schema_name(e.schema)]
+        without_table = (
+            schemas.existing(alias, bare)
+            if check and bare and not options.get("create_missing")
+            else set()
+        )
     except PlanError:
         return tenants, []  # migrate reports the bad target, tenant by tenant, as before
-    check = bool(options.get("check_unapplied"))
+    except Exception:
+        # Skipping only saves time: whatever stops it, every tenant takes the guarded path.
+        logger.warning("cannot tell which tenants are current; migrating all", exc_info=True)
+        return tenants, []
     todo: list[tuple[str, str]] = []
     done: list[TenantResult] = []
-    for entry in plan_schemas(alias, tenants, planner=planner):
+    for entry in entries:
         if entry.current:
             done.append(TenantResult(entry.schema, CURRENT))
         elif check and entry.plan is not None:
@@ -328,18 +341,12 @@ def split(
                 done.append(TenantResult(entry.schema, PENDING, _describe(entry)))
             else:
                 done.append(TenantResult(entry.schema, CURRENT))
+        elif entry.schema in without_table:
+            done.append(
+                TenantResult(entry.schema, PENDING, "unapplied migrations: no django_migrations")
+            )
         else:
             todo.append((entry.schema, entry.tenant_type))
-    if check and todo and not options.get("create_missing"):
-        # Without django_migrations everything is unapplied. A missing schema still goes to
-        # the executor, which names it.
-        present = schemas.existing(alias, [s for s, _ in todo if valid_schema_name(s)])
-        without_table = [pair for pair in todo if pair[0] in present]
-        done.extend(
-            TenantResult(s, PENDING, "unapplied migrations: no django_migrations table")
-            for s, _ in without_table
-        )
-        todo = [pair for pair in todo if pair[0] not in present]
     logger.debug(
         "read %d schema(s) in %.2fs: %d to run migrate in, %d answered from the read",
         len(tenants),

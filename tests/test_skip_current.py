@@ -275,6 +275,25 @@ def test_check_agrees_with_plain_migrate_check_per_tenant(migrated):
         run(tenant=True, check_unapplied=True, verbosity=0)
 
 
+def test_history_migrate_refuses_is_left_to_migrate(migrated):
+    current_tenants("alpha", "beta")
+    sql(
+        'DELETE FROM "beta".django_migrations WHERE app = %s AND name = %s',
+        ["shop", "0002_seed_categories"],
+    )
+    migrated.clear()
+
+    for options in ({"check_unapplied": True}, {}):
+        with pytest.raises(CommandError, match="1 of 2 schema"):
+            run(tenant=True, **options)
+        out, err = run.last  # type: ignore[attr-defined]
+        assert "2 tenant(s): 0 migrated, 1 already current" in out
+        assert "FAILED beta: InconsistentMigrationHistory: Migration shop.0003_product_sku is " in (
+            err
+        )
+    assert migrated == ["beta", "beta"]
+
+
 def test_plan_shows_the_work_of_tenants_behind_only(capsys):
     current_tenants("alpha", "beta")
     sql('DELETE FROM "beta".django_migrations WHERE app = %s AND name = %s', list(SHOP_LEAF))
