@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections, router, transaction
 from django.db.migrations.exceptions import AmbiguityError, NodeNotFoundError
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
@@ -95,7 +95,8 @@ def _read_batch(alias: str, batch: list[str]) -> dict[str, list[Key] | None]:
         for i, name in enumerate(batch)
     )
     try:
-        with connections[alias].cursor() as cursor:
+        # A savepoint when called inside a transaction, so a failed read does not abort it.
+        with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
             cursor.execute(sql)
             fetched = cursor.fetchall()
     except DatabaseError:

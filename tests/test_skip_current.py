@@ -472,6 +472,10 @@ def test_read_is_chunked_and_survives_an_unreadable_table():
     assert whole["s3"] == frozenset(rows[:5])
     # Equal applied sets are one object: memory follows distinct sets, not tenants.
     assert whole["s1"] is whole["s2"]
+    # Inside a transaction the unreadable table costs a savepoint, not the transaction.
+    with transaction.atomic():
+        assert plan.read_applied("default", names) == whole
+        assert sql("SELECT count(*) FROM customers_client") == [(0,)]
 
 
 # --- progress -----------------------------------------------------------------------------
