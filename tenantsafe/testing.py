@@ -33,7 +33,7 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import _template, conf, migrate, schemas
+from tenantsafe import _template, conf, guard, migrate, schemas
 
 logger = logging.getLogger("tenantsafe.testing")
 
@@ -101,7 +101,8 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
         raise schemas.SchemaNameError(schema_name, owner="create_tenant: the public schema")
     model = get_tenant_model()
     alias = get_tenant_database_alias()
-    with _own_connection(alias):
+    # Guarded throughout: behind a transaction pooler even the row lookups need their path.
+    with guard.guarding(alias), _own_connection(alias):
         tenant = _ready(model, alias, schema_name, domain)
         for pause in _pauses() if tenant is None else ():
             with transaction.atomic(using=alias):

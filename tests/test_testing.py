@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from tests.dbtools import (
     fingerprint,
     fresh_database,
     manage,
+    pool_load,
+    pooled_url,
     with_dbname,
 )
 
@@ -327,14 +331,21 @@ print(json.dumps({"pk": tenant.pk, "flag": tenant._skip_auto_migrate}))
 
 
 @pytest.mark.slow
-def test_four_processes_creating_the_same_tenant_at_once(tmp_path):
+@pytest.mark.parametrize("through", ["direct", pytest.param("pgbouncer", marks=pytest.mark.pooler)])
+def test_four_processes_creating_the_same_tenant_at_once(tmp_path, through):
+    # Through pgbouncer the project leaves out its non-atomic migration, as a pooled deploy must.
+    extra = {"TESTPROJECT_POOLER_SAFE": "1"} if through == "pgbouncer" else {}
     with fresh_database("tscreate") as name:
         target = with_dbname(direct_url(), name)
-        migrated = manage(target, "migrate_schemas_safe", "--shared", "-v", "0")
+        client_url = with_dbname(pooled_url(), name) if through == "pgbouncer" else target
+        migrated = manage(target, "migrate_schemas_safe", "--shared", "-v", "0", env=extra)
         assert migrated.returncode == 0, migrated.stderr
+        with connect(target) as conn:
+            conn.execute("CREATE SCHEMA decoy")
         env = {
             **os.environ,
-            "DATABASE_URL": target,
+            **extra,
+            "DATABASE_URL": client_url,
             "PYTHONPATH": str(ROOT),
             "DJANGO_SETTINGS_MODULE": "testproject.settings",
         }
@@ -350,16 +361,17 @@ def test_four_processes_creating_the_same_tenant_at_once(tmp_path):
             )
             for n in range(4)
         ]
+        # Behind the pooler, other clients leave their search_path on the server connections.
+        load = pool_load(client_url, ["decoy"]) if through == "pgbouncer" else nullcontext()
         try:
-            _wait_for(lambda: all((tmp_path / f"ready{n}").exists() for n in range(4)), procs)
-            go.touch()
-            results = [proc.communicate(timeout=240) for proc in procs]
+            with load:
+                _wait_for(lambda: all((tmp_path / f"ready{n}").exists() for n in range(4)), procs)
+                go.touch()
+                results = [proc.communicate(timeout=240) for proc in procs]
         finally:
             for proc in procs:
                 proc.kill()
         assert [proc.returncode for proc in procs] == [0, 0, 0, 0], [r[1] for r in results]
-        import json
-
         answers = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
         assert {a["pk"] for a in answers} == {answers[0]["pk"]}
         assert all(a["flag"] is True for a in answers)
@@ -368,12 +380,16 @@ def test_four_processes_creating_the_same_tenant_at_once(tmp_path):
                 "SELECT count(*) FROM customers_client WHERE schema_name = 'shared'"
             ).fetchone() == (1,)
             assert conn.execute("SELECT count(*) FROM customers_domain").fetchone() == (1,)
+            assert conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'decoy'"
+            ).fetchone() == (0,)
         reference = manage(
             target,
             "shell",
             "-c",
             "from testproject.customers.models import Client; "
             "Client(schema_name='reference', name='R').save(verbosity=0)",
+            env=extra,
         )
         assert reference.returncode == 0, reference.stderr
         assert fingerprint(target, "shared") == fingerprint(target, "reference")
