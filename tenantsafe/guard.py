@@ -69,6 +69,10 @@ _NON_TRANSACTIONAL = re.compile(
 _TRANSACTION_CONTROL = re.compile(
     r"^\s*(?:BEGIN|START\s+TRANSACTION|COMMIT|ROLLBACK|END|ABORT)\b", re.IGNORECASE
 )
+# Settings read no tenant data either. This is mostly django-tenants' own session-level
+# ``SET search_path`` on every new cursor: the statements after it are pinned, so pinning it
+# too would only double the guard's cost.
+_SETTING = re.compile(r"^\s*(?:SET|RESET)\s", re.IGNORECASE)
 
 _PIN_SQL = "SELECT set_config('search_path', %s, %s), current_schema()"
 
@@ -262,18 +266,21 @@ def _guard(
     connection = context["connection"]
     if not is_active(connection) or not hasattr(connection, "_get_cursor_search_paths"):
         return execute(sql, params, many, context)
+    state = _state(connection)
+    text = sql if isinstance(sql, str) else None
+    if text is not None:
+        if _TRANSACTION_CONTROL.match(text):
+            try:
+                return execute(sql, params, many, context)
+            finally:
+                state.pinned = None
+        if _SETTING.match(text):
+            return execute(sql, params, many, context)
+
     schemas = search_path(connection)
     raw_cursor = context["cursor"].cursor
     raw = connection.connection
     status = raw.info.transaction_status
-    state = _state(connection)
-    text = sql if isinstance(sql, str) else None
-
-    if text is not None and _TRANSACTION_CONTROL.match(text):
-        try:
-            return execute(sql, params, many, context)
-        finally:
-            state.pinned = None
     named = bool(getattr(raw_cursor, "name", None))
     if text is not None and _NON_TRANSACTIONAL.match(text):
         # A named (server-side) cursor runs one statement only: pin through a plain one.
@@ -285,6 +292,16 @@ def _guard(
     if status == _INERROR or (status == _INTRANS and state.pinned == tuple(schemas)):
         return execute(sql, params, many, context)
     own = status == _IDLE and connection.get_autocommit()
+    if named and own and is_pooled(connection):
+        raise PooledStatementError(
+            f'Schema "{schemas[0]}": server-side cursor {raw_cursor.name} would be used outside '
+            "a transaction, where it lives in the session and a transaction pooler sends its "
+            "FETCHes to other server connections. Set DISABLE_SERVER_SIDE_CURSORS = True in this "
+            "DATABASES entry (Django's advice for transaction pooling) or iterate inside "
+            "transaction.atomic() (or set TENANTSAFE_TRANSACTION_POOLER = False if no pooler is "
+            "in between).",
+            schema=schemas[0],
+        )
 
     if text and not many and not named and _merges(raw, raw_cursor):
         return _merged(connection, raw, raw_cursor, schemas, execute, text, params, context)

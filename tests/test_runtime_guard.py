@@ -341,6 +341,17 @@ def test_non_transactional_statement_is_refused_when_pooled(tenants, settings):
 
 
 @pytest.mark.usefixtures("runtime_guard")
+def test_server_side_cursor_outside_a_transaction_is_refused_when_pooled(tenants, settings):
+    connection.set_tenant(tenants["alpha"])
+    settings.TENANTSAFE_TRANSACTION_POOLER = True
+    with pytest.raises(guard.PooledStatementError, match="DISABLE_SERVER_SIDE_CURSORS"):
+        list(Product.objects.iterator(chunk_size=1))
+    # Inside a transaction its FETCHes stay on the transaction's server connection.
+    with transaction.atomic():
+        assert sorted(p.name for p in Product.objects.iterator(chunk_size=1)) == PRODUCTS["alpha"]
+
+
+@pytest.mark.usefixtures("runtime_guard")
 def test_server_side_binding_cursors_are_pinned_too(tenants):
     from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
