@@ -43,7 +43,9 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
         # the unguarded executors, so the run itself is tenantsafe.migrate's.
         SyncCommon.handle(self, *args, **options)
         codename = self.executor or os.environ.get("EXECUTOR") or "standard"
-        executor = migrate.Executor(codename, args, options)
+        # This command ran the system checks once already (unless skipped); migrate would run
+        # them again in every schema.
+        executor = migrate.Executor(codename, args, {**options, "skip_checks": True})
         tenants = self._tenants() if self.sync_tenant else []
         summary = migrate.run(executor=executor, public=bool(self.sync_public), tenants=tenants)
         verbosity = int(options["verbosity"])
