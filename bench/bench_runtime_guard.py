@@ -1,6 +1,6 @@
 """Queries per second with TENANTSAFE_RUNTIME_GUARD against django-tenants' default.
 
-    python -m bench.bench_runtime_guard [--queries 2000] [--rounds 5]
+    python -m bench.bench_runtime_guard [--queries 1000] [--rounds 7]
 
 Prepares one database with a migrated tenant, then measures, directly and through pgbouncer
 (when installed), in one worker process per endpoint:
@@ -9,8 +9,9 @@ Prepares one database with a migrated tenant, then measures, directly and throug
 * ``guard``: ``TENANTSAFE_RUNTIME_GUARD = True``, as it runs for Django's default cursors;
 * ``guard+limit``: the guard with ``TENANT_LIMIT_SET_CALLS = True``;
 * ``guard/pipeline`` and ``guard/steps``: the guard forced onto its other strategies (the psycopg
-  3 pipeline used for server-side binding cursors; BEGIN/pin/statement/COMMIT one by one, which
-  is what the migration guard did before), to show what the default strategy saves.
+  3 pipeline used for server-side binding cursors; BEGIN, pin, statement and COMMIT one by one,
+  as for named cursors, and as the guard ran every statement before the merged check), to show
+  what the default strategy saves.
 
 Variants run interleaved, ``--rounds`` times, and each reports its median. Round trips per
 query are counted separately through a small TCP relay that counts request bursts (the client
@@ -89,7 +90,7 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
     from testproject.shop.models import Product
 
     tenant = Client.objects.get(schema_name="bench")
-    connection.set_tenant(tenant)
+    connection.set_tenant(tenant)  # type: ignore[attr-defined]
     ids = list(Product.objects.values_list("id", flat=True))
     merges, pipelines = guard._merges, guard._pipelines
 
@@ -118,14 +119,14 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
         settings.TENANTSAFE_RUNTIME_GUARD = name != "default"
         settings.TENANT_LIMIT_SET_CALLS = name == "guard+limit"
         if name in ("guard/pipeline", "guard/steps"):
-            guard._merges = lambda raw, raw_cursor: False  # type: ignore[assignment]
+            guard._merges = lambda raw, raw_cursor: False
         if name == "guard/steps":
-            guard._pipelines = lambda raw: False  # type: ignore[assignment]
-        connection.set_tenant(tenant)
+            guard._pipelines = lambda raw: False
+        connection.set_tenant(tenant)  # type: ignore[attr-defined]
         try:
             yield
         finally:
-            guard._merges, guard._pipelines = merges, pipelines  # type: ignore[assignment]
+            guard._merges, guard._pipelines = merges, pipelines
 
     rates: dict[str, dict[str, list[float]]] = {w: {v: [] for v in VARIANTS} for w in workloads}
     for round_no in range(rounds):
@@ -217,8 +218,8 @@ def report(endpoint: str, data: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--queries", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.worker:
