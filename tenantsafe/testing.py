@@ -120,10 +120,19 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
 
 @contextlib.contextmanager
 def _own_connection(alias: str) -> Iterator[Any]:
-    # Django's connections are per thread: swapping in a new one for the duration leaves the
-    # caller's connection (its transaction, its tenant) untouched, while everything we call
-    # (the ORM, migrate_tenant, the migrate command) picks up ours.
-    original = connections[alias]
+    original: Any = connections[alias]
+    if not original.in_atomic_block and original.get_autocommit():
+        # Outside a transaction there is nothing of the caller's to disturb but its tenant
+        # (a migration may close the connection, as django-tenants' save() does too).
+        tenant, include_public = original.tenant, original.include_public_schema
+        try:
+            yield original
+        finally:
+            original.set_tenant(tenant, include_public=include_public)
+        return
+    # Inside one, commits must not touch it. Django's connections are per thread: swapping in
+    # a new one for the duration leaves the caller's (its transaction, its tenant) untouched,
+    # while everything we call (the ORM, migrate_tenant, the migrate command) picks up ours.
     own = connections.create_connection(alias)
     connections[alias] = own
     try:
