@@ -242,15 +242,28 @@ def test_a_domain_of_another_tenant_is_refused_and_nothing_is_kept():
 def test_works_inside_a_transaction_and_commits_on_its_own():
     from django.db import transaction
 
+    kappa = create_tenant("kappa", name="Kappa")
     with transaction.atomic():
-        Client.objects.filter(schema_name="nothing").exists()
+        connection.set_tenant(kappa)
         tenant = create_tenant("iota", name="Iota")
+        assert connection.schema_name == "kappa"
         transaction.set_rollback(True)
 
     # The caller's rollback does not take the tenant with it.
     assert Client.objects.filter(pk=tenant.pk).exists()
     assert exists("iota")
-    assert connection.schema_name == "public"
+
+
+def test_the_callers_tenant_stays_active():
+    kappa = create_tenant("kappa", name="Kappa")
+    connection.set_tenant(kappa)
+
+    create_tenant("lambda", name="Lambda")
+    create_tenant("lambda")
+
+    assert connection.schema_name == "kappa"
+    assert connection.tenant == kappa
+    connection.set_schema_to_public()
 
 
 @pytest.fixture
