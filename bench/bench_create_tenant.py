@@ -1,6 +1,6 @@
 """create_tenant of fresh tenants against django-tenants' migrating save(), same run.
 
-    python bench/bench_create_tenant.py [--tenants 12] [--rounds 2]
+    python -m bench.bench_create_tenant [--tenants 12] [--rounds 2]
 
 Two identical databases (public schema migrated) per round; in one, N tenants are created with
 ``Client(...).save()`` (django-tenants creates and migrates each schema), in the other with

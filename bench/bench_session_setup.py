@@ -1,6 +1,6 @@
 """The plugin's session setup of 2 tenants under ``-n 2`` against a plain conftest, same run.
 
-    python bench/bench_session_setup.py [--rounds 2]
+    python -m bench.bench_session_setup [--rounds 2]
 
 Each side is a small pytest project run with ``-n 2`` (each worker its own test database):
 ``plain`` has a conftest whose session fixture saves two tenants the django-tenants way
