@@ -1,8 +1,8 @@
 """Tenants for tests: ``create_tenant`` and a ``TenantTestCase`` that keeps Django's class setup.
 
-``create_tenant`` works on connections of its own and commits, whatever transaction the caller
-is in, so a tenant it returns is a real, committed tenant that later calls (from this process
-or any other sharing the database) find and reuse.
+``create_tenant`` commits whatever transaction the caller is in (inside one it works on a
+connection of its own), so a tenant it returns is a real, committed tenant that later calls,
+from this process or any other sharing the database, find and reuse.
 """
 
 from __future__ import annotations
@@ -76,6 +76,16 @@ class TenantProvisionError(RuntimeError):
         self.schema = schema
 
 
+class _PublicSchema(schemas.SchemaNameError):
+    def __init__(self, schema: str) -> None:
+        ValueError.__init__(
+            self,
+            f"create_tenant({schema!r}): {schema!r} is the public schema, which holds the "
+            "shared apps and no tenant; choose another schema name.",
+        )
+        self.schema = schema
+
+
 def default_domain(schema_name: str) -> str:
     # Hostnames allow neither underscores nor upper case (Django rejects them as
     # DisallowedHost), schema names do.
@@ -98,7 +108,7 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
     except schemas.SchemaNameError as exc:
         raise schemas.SchemaNameError(schema_name, owner="create_tenant") from exc
     if schema_name == get_public_schema_name():
-        raise schemas.SchemaNameError(schema_name, owner="create_tenant: the public schema")
+        raise _PublicSchema(schema_name)
     model = get_tenant_model()
     alias = get_tenant_database_alias()
     # Guarded throughout: behind a transaction pooler even the row lookups need their path.

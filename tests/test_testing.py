@@ -216,6 +216,23 @@ def test_invalid_schema_names_are_refused_by_name(name):
     assert not Client.objects.exists()
 
 
+def test_a_failing_migration_keeps_neither_row_nor_schema():
+    # A process of its own: one with a template for this migration state would replay it.
+    script = (
+        "from tenantsafe.testing import create_tenant\ncreate_tenant('failing', name='Failing')\n"
+    )
+    result = manage(url(), "shell", "-c", script, env={"TESTPROJECT_FAIL_SEED": "failing"})
+
+    assert result.returncode != 0
+    assert (
+        "TenantProvisionError: create_tenant('failing'): migrating schema \"failing\" failed: "
+        "RuntimeError: seeding failed on purpose in failing"
+    ) in result.stderr
+    assert not Client.objects.filter(schema_name="failing").exists()
+    assert not Domain.objects.exists()
+    assert not exists("failing")
+
+
 def test_missing_required_fields_are_named():
     with pytest.raises(MissingTenantFields) as excinfo:
         create_tenant("zeta")
