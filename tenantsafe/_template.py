@@ -121,10 +121,6 @@ def get(key: str) -> Template | None:
     return _templates.get(key)
 
 
-def forget() -> None:
-    _templates.clear()
-
-
 def discard(key: str, problem: str) -> None:
     """Stop replaying for ``key``: schemas for it are migrated one by one from now on."""
     _templates[key] = Template(key, (), problem)
