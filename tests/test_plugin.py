@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -242,3 +245,15 @@ def test_workers_sharing_one_existing_database(pytester, monkeypatch):
         alpha.pop("sequences")
         beta.pop("sequences")
         assert alpha == beta
+
+
+def test_the_plugin_imports_without_django_configured():
+    # pytest loads it for every session, Django project or not.
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    probe = "import sys, tenantsafe.plugin; print(sorted(m for m in sys.modules if 'django' in m))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
