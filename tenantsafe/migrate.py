@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,7 @@ from django_tenants.migration_executors import base as upstream
 from django_tenants.migration_executors.multiproc import get_pool
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import guard, plan, progress, schemas
+from tenantsafe import guard, locks, plan, progress, schemas
 
 logger = logging.getLogger("tenantsafe.migrate")
 
@@ -28,9 +27,6 @@ MIGRATED = "migrated"
 CURRENT = "current"
 PENDING = "pending"
 FAILED = "failed"
-
-# First key of the two-int advisory locks tenantsafe takes: ("tenantsafe", hashtext(schema)).
-LOCK_NAMESPACE = 0x7453
 
 
 @dataclass(frozen=True)
@@ -53,56 +49,6 @@ class Summary:
     @property
     def failed(self) -> list[TenantResult]:
         return [r for r in self.results if r.status == FAILED]
-
-
-class _LockConnection:
-    """One connection per process that holds tenant locks inside a transaction.
-
-    A transaction-level advisory lock is released at COMMIT and a transaction keeps its server
-    connection even through a transaction pooler, so the lock is pooler-safe where a
-    session-level one (``pg_advisory_lock``) is not.
-    """
-
-    def __init__(self, alias: str) -> None:
-        self.alias = alias
-        self.pid = os.getpid()
-        self.connection = connections.create_connection(alias)
-
-    @contextlib.contextmanager
-    def hold(self, schema: str) -> Iterator[None]:
-        conn = self.connection
-        conn.set_autocommit(False)
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [LOCK_NAMESPACE, schema]
-                )
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                conn.rollback()
-                conn.set_autocommit(True)
-
-    def close(self) -> None:
-        self.connection.close()
-
-
-_locks: dict[str, _LockConnection] = {}
-
-
-def _lock_for(alias: str) -> _LockConnection:
-    lock = _locks.get(alias)
-    if lock is None or lock.pid != os.getpid():
-        # A forked worker must not share its parent's socket: open its own.
-        lock = _locks[alias] = _LockConnection(alias)
-    return lock
-
-
-def close_locks() -> None:
-    for lock in _locks.values():
-        if lock.pid == os.getpid():
-            lock.close()
-    _locks.clear()
 
 
 def _applied_count(alias: str) -> int:
@@ -154,7 +100,7 @@ def migrate_tenant(
     alias = options["database"]
     try:
         schemas.validate(schema)
-        with guard.guarding(alias), _lock_for(alias).hold(schema):
+        with guard.guarding(alias), locks.for_process(alias).hold(locks.MIGRATE, schema):
             if not schemas.exists(alias, schema):
                 if not options.get("create_missing"):
                     raise schemas.MissingSchema(schema)
@@ -255,7 +201,7 @@ class Executor:
     def _run_pool(self, tenants: list[tuple[str, str]]) -> list[TenantResult]:
         # Workers are forked: close what they would otherwise share with this process.
         connections[self.options["database"]].close()
-        close_locks()
+        locks.close_process_locks()
         job = functools.partial(_job, self.args, self.options, self.codename, len(tenants))
         chunks = getattr(settings, "TENANT_MULTIPROCESSING_CHUNKS", 2)
         pool = get_pool()
@@ -292,7 +238,7 @@ def run(*, executor: Executor, public: bool, tenants: list[tuple[str, str]]) -> 
                     "public gained tables while tenants were migrated: " + ", ".join(sorted(gained))
                 )
     finally:
-        close_locks()
+        locks.close_process_locks()
         summary.elapsed = time.monotonic() - started
     return summary
 

@@ -33,19 +33,13 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import _template, conf, guard, migrate, schemas
+from tenantsafe import _template, conf, guard, locks, migrate, schemas
 
 logger = logging.getLogger("tenantsafe.testing")
-
-# First key of the advisory lock create_tenant takes: ("tenantsafe create", hashtext(schema)).
-# Not migrate.LOCK_NAMESPACE: migrate_tenant takes that one on the same schema from another
-# connection of this process while we hold ours.
-CREATE_LOCK_NAMESPACE = 0x7454
 
 DEFAULT_SCHEMA = "test_tenant"
 
 __all__ = [
-    "CREATE_LOCK_NAMESPACE",
     "MissingTenantFields",
     "TenantProvisionError",
     "TenantTestCase",
@@ -114,14 +108,13 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
     # Guarded throughout: behind a transaction pooler even the row lookups need their path.
     with guard.guarding(alias), _own_connection(alias):
         tenant = _ready(model, alias, schema_name, domain)
-        for pause in _pauses() if tenant is None else ():
+        for pause in locks.pauses() if tenant is None else ():
             with transaction.atomic(using=alias):
-                if _lock(alias, schema_name):
+                if locks.try_lock(connections[alias], locks.CREATE_TENANT, schema_name):
                     tenant = _without_migrating(model, alias, schema_name, domain, fields)
                     break
             time.sleep(pause)
         if tenant is None:
-            # Migrating commits as it goes, so the lock needs a connection of its own.
             with _locked(alias, schema_name):
                 tenant = _migrating(model, alias, schema_name, domain, fields)
     tenant._skip_auto_migrate = True
@@ -152,46 +145,15 @@ def _own_connection(alias: str) -> Iterator[Any]:
         own.close()
 
 
-def _lock(alias: str, schema: str) -> bool:
-    # Transaction-level, so it is released by COMMIT and survives a transaction pooler;
-    # lower() so that tenants differing only in case (which django-tenants refuses) wait too.
-    with connections[alias].cursor() as cursor:
-        cursor.execute(
-            "SELECT pg_try_advisory_xact_lock(%s, hashtext(lower(%s)))",
-            [CREATE_LOCK_NAMESPACE, schema],
-        )
-        return bool(cursor.fetchone()[0])
-
-
-def _pauses() -> Iterator[float]:
-    # Waiters poll and end their transaction between tries instead of blocking in
-    # pg_advisory_xact_lock: a blocked statement holds a snapshot, and the holder's CREATE
-    # INDEX CONCURRENTLY waits for every older snapshot to go, so it would wait forever.
-    pause = 0.01
-    while True:
-        yield pause
-        pause = min(pause * 1.5, 0.2)
-
-
 @contextlib.contextmanager
 def _locked(alias: str, schema: str) -> Iterator[None]:
-    lock = connections.create_connection(alias)
-    original = connections[alias]
+    # Migrating commits as it goes, so the lock needs a connection of its own. Not
+    # locks.MIGRATE: migrate_tenant takes that one on this schema while we hold ours.
+    lock = locks.LockConnection(alias)
     try:
-        connections[alias] = lock
-        lock.set_autocommit(False)
-        for pause in _pauses():
-            if _lock(alias, schema):
-                break
-            lock.rollback()
-            time.sleep(pause)
+        with lock.hold(locks.CREATE_TENANT, schema):
+            yield
     finally:
-        connections[alias] = original
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            lock.rollback()
         lock.close()
 
 
@@ -331,7 +293,7 @@ def _migrate(tenant: Any, alias: str, *, record: bool) -> None:
         if recorder is not None:
             connection.execute_wrappers.remove(recorder)
         # Its lock connection would keep the test database from being dropped.
-        migrate.close_locks()
+        locks.close_process_locks()
     if result.status == migrate.FAILED:
         raise TenantProvisionError(schema, result.error, result.traceback)
     if recorder is not None:
