@@ -64,6 +64,26 @@ def manage(url: str, *args: str, env: dict[str, str] | None = None, timeout: flo
     )
 
 
+def manage_at_once(
+    url: str, *args: str, runs: int = 2, env: dict[str, str] | None = None, timeout: float = 300
+) -> list[tuple[int, str, str]]:
+    """Start ``runs`` identical manage.py commands together; (exit status, stdout, stderr) each."""
+    full_env = {**os.environ, "DATABASE_URL": url, **(env or {})}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "testproject.manage", *args],
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(runs)
+    ]
+    outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs, strict=True)]
+
+
 def connect(url: str) -> Any:
     """An autocommit connection with psycopg 3's ``execute()`` API, on either driver."""
     try:
@@ -114,6 +134,21 @@ def register_tenants(url: str, names: list[str], *, create_schemas: bool = True)
             )
             if create_schemas:
                 conn.execute(f'CREATE SCHEMA "{name}"')
+
+
+def add_tenant(schema: str, *, with_schema: bool = True) -> None:
+    """In the Django test database: a tenant row (and an empty schema), unmigrated, as a
+    signup that leaves migrations to the next deploy would leave it."""
+    from django.db import connection
+
+    connection.set_schema_to_public()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO customers_client (schema_name, name, created_on) VALUES (%s, %s, now())",
+            [schema, schema],
+        )
+        if with_schema:
+            cursor.execute('CREATE SCHEMA "%s"' % schema.replace('"', '""'))
 
 
 def fingerprint(url: str, schema: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from tenantsafe import doctor
 from testproject.notes.models import Note
 from tests.dbtools import (
+    add_tenant,
     direct_url,
     fresh_database,
     manage,
@@ -24,17 +25,6 @@ from tests.dbtools import (
 )
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
-
-
-def add_tenant(schema: str, *, with_schema: bool = True) -> None:
-    connection.set_schema_to_public()
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO customers_client (schema_name, name, created_on) VALUES (%s, %s, now())",
-            [schema, schema],
-        )
-        if with_schema:
-            cursor.execute('CREATE SCHEMA "%s"' % schema.replace('"', '""'))
 
 
 def sql(statement: str, params: list[Any] | None = None) -> None:

@@ -12,20 +12,9 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from testproject.customers.models import Client
+from tests.dbtools import add_tenant
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
-
-
-def add_tenant(schema: str, *, with_schema: bool = True) -> None:
-    """A tenant row (and an empty schema), as a signup that defers migrations leaves it."""
-    connection.set_schema_to_public()
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO customers_client (schema_name, name, created_on) VALUES (%s, %s, now())",
-            [schema, schema],
-        )
-        if with_schema:
-            cursor.execute('CREATE SCHEMA "%s"' % schema.replace('"', '""'))
 
 
 def run(*args: str, **options: Any) -> tuple[str, str]:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from tests.dbtools import (
-    ROOT,
     connect,
     direct_url,
     fresh_database,
     manage,
+    manage_at_once,
     register_tenants,
     with_dbname,
 )
@@ -31,23 +28,10 @@ def test_concurrent_runs_with_a_concurrent_index_migrate_each_tenant_once():
         url = with_dbname(direct_url(), name)
         assert manage(url, "migrate_schemas_safe", "--shared", "-v0").returncode == 0
         register_tenants(url, TENANTS)
-        command = [sys.executable, "-m", "testproject.manage", "migrate_schemas_safe", "--tenant"]
-        env = {**os.environ, "DATABASE_URL": url}
-        runs = [
-            subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        outputs = [run.communicate(timeout=240) for run in runs]
+        runs = manage_at_once(url, "migrate_schemas_safe", "--tenant", timeout=240)
 
-        assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
-        both = "".join(out for out, _ in outputs)
+        assert [status for status, _, _ in runs] == [0, 0], [err[-2000:] for _, _, err in runs]
+        both = "".join(out for _, out, _ in runs)
         for schema in TENANTS:
             applied = re.findall(
                 rf"standard:{schema}\] +Applying search\.0002_term_index_concurrently", both

@@ -7,21 +7,18 @@ of a production deploy do.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.dbtools import (
-    ROOT,
     direct_url,
     fingerprint,
     fresh_database,
     manage,
+    manage_at_once,
     pool_load,
     pooled_url,
     public_tables,
@@ -105,25 +102,12 @@ def test_plain_migrate_schemas_through_pgbouncer_does_not(pending_tenants, refer
 
 def test_two_concurrent_runs_migrate_each_tenant_once(pending_tenants, reference):
     direct, pooled = pending_tenants
-    command = [sys.executable, "-m", "testproject.manage", "migrate_schemas_safe", "--tenant"]
-    env = {**os.environ, "DATABASE_URL": pooled, **POOLER_SAFE}
-
     with busy_pool(pooled):
-        runs = [
-            subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        outputs = [run.communicate(timeout=300) for run in runs]
+        runs = manage_at_once(pooled, "migrate_schemas_safe", "--tenant", env=POOLER_SAFE)
 
-    for run, (_, err) in zip(runs, outputs, strict=True):
-        assert run.returncode == 0, err[-3000:]
+    for status, _, err in runs:
+        assert status == 0, err[-3000:]
+    outputs = [(out, err) for _, out, err in runs]
     counts = [summary(out) for out, _ in outputs]
     assert sum(c["migrated"] for c in counts) == 12
     assert all(c["failed"] == 0 and c["migrated"] + c["current"] == 12 for c in counts)

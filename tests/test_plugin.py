@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 
 from tests.dbtools import (
@@ -162,7 +161,7 @@ def base_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     url = with_dbname(direct_url(), name)
     monkeypatch.setenv("DATABASE_URL", url)
     yield name
-    with psycopg.connect(with_dbname(direct_url(), "postgres"), autocommit=True) as conn:
+    with connect(with_dbname(direct_url(), "postgres")) as conn:
         for worker in ("gw0", "gw1"):
             conn.execute(f'DROP DATABASE IF EXISTS "test_{name}_{worker}" WITH (FORCE)')
 
@@ -190,7 +189,7 @@ def test_each_xdist_worker_gets_its_tenants_and_connections_are_closed(pytester,
     result = run(pytester, "-W", f"error:{TEARDOWN_WARNING}:pytest.PytestWarning")
 
     result.assert_outcomes(**OUTCOMES)
-    with psycopg.connect(with_dbname(direct_url(), "postgres"), autocommit=True) as conn:
+    with connect(with_dbname(direct_url(), "postgres")) as conn:
         left = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s", [f"test_{base_url}%"]
         ).fetchall()

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -22,21 +21,11 @@ from django_tenants.signals import schema_pre_migration
 
 from tenantsafe import plan
 from tenantsafe.progress import Progress
+from tests.dbtools import add_tenant, connect, direct_url, with_dbname
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
 
 SHOP_LEAF = ("shop", "0003_product_sku")
-
-
-def add_tenant(schema: str, *, with_schema: bool = True) -> None:
-    connection.set_schema_to_public()
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO customers_client (schema_name, name, created_on) VALUES (%s, %s, now())",
-            [schema, schema],
-        )
-        if with_schema:
-            cursor.execute(f'CREATE SCHEMA "{schema}"')
 
 
 def sql(statement: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
@@ -56,16 +45,8 @@ def has_table(schema: str, table: str) -> bool:
     )
 
 
-def other_client() -> psycopg.Connection[Any]:
-    params = connection.settings_dict
-    return psycopg.connect(
-        host=params["HOST"],
-        port=params["PORT"] or 5432,
-        user=params["USER"],
-        password=params["PASSWORD"] or None,
-        dbname=params["NAME"],
-        autocommit=True,
-    )
+def other_client() -> Any:
+    return connect(with_dbname(direct_url(), connection.settings_dict["NAME"]))
 
 
 def run(*args: str, **options: Any) -> tuple[str, str]:
