@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from django.conf import settings
 from django.core.management.base import CommandError, OutputWrapper
 from django.core.management.color import Style
 from django.db import connections
+from django.db.models.signals import post_migrate
 from django_tenants.migration_executors import base as upstream
 from django_tenants.migration_executors.multiproc import get_pool
 from django_tenants.utils import get_public_schema_name
@@ -51,15 +52,23 @@ class Summary:
         return [r for r in self.results if r.status == FAILED]
 
 
-def _applied_count(alias: str) -> int:
-    connection = connections[alias]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM django_migrations"
-            if "django_migrations" in connection.introspection.table_names(cursor)
-            else "SELECT 0"
-        )
-        return int(cursor.fetchone()[0])
+@contextlib.contextmanager
+def _planned() -> Iterator[list[int]]:
+    """How many migrations ``migrate`` applied, from the plan its post_migrate signal carries.
+
+    --plan and --check return before sending it: they applied nothing.
+    """
+    seen: list[int] = []
+
+    def receiver(plan: list[Any] | None = None, **kwargs: Any) -> None:
+        if plan is not None and not seen:
+            seen.append(len(plan))
+
+    post_migrate.connect(receiver, dispatch_uid="tenantsafe.migrate.planned")
+    try:
+        yield seen
+    finally:
+        post_migrate.disconnect(dispatch_uid="tenantsafe.migrate.planned")
 
 
 def _log_path(alias: str, schema: str, when: str) -> None:
@@ -107,22 +116,21 @@ def migrate_tenant(
                 schemas.create(alias, schema)
             connection: Any = connections[alias]
             connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
-            before = _applied_count(alias)
             _log_path(alias, schema, "before")
             connection.set_schema_to_public()
-            upstream.run_migrations(
-                args,
-                options,
-                codename,
-                schema,
-                tenant_type=tenant_type,
-                allow_atomic=allow_atomic,
-                idx=idx,
-                count=count,
-            )
+            with _planned() as applied:
+                upstream.run_migrations(
+                    args,
+                    options,
+                    codename,
+                    schema,
+                    tenant_type=tenant_type,
+                    allow_atomic=allow_atomic,
+                    idx=idx,
+                    count=count,
+                )
             connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
             _log_path(alias, schema, "after")
-            after = _applied_count(alias)
             _reset(alias)
     except SystemExit as exc:
         # migrate --check exits 1 when something is unapplied.
@@ -133,7 +141,7 @@ def migrate_tenant(
     except Exception as exc:
         _reset(alias)
         return TenantResult(schema, FAILED, _one_line(exc), traceback.format_exc())
-    return TenantResult(schema, MIGRATED if after != before else CURRENT)
+    return TenantResult(schema, MIGRATED if applied and applied[0] else CURRENT)
 
 
 def _one_line(exc: BaseException) -> str:
