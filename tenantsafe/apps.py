@@ -11,12 +11,12 @@ class TenantsafeConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import pre_save
 
-        from tenantsafe import checks, guard, testing
+        from tenantsafe import autoschema, checks, guard
 
         guard.install()
         # Checks report misconfiguration; ready() itself never raises for it.
         checks.register()
         # The _skip_auto_migrate contract of create_tenant: any tenant model, no changes to it.
         pre_save.connect(
-            testing.honour_skip_auto_migrate, dispatch_uid="tenantsafe.skip_auto_migrate"
+            autoschema.honour_skip_auto_migrate, dispatch_uid="tenantsafe.skip_auto_migrate"
         )

@@ -368,31 +368,6 @@ def _schema_synced(tenant: Any) -> None:
     post_schema_sync.send(sender=TenantMixin, tenant=tenant.serializable_fields())
 
 
-def honour_skip_auto_migrate(sender: type[Model], instance: Model, **kwargs: Any) -> None:
-    """``pre_save`` receiver: while ``_skip_auto_migrate`` is set, save() leaves schemas alone.
-
-    TenantMixin.save() reads ``self.auto_create_schema`` after Django's save (so after
-    pre_save); an instance attribute shadows the class's for exactly that instance.
-    """
-    if not isinstance(instance, TenantMixin):
-        return
-    state = instance.__dict__
-    if getattr(instance, "_skip_auto_migrate", False):
-        if not state.get("_tenantsafe_auto_create_overridden"):
-            state["_tenantsafe_auto_create_overridden"] = True
-            state["_tenantsafe_auto_create_before"] = state.get("auto_create_schema", _UNSET)
-        state["auto_create_schema"] = False
-    elif state.pop("_tenantsafe_auto_create_overridden", False):
-        before = state.pop("_tenantsafe_auto_create_before", _UNSET)
-        if before is _UNSET:
-            state.pop("auto_create_schema", None)
-        else:
-            state["auto_create_schema"] = before
-
-
-_UNSET = object()
-
-
 class TenantTestCase(TestCase):
     """django-tenants' TenantTestCase, keeping Django's class setup (``setUpTestData`` runs).
 
