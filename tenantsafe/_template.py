@@ -14,12 +14,13 @@ Otherwise every schema is migrated, as without tenantsafe.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,28 +267,30 @@ def replay(alias: str, schema: str, template: Template, tenant_type: str = "") -
 
 
 def _batch(raw: Any, template: Template) -> str:
-    bind = _binder(raw)
-    parts: list[str] = []
-    for statement in template.statements:
-        if statement.many:
-            parts.extend(bind(statement.sql, params) for params in statement.params)
-        elif statement.params is None:
-            parts.append(statement.sql)
-        else:
-            parts.append(bind(statement.sql, statement.params))
+    with _binder(raw) as bind:
+        parts: list[str] = []
+        for statement in template.statements:
+            if statement.many:
+                parts.extend(bind(statement.sql, params) for params in statement.params)
+            elif statement.params is None:
+                parts.append(statement.sql)
+            else:
+                parts.append(bind(statement.sql, statement.params))
     # A newline before each ';' so that a statement ending in a -- comment still ends.
     return "\n;\n".join(parts)
 
 
-def _binder(raw: Any) -> Callable[[str, Any], str]:
+@contextlib.contextmanager
+def _binder(raw: Any) -> Iterator[Callable[[str, Any], str]]:
     if is_psycopg3:
-        cursor = psycopg.ClientCursor(raw)
-        return lambda sql, params: str(cursor.mogrify(sql, params))
-    cursor = raw.cursor()
+        with contextlib.closing(psycopg.ClientCursor(raw)) as client:
+            yield lambda sql, params: str(client.mogrify(sql, params))
+        return
     encoding = raw.encoding
+    with contextlib.closing(raw.cursor()) as cursor:
 
-    def bind(sql: str, params: Any) -> str:
-        value = cursor.mogrify(sql, params)
-        return value.decode(encoding) if isinstance(value, bytes) else str(value)
+        def bind(sql: str, params: Any) -> str:
+            value = cursor.mogrify(sql, params)
+            return value.decode(encoding) if isinstance(value, bytes) else str(value)
 
-    return bind
+        yield bind

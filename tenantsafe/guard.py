@@ -32,10 +32,12 @@ transaction is aborted before the statement runs; the error is re-raised as
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +81,9 @@ _PIN_SQL = "SELECT set_config('search_path', %s, %s), current_schema()"
 # Appears in the error PostgreSQL raises when the in-statement check fails.
 _MARK = "tenantsafe-search-path:"
 
-_active_aliases: set[str] = set()
+# How many guarding() blocks are open per alias, across the threads of this process.
+_active_aliases: collections.Counter[str] = collections.Counter()
+_active_lock = threading.Lock()
 
 
 class SearchPathError(Exception):
@@ -113,7 +117,7 @@ def _state(connection: Any) -> _State:
 
 
 def is_active(connection: BaseDatabaseWrapper) -> bool:
-    return connection.alias in _active_aliases or conf.runtime_guard_enabled()
+    return _active_aliases[connection.alias] > 0 or conf.runtime_guard_enabled()
 
 
 @contextlib.contextmanager
@@ -121,13 +125,13 @@ def guarding(alias: str) -> Iterator[None]:
     """Guard every statement on ``alias`` (in this process and in processes it forks)."""
     for connection in connections.all(initialized_only=True):
         install(connection)
-    already = alias in _active_aliases
-    _active_aliases.add(alias)
+    with _active_lock:
+        _active_aliases[alias] += 1
     try:
         yield
     finally:
-        if not already:
-            _active_aliases.discard(alias)
+        with _active_lock:
+            _active_aliases[alias] -= 1
 
 
 def search_path(connection: Any) -> list[str]:
@@ -283,9 +287,7 @@ def _guard(
     status = raw.info.transaction_status
     named = bool(getattr(raw_cursor, "name", None))
     if text is not None and _NON_TRANSACTIONAL.match(text):
-        # A named (server-side) cursor runs one statement only: pin through a plain one.
-        pin_cursor = raw.cursor() if named else raw_cursor
-        with connection.wrap_database_errors:
+        with _pin_cursor(raw, raw_cursor, named) as pin_cursor, connection.wrap_database_errors:
             return _outside_transaction(
                 connection, pin_cursor, schemas, text, execute, params, many, context, status
             )
@@ -307,8 +309,7 @@ def _guard(
         return _merged(connection, raw, raw_cursor, schemas, execute, text, params, context)
     if not named and _pipelines(raw):
         return _pipelined(connection, raw, schemas, execute, sql, params, many, context, own)
-    pin_cursor = raw.cursor() if named else raw_cursor
-    with connection.wrap_database_errors:
+    with _pin_cursor(raw, raw_cursor, named) as pin_cursor, connection.wrap_database_errors:
         if own:
             return _in_own_transaction(
                 connection, pin_cursor, schemas, execute, sql, params, many, context
@@ -316,6 +317,16 @@ def _guard(
         if status != _INERROR:
             _pin(connection, pin_cursor, schemas)
     return execute(sql, params, many, context)
+
+
+@contextlib.contextmanager
+def _pin_cursor(raw: Any, raw_cursor: Any, named: bool) -> Iterator[Any]:
+    if not named:
+        yield raw_cursor
+        return
+    # A named (server-side) cursor runs one statement only: pin through a plain one.
+    with contextlib.closing(raw.cursor()) as cursor:
+        yield cursor
 
 
 def _merges(raw: Any, raw_cursor: Any) -> bool:
@@ -443,7 +454,7 @@ def _outside_transaction(
 ) -> Any:
     if is_pooled(connection):
         statement = " ".join(sql.split())[:80]
-        if connection.alias in _active_aliases:
+        if _active_aliases[connection.alias] > 0:
             advice = (
                 "Run this migration over a direct (non-pooled) connection: add a DATABASES "
                 "entry that points at PostgreSQL itself and pass its alias with --database"
