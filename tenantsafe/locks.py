@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -55,6 +56,12 @@ class LockConnection:
         conn.set_autocommit(False)
         try:
             for pause in pauses():
+                with conn.cursor() as cursor:
+                    # Read committed, whatever the project's OPTIONS say: a repeatable-read
+                    # transaction keeps a snapshot that CREATE INDEX CONCURRENTLY waits for.
+                    # And the server must not end it as idle while a long migration runs.
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    cursor.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
                 if try_lock(conn, namespace, schema):
                     break
                 conn.rollback()
@@ -69,19 +76,24 @@ class LockConnection:
         self.connection.close()
 
 
-_per_process: dict[str, LockConnection] = {}
+# Django connections belong to the thread that opened them, so one lock connection per alias
+# and thread.
+_per_thread: dict[tuple[str, int], LockConnection] = {}
 
 
 def for_process(alias: str) -> LockConnection:
-    lock = _per_process.get(alias)
+    key = (alias, threading.get_ident())
+    lock = _per_thread.get(key)
     if lock is None or lock.pid != os.getpid():
         # A forked worker must not share its parent's socket: it opens its own.
-        lock = _per_process[alias] = LockConnection(alias)
+        lock = _per_thread[key] = LockConnection(alias)
     return lock
 
 
 def close_process_locks() -> None:
-    for lock in _per_process.values():
+    """Close this thread's lock connections."""
+    thread = threading.get_ident()
+    for key in [key for key in _per_thread if key[1] == thread]:
+        lock = _per_thread.pop(key)
         if lock.pid == os.getpid():
             lock.close()
-    _per_process.clear()
