@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -27,6 +28,7 @@ logger = logging.getLogger("tenantsafe.migrate")
 MIGRATED = "migrated"
 CURRENT = "current"
 PENDING = "pending"
+PLANNED = "planned"
 FAILED = "failed"
 
 
@@ -141,6 +143,9 @@ def migrate_tenant(
     except Exception as exc:
         _reset(alias)
         return TenantResult(schema, FAILED, _one_line(exc), traceback.format_exc())
+    if options.get("plan"):
+        # migrate --plan printed the plan and returned before post_migrate.
+        return TenantResult(schema, PLANNED)
     return TenantResult(schema, MIGRATED if applied and applied[0] else CURRENT)
 
 
@@ -159,17 +164,9 @@ def _job(
     item: tuple[int, tuple[str, str]],
 ) -> TenantResult:
     idx, (schema, tenant_type) = item
-    result = migrate_tenant(
-        args,
-        options,
-        codename,
-        schema,
-        tenant_type,
-        allow_atomic=False,
-        idx=idx,
-        count=count,
+    return migrate_tenant(
+        args, options, codename, schema, tenant_type, allow_atomic=False, idx=idx, count=count
     )
-    return result
 
 
 class Executor:
@@ -228,9 +225,9 @@ def run(*, executor: Executor, public: bool, tenants: list[tuple[str, str]]) -> 
     try:
         if public:
             result = executor.run([(get_public_schema_name(), "")])[0]
+            summary.results.append(result)
             if result.status == FAILED:
                 # Tenants depend on shared tables: stop rather than migrate on a broken base.
-                summary.results.append(result)
                 return summary
         public_before = schemas.public_tables(alias) if tenants else set()
         # Tenants whose django_migrations shows nothing to do are answered from one batched
@@ -260,17 +257,19 @@ def report(
     verbosity: int,
     show_traceback: bool,
 ) -> None:
-    tenant_results = [r for r in summary.results if r.schema != get_public_schema_name()]
-    parts = [
-        f"{summary.count(MIGRATED)} migrated",
-        f"{summary.count(CURRENT)} already current",
-    ]
-    if summary.count(PENDING):
-        parts.append(f"{summary.count(PENDING)} with unapplied migrations")
-    parts.append(f"{summary.count(FAILED)} failed")
+    public = get_public_schema_name()
+    tenant_results = [r for r in summary.results if r.schema != public]
+    counts = collections.Counter(r.status for r in tenant_results)
+    parts = [f"{counts[MIGRATED]} migrated", f"{counts[CURRENT]} already current"]
+    if counts[PLANNED]:
+        parts.append(f"{counts[PLANNED]} with a plan shown")
+    if counts[PENDING]:
+        parts.append(f"{counts[PENDING]} with unapplied migrations")
+    parts.append(f"{counts[FAILED]} failed")
     if verbosity >= 1:
+        shared = [f"public {r.status}; " for r in summary.results if r.schema == public]
         stdout.write(
-            f"migrate_schemas_safe: {len(tenant_results)} tenant(s): "
+            f"migrate_schemas_safe: {''.join(shared)}{len(tenant_results)} tenant(s): "
             + ", ".join(parts)
             + f" in {summary.elapsed:.1f}s"
         )

@@ -17,6 +17,10 @@ DATABASES = {
         os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tenantsafe")
     )
 }
+# A second entry that reaches PostgreSQL directly while "default" goes through a pooler: what
+# migrate_schemas_safe --database direct uses for migrations a pooler cannot carry.
+if os.environ.get("DATABASE_DIRECT_URL"):
+    DATABASES["direct"] = parse_database_url(os.environ["DATABASE_DIRECT_URL"])
 DATABASE_ROUTERS = ["django_tenants.routers.TenantSyncRouter"]
 
 SHARED_APPS = [

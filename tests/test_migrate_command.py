@@ -183,6 +183,7 @@ def test_check_and_plan_change_nothing():
     with pytest.raises(CommandError, match="1 schema\\(s\\) have unapplied migrations"):
         run(tenant=True, check_unapplied=True)
     out, _ = run(tenant=True, plan=True)
+    assert "1 tenant(s): 0 migrated, 0 already current, 1 with a plan shown, 0 failed" in out
     assert "Planned operations:" in out
     assert "shop.0001_initial" in out
     assert tables("alpha") <= {"django_migrations"}
@@ -249,3 +250,18 @@ def test_tenant_model_rows_are_untouched():
     add_tenant("alpha")
     run(tenant=True, verbosity=0)
     assert list(Client.objects.values_list("schema_name", flat=True)) == ["alpha"]
+
+
+def test_create_missing_never_invents_a_tenant_schema():
+    with pytest.raises(CommandError, match='No tenant row has schema "typo"'):
+        run(schema_name="typo", create_missing=True)
+    assert scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'typo'") == 0
+
+
+def test_a_full_run_reports_public_apart_from_the_tenants():
+    add_tenant("alpha")
+    add_tenant("beta")
+    out, _ = run()
+    assert "migrate_schemas_safe: public current; 2 tenant(s): 2 migrated, 0 already current" in (
+        out
+    )

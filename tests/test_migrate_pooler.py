@@ -146,7 +146,14 @@ def test_non_atomic_migration_is_refused_through_the_pooler_and_runs_directly():
         assert _indexes(direct, "search_term_idx") == []
         assert _recorded(direct, "one", "search") == ["0001_initial"]
 
-        directly = manage(direct, "migrate_schemas_safe", "--tenant")
+        # What the error advises: the same command, its migrations over a direct connection.
+        directly = manage(
+            via_pool,
+            "migrate_schemas_safe",
+            "--tenant",
+            "--database=direct",
+            env={"DATABASE_DIRECT_URL": direct},
+        )
 
         assert directly.returncode == 0, directly.stderr[-3000:]
         assert sorted(_indexes(direct, "search_term_idx")) == ["one", "two"]

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from argparse import ArgumentParser
 from typing import Any
 
 from django.core.management.base import CommandError
+from django.test.utils import override_settings
 from django_tenants.management.commands import SyncCommon
 from django_tenants.management.commands.migrate_schemas import MigrateSchemasCommand
 from django_tenants.utils import (
     get_multi_type_database_field_name,
     get_public_schema_name,
+    get_tenant_database_alias,
     get_tenant_migration_order,
     get_tenant_model,
     has_multi_type_tenants,
@@ -47,7 +50,8 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
         # them again in every schema.
         executor = migrate.Executor(codename, args, {**options, "skip_checks": True})
         tenants = self._tenants() if self.sync_tenant else []
-        summary = migrate.run(executor=executor, public=bool(self.sync_public), tenants=tenants)
+        with _migrating_through(options["database"]):
+            summary = migrate.run(executor=executor, public=bool(self.sync_public), tenants=tenants)
         verbosity = int(options["verbosity"])
         migrate.report(
             summary,
@@ -77,6 +81,11 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             except schemas.SchemaNameError as exc:
                 raise CommandError(str(exc)) from exc
             rows = list(model.objects.filter(schema_name=self.schema_name).values_list(*fields))
+            if not rows and self.options.get("create_missing"):
+                raise CommandError(
+                    f'No tenant row has schema "{self.schema_name}": --create-missing only '
+                    "creates the schemas of tenant rows. Check the name, or create the tenant."
+                )
             return [_pair(row) for row in rows] or [(self.schema_name, "")]
         if self.schema_name == public:
             return []
@@ -85,6 +94,14 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
         if order is not None:
             queryset = queryset.order_by(*order)
         return [_pair(row) for row in queryset.values_list(*fields)]
+
+
+def _migrating_through(alias: str) -> contextlib.AbstractContextManager[Any]:
+    # django-tenants' router migrates on TENANT_DB_ALIAS only and skips (while recording)
+    # every operation on any other alias: --database points it at the one given.
+    if alias == get_tenant_database_alias():
+        return contextlib.nullcontext()
+    return override_settings(TENANT_DB_ALIAS=alias)
 
 
 def _pair(row: tuple[Any, ...]) -> tuple[str, str]:

@@ -7,15 +7,18 @@ also creates a table in public (what a --tenant run must notice).
 
 import os
 
-from django.db import connection, migrations
+from django.db import migrations
 
 CATEGORIES = ["books", "games", "music"]
 
 
 def seed(apps, schema_editor):
+    # The migration's own connection, as Django advises for data migrations: it is the one
+    # migrate --database chose and the one whose schema is being migrated.
+    connection = schema_editor.connection
     Category = apps.get_model("shop", "Category")
     for name in CATEGORIES:
-        Category.objects.create(name=name)
+        Category.objects.using(connection.alias).create(name=name)
     if connection.schema_name == os.environ.get("TESTPROJECT_LEAK_PUBLIC"):
         schema_editor.execute("CREATE TABLE public.shop_leaked (id integer)")
     if connection.schema_name == os.environ.get("TESTPROJECT_FAIL_SEED"):
@@ -23,7 +26,8 @@ def seed(apps, schema_editor):
 
 
 def unseed(apps, schema_editor):
-    apps.get_model("shop", "Category").objects.filter(name__in=CATEGORIES).delete()
+    Category = apps.get_model("shop", "Category")
+    Category.objects.using(schema_editor.connection.alias).filter(name__in=CATEGORIES).delete()
 
 
 class Migration(migrations.Migration):
