@@ -4,8 +4,10 @@ import json
 from argparse import ArgumentParser
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db.migrations.exceptions import NodeNotFoundError
 
 from tenantsafe import doctor
 
@@ -47,6 +49,12 @@ class Command(BaseCommand):
                 f"tenantsafe_doctor could not read database {alias!r}: "
                 f"{' '.join(str(exc).split())}. Check that it is reachable and migrated "
                 "(migrate_schemas_safe --shared)."
+            ) from exc
+        except (ImproperlyConfigured, LookupError, NodeNotFoundError) as exc:
+            # The configuration the checks would report stops the report itself.
+            raise CommandError(
+                f"tenantsafe_doctor cannot examine {alias!r}: {exc}. Run `manage.py check` "
+                "and fix what it reports first."
             ) from exc
         if options["json"]:
             self.stdout.write(json.dumps(report.as_json(), indent=2, ensure_ascii=False))
