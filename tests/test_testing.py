@@ -436,3 +436,20 @@ def _wait_for(condition: Any, procs: list[subprocess.Popen[str]], timeout: float
         if time.monotonic() > deadline:
             raise AssertionError("the processes did not start")
         time.sleep(0.02)
+
+
+def test_a_migration_that_reads_the_tenant_row_is_never_replayed(monkeypatch, migrations_run):
+    from tenantsafe import _template
+
+    monkeypatch.setattr(_template, "_templates", {})
+    monkeypatch.setenv("TESTPROJECT_NOTE_TENANT_PK", "1")
+    first = create_tenant("first", name="First")
+    second = create_tenant("second", name="Second")
+
+    assert migrations_run == ["first", "second"]
+    with connect(url()) as conn:
+        bodies = [
+            conn.execute(f"SELECT body FROM {schema}.notes_note").fetchone()[0]
+            for schema in ("first", "second")
+        ]
+    assert bodies == [f"tenant {first.pk}", f"tenant {second.pk}"]
