@@ -256,7 +256,7 @@ def replay(alias: str, schema: str, template: Template, tenant_type: str = "") -
     started = time.perf_counter()
     # The path the migration ran with: the schema, then public and any extra paths.
     connection.set_schema(schema, tenant_type=tenant_type or None)
-    path = ", ".join('"%s"' % name for name in connection._get_cursor_search_paths())
+    path = guard.search_path(connection)
     connection.set_schema_to_public()
     with transaction.atomic(using=alias), connection.wrap_database_errors:
         connection.ensure_connection()
@@ -264,14 +264,7 @@ def replay(alias: str, schema: str, template: Template, tenant_type: str = "") -
             cursor.execute("CREATE SCHEMA %s" % schemas.quote(schema))
             # Pinned for this transaction only and checked, as the guard does: through a
             # transaction pooler the batch below runs on this same server connection.
-            cursor.execute("SELECT set_config('search_path', %s, true), current_schema()", [path])
-            current = cursor.fetchone()[1]
-            if current != schema:
-                raise guard.SearchPathError(
-                    f"current_schema() is {current!r} after setting search_path to {path}, "
-                    f'expected "{schema}"; nothing was replayed.',
-                    schema=schema,
-                )
+            guard.pin(connection, cursor, path)
             # One round trip: the statements, their parameters bound client-side, as one
             # multi-statement query.
             cursor.execute(_batch(connection.connection, template))

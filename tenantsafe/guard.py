@@ -204,7 +204,8 @@ def _log_pin(schemas: list[str], current: str | None) -> None:
     )
 
 
-def _pin(connection: Any, cursor: Any, schemas: list[str], *, local: bool = True) -> None:
+def pin(connection: Any, cursor: Any, schemas: list[str], *, local: bool = True) -> None:
+    """Set ``schemas`` as the path on ``cursor`` and verify it, or raise SearchPathError."""
     cursor.execute(_PIN_SQL, [quoted_path(schemas), local])
     _, current = cursor.fetchone()
     expected = schemas[0]
@@ -315,7 +316,7 @@ def _guard(
                 connection, pin_cursor, schemas, execute, sql, params, many, context
             )
         if status != _INERROR:
-            _pin(connection, pin_cursor, schemas)
+            pin(connection, pin_cursor, schemas)
     return execute(sql, params, many, context)
 
 
@@ -427,7 +428,7 @@ def _in_own_transaction(
     # path and the statement reach the same server connection.
     cursor.execute("BEGIN")
     try:
-        _pin(connection, cursor, schemas)
+        pin(connection, cursor, schemas)
         result = execute(sql, params, many, context)
     except BaseException:
         with contextlib.suppress(Exception), connection.connection.cursor() as end:
@@ -473,7 +474,7 @@ def _outside_transaction(
         )
     if status == _IDLE:
         # Directly connected the session is ours: a session-level path holds.
-        _pin(connection, cursor, schemas, local=False)
+        pin(connection, cursor, schemas, local=False)
     return execute(sql, params, many, context)
 
 
