@@ -83,7 +83,7 @@ def diagnose(alias: str) -> Report:
     named = {schema for schema, _ in rows}
     valid = []
     for schema, tenant_type in rows:
-        if plan.valid_schema_name(schema):
+        if schemas.is_valid(schema):
             valid.append((schema, tenant_type))
         else:
             report.findings.append(
@@ -212,7 +212,7 @@ def _behind(entry: plan.SchemaPlan, public: str) -> Finding | None:
 def _tenant_tables_in_public(alias: str, public: str, rows: list[tuple[str, str]]) -> list[Finding]:
     shared = plan.routed_apps(alias, public)
     # The router decides from the schema and the tenant type; any non-public name will do.
-    probe = next((s for s, _ in rows if plan.valid_schema_name(s)), "tenantsafe_probe")
+    probe = next((s for s, _ in rows if schemas.is_valid(s)), "tenantsafe_probe")
     types = [t for t in get_tenant_types() if t != public] if has_multi_type_tenants() else [""]
     tenant_only = set().union(*(plan.routed_apps(alias, probe, t) for t in types)) - shared
     expected = {

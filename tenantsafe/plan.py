@@ -60,7 +60,7 @@ def read_applied(
     alias: str, names: Sequence[str], *, chunk: int = CHUNK
 ) -> dict[str, frozenset[Key] | None]:
     """Every schema's recorded migrations; None where the schema or its table is missing."""
-    valid = [name for name in dict.fromkeys(names) if valid_schema_name(name)]
+    valid = [name for name in dict.fromkeys(names) if schemas.is_valid(name)]
     with_table = with_migrations_table(alias, valid)
     readable = [name for name in valid if name in with_table]
     result: dict[str, frozenset[Key] | None] = dict.fromkeys(names)
@@ -76,14 +76,6 @@ def read_applied(
             applied = frozenset(keys.setdefault(key, key) for key in rows)
             result[name] = sets.setdefault(applied, applied)
     return result
-
-
-def valid_schema_name(name: str) -> bool:
-    try:
-        schemas.validate(name)
-    except schemas.SchemaNameError:
-        return False
-    return True
 
 
 def _read_batch(alias: str, batch: list[str]) -> dict[str, list[Key] | None]:
@@ -319,7 +311,7 @@ def split(
         entries = plan_schemas(alias, tenants, planner=planner)
         # Under --check a schema without django_migrations has everything unapplied; a missing
         # schema still goes to the executor, which names it (or creates it).
-        bare = [e.schema for e in entries if not e.has_table and valid_schema_name(e.schema)]
+        bare = [e.schema for e in entries if not e.has_table and schemas.is_valid(e.schema)]
         without_table = (
             schemas.existing(alias, bare)
             if check and bare and not options.get("create_missing")

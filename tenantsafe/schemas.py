@@ -27,9 +27,13 @@ class MissingSchema(LookupError):
 
 
 def validate(schema: str, *, owner: str = "") -> str:
-    if not isinstance(schema, str) or not is_valid_schema_name(schema):
+    if not is_valid(schema):
         raise SchemaNameError(str(schema), owner=owner)
     return schema
+
+
+def is_valid(schema: str) -> bool:
+    return isinstance(schema, str) and bool(is_valid_schema_name(schema))
 
 
 def quote(schema: str) -> str:
