@@ -30,38 +30,12 @@ from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
 
-from tenantsafe import guard, schemas
+from tenantsafe import guard, schemas, statements
 
 if is_psycopg3:
     import psycopg
 
 logger = logging.getLogger("tenantsafe.testing")
-
-# Reads that cannot change what a schema holds. A SELECT calling one of these (or SELECT
-# INTO, which creates a table) is recorded like any other statement.
-_READ = re.compile(r"^\s*(?:SELECT|SHOW)\b", re.IGNORECASE)
-_READ_WITH_EFFECTS = re.compile(
-    r"\b(?:nextval|setval|set_config|pg_advisory\w*|lo_\w+|INTO)\b", re.IGNORECASE
-)
-_SET_PATH = re.compile(
-    r"^\s*SET\s+(?:SESSION\s+|LOCAL\s+)?search_path\s*(?:=|TO)\s*(.*?)\s*;?\s*$",
-    re.IGNORECASE | re.DOTALL,
-)
-# Inside the replay transaction CONCURRENTLY buys nothing and is not allowed.
-_CONCURRENTLY = re.compile(
-    r"^(\s*(?:CREATE\s+(?:UNIQUE\s+)?|DROP\s+)INDEX\s+)CONCURRENTLY\s+", re.IGNORECASE
-)
-_OUTSIDE_TRANSACTION = re.compile(
-    r"^\s*(?:(?:CREATE|DROP)\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY|REINDEX\b[^;]*\bCONCURRENTLY"
-    r"|VACUUM\b|CREATE\s+DATABASE|DROP\s+DATABASE|ALTER\s+SYSTEM|CLUSTER\b)",
-    re.IGNORECASE,
-)
-# A statement that ends or starts a transaction would break the one the replay runs in.
-_TRANSACTION_CONTROL = re.compile(
-    r"(?:^|;)\s*(?:BEGIN|START\s+TRANSACTION|COMMIT|END|ABORT|ROLLBACK(?!\s+TO\b)"
-    r"|PREPARE\s+TRANSACTION)\b",
-    re.IGNORECASE,
-)
 
 
 @dataclass(frozen=True)
@@ -177,7 +151,7 @@ class Recorder:
         result = execute(sql, params, many, context)
         if not ours:
             return result
-        if isinstance(sql, str) and _READ.match(sql) and not _READ_WITH_EFFECTS.search(sql):
+        if isinstance(sql, str) and statements.is_read(sql):
             if not self.read_tenant_row and self._tenant_tables.search(sql):
                 self.read_tenant_row = sql
         else:
@@ -188,7 +162,7 @@ class Recorder:
 def _sets_own_path(sql: Any, connection: Any, schema: str) -> bool:
     # django-tenants sets the path to the schema (and back) when it opens a cursor and around
     # introspection; that is not part of the migration, and the replay pins the path itself.
-    match = isinstance(sql, str) and _SET_PATH.match(sql)
+    match = isinstance(sql, str) and statements.SET_SEARCH_PATH.match(sql)
     if not match:
         return False
     names = {part.strip().strip('"') for part in match.group(1).split(",")}
@@ -197,7 +171,7 @@ def _sets_own_path(sql: Any, connection: Any, schema: str) -> bool:
 
 def build(key: str, recorder: Recorder, identifying: Iterable[str]) -> Template:
     """Turn a recording into a template (usable or with the reason it is not) and keep it."""
-    statements: list[Statement] = []
+    kept: list[Statement] = []
     problem = ""
     words = sorted({w for w in identifying if w}, key=len, reverse=True)
     pattern = (
@@ -210,10 +184,10 @@ def build(key: str, recorder: Recorder, identifying: Iterable[str]) -> Template:
     for statement in () if problem else recorder.statements:
         sql = statement.sql
         if isinstance(sql, str):
-            sql = _CONCURRENTLY.sub(r"\1", sql)
-            if _OUTSIDE_TRANSACTION.match(sql):
+            sql = statements.CONCURRENTLY.sub(r"\1", sql)
+            if statements.NON_TRANSACTIONAL.match(sql):
                 problem = f"{_short(sql)!r} cannot run inside a transaction"
-            elif _TRANSACTION_CONTROL.search(sql):
+            elif statements.ENDS_TRANSACTION.search(sql):
                 problem = f"{_short(sql)!r} controls the transaction"
         if not problem and pattern is not None:
             found = pattern.search(sql if isinstance(sql, str) else repr(sql))
@@ -227,11 +201,11 @@ def build(key: str, recorder: Recorder, identifying: Iterable[str]) -> Template:
                 )
         if problem:
             break
-        statements.append(Statement(sql, statement.params, statement.many))
+        kept.append(Statement(sql, statement.params, statement.many))
     if problem:
         discard(key, problem)
     else:
-        _templates[key] = Template(key, tuple(statements))
+        _templates[key] = Template(key, tuple(kept))
     return _templates[key]
 
 

@@ -25,7 +25,7 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, guard, plan, schemas
+from tenantsafe import conf, plan, pooler, schemas
 
 ERROR = "error"
 WARNING = "warning"
@@ -238,31 +238,14 @@ def _tenant_tables_in_public(alias: str, public: str, rows: list[tuple[str, str]
 
 
 def _pooler(alias: str) -> dict[str, Any]:
-    connection: Any = connections[alias]
-    configured = conf.transaction_pooler(alias)
-    pooled = guard.is_pooled(connection)
-    port = int(connection.settings_dict.get("PORT") or 5432)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT inet_server_port()")
-        server_port = cursor.fetchone()[0]
-    if configured is not None:
-        source = "TENANTSAFE_TRANSACTION_POOLER"
-        why = f"as TENANTSAFE_TRANSACTION_POOLER says ({configured})"
-    elif server_port is None:
-        source = "detected"
-        why = "detected: connected through a Unix socket"
-    else:
-        source = "detected"
-        relation = "differs from" if pooled else "matches"
-        why = f"detected: server port {server_port} {relation} the configured port {port}"
-    state = "through a transaction pooler" if pooled else "directly to PostgreSQL"
+    found = pooler.detect(connections[alias])
     return {
-        "pooled": pooled,
-        "source": source,
-        "configured_port": port,
-        "server_port": server_port,
+        "pooled": found.pooled,
+        "source": found.source,
+        "configured_port": found.configured_port,
+        "server_port": found.server_port,
         "runtime_guard": conf.runtime_guard_enabled(),
-        "description": f"Database {quoted(alias)} connects {state} ({why}).",
+        "description": f"Database {quoted(alias)} {found.describe(alias)}.",
     }
 
 

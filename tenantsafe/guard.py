@@ -36,10 +36,9 @@ import collections
 import contextlib
 import functools
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import connections
@@ -47,7 +46,9 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.db.backends.signals import connection_created
 
-from tenantsafe import conf
+from tenantsafe import conf, pooler, schemas
+from tenantsafe.errors import PooledStatementError, SchemaMissingError, SearchPathError
+from tenantsafe.statements import NON_TRANSACTIONAL, SETTING, TRANSACTION_CONTROL
 
 if is_psycopg3:
     import psycopg
@@ -59,23 +60,6 @@ _IDLE = 0
 _INTRANS = 2
 _INERROR = 3
 
-# Statements PostgreSQL refuses inside a transaction block, so they cannot be pinned.
-_NON_TRANSACTIONAL = re.compile(
-    r"^\s*(?:(?:CREATE|DROP)\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY"
-    r"|REINDEX\b[^;]*\bCONCURRENTLY|REINDEX\s+(?:\(.*?\)\s*)?(?:SYSTEM|DATABASE|SCHEMA)\b"
-    r"|VACUUM\b|CREATE\s+DATABASE|DROP\s+DATABASE|(?:CREATE|DROP)\s+TABLESPACE"
-    r"|ALTER\s+SYSTEM|CLUSTER\b|DISCARD\s+ALL)",
-    re.IGNORECASE,
-)
-# They read no tenant data and a pin before them would be wasted (or rolled back).
-_TRANSACTION_CONTROL = re.compile(
-    r"^\s*(?:BEGIN|START\s+TRANSACTION|COMMIT|ROLLBACK|END|ABORT)\b", re.IGNORECASE
-)
-# Settings read no tenant data either. This is mostly django-tenants' own session-level
-# ``SET search_path`` on every new cursor: the statements after it are pinned, so pinning it
-# too would only double the guard's cost.
-_SETTING = re.compile(r"^\s*(?:SET|RESET)\s", re.IGNORECASE)
-
 _PIN_SQL = "SELECT set_config('search_path', %s, %s), current_schema()"
 
 # Appears in the error PostgreSQL raises when the in-statement check fails.
@@ -86,26 +70,9 @@ _active_aliases: collections.Counter[str] = collections.Counter()
 _active_lock = threading.Lock()
 
 
-class SearchPathError(Exception):
-    """A statement would have run with a search_path that could not be verified."""
-
-    def __init__(self, message: str, *, schema: str) -> None:
-        super().__init__(message)
-        self.schema = schema
-
-
-class SchemaMissingError(SearchPathError):
-    pass
-
-
-class PooledStatementError(SearchPathError):
-    pass
-
-
 @dataclass
 class _State:
     pinned: tuple[str, ...] | None = None
-    pooler: dict[int, bool] = field(default_factory=dict)
 
 
 def _state(connection: Any) -> _State:
@@ -139,10 +106,6 @@ def search_path(connection: Any) -> list[str]:
     return list(connection._get_cursor_search_paths())
 
 
-def quoted_path(schemas: list[str]) -> str:
-    return ", ".join('"%s"' % name for name in schemas)
-
-
 def read_path(connection: BaseDatabaseWrapper) -> tuple[str | None, str]:
     """``current_schema()`` and ``SHOW search_path`` as the connection sees them now."""
     with connection.cursor() as cursor:
@@ -153,79 +116,43 @@ def read_path(connection: BaseDatabaseWrapper) -> tuple[str | None, str]:
 
 
 def is_pooled(connection: Any) -> bool:
-    """Whether a transaction pooler may stand between this connection and PostgreSQL.
-
-    ``TENANTSAFE_TRANSACTION_POOLER`` decides when set; otherwise a proxy shows itself by the
-    server port PostgreSQL reports differing from the port Django connected to.
-    """
-    configured = conf.transaction_pooler(connection.alias)
-    if configured is not None:
-        return configured
-    connection.ensure_connection()
-    raw = connection.connection
-    cache = _state(connection).pooler
-    if id(raw) not in cache:
-        with raw.cursor() as cursor:
-            cursor.execute("SELECT inet_server_port()")
-            server_port = cursor.fetchone()[0]
-        host = connection.settings_dict.get("HOST") or ""
-        port = int(connection.settings_dict.get("PORT") or 5432)
-        if server_port is None:
-            pooled = bool(host) and not host.startswith("/")
-        else:
-            pooled = int(server_port) != port
-        cache.clear()
-        cache[id(raw)] = pooled
-    return cache[id(raw)]
+    """Whether a transaction pooler may stand between this connection and PostgreSQL."""
+    return pooler.detect(connection).pooled
 
 
-def _missing(expected: str) -> SchemaMissingError:
-    return SchemaMissingError(
-        f'Schema "{expected}" does not exist; create it (migrate_schemas_safe '
-        f"--create-missing) or delete the tenant row that names it.",
-        schema=expected,
-    )
-
-
-def _mismatch(current: str | None, schemas: list[str]) -> SearchPathError:
+def _mismatch(current: str | None, path: list[str]) -> SearchPathError:
     return SearchPathError(
         f"current_schema() is {current!r} after setting search_path to "
-        f'{quoted_path(schemas)}, expected "{schemas[0]}"; nothing was run.',
-        schema=schemas[0],
+        f'{schemas.path(path)}, expected "{path[0]}"; nothing was run.',
+        schema=path[0],
     )
 
 
-def _log_pin(schemas: list[str], current: str | None) -> None:
+def _log_pin(path: list[str], current: str | None) -> None:
     logger.debug(
         "schema %s: search_path set to %s, current_schema() = %s",
-        schemas[0],
-        quoted_path(schemas),
+        path[0],
+        schemas.path(path),
         current,
     )
 
 
-def pin(connection: Any, cursor: Any, schemas: list[str], *, local: bool = True) -> None:
-    """Set ``schemas`` as the path on ``cursor`` and verify it, or raise SearchPathError."""
-    cursor.execute(_PIN_SQL, [quoted_path(schemas), local])
+def pin(connection: Any, cursor: Any, path: list[str], *, local: bool = True) -> None:
+    """Set ``path`` as the path on ``cursor`` and verify it, or raise SearchPathError."""
+    cursor.execute(_PIN_SQL, [schemas.path(path), local])
     _, current = cursor.fetchone()
-    expected = schemas[0]
-    _log_pin(schemas, current)
+    expected = path[0]
+    _log_pin(path, current)
     if current != expected:
         cursor.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [expected])
         if cursor.fetchone() is None:
-            raise _missing(expected)
-        raise _mismatch(current, schemas)
-    _state(connection).pinned = tuple(schemas) if local else None
-
-
-def _literal(value: str) -> str:
-    # django-tenants refuses quotes, backslashes, semicolons and NUL in every part of the
-    # path, and standard_conforming_strings is on since PostgreSQL 9.1.
-    return "'%s'" % value.replace("'", "''")
+            raise SchemaMissingError(expected)
+        raise _mismatch(current, path)
+    _state(connection).pinned = tuple(path) if local else None
 
 
 @functools.lru_cache(maxsize=1024)
-def _check_sql(schemas: tuple[str, ...], escape_percent: bool) -> str:
+def _check_sql(path: tuple[str, ...], escape_percent: bool) -> str:
     """One SELECT that pins the path and fails unless ``current_schema()`` is the tenant's.
 
     CASE evaluates its branches in order, so set_config runs before current_schema() looks.
@@ -233,9 +160,9 @@ def _check_sql(schemas: tuple[str, ...], escape_percent: bool) -> str:
     constant one (``1/0``, ``'x'::int``) is folded, and raised, at plan time whichever branch
     is taken.
     """
-    schema = _literal(schemas[0])
+    schema = schemas.literal(path[0])
     sql = (
-        f"SELECT CASE WHEN set_config('search_path', {_literal(quoted_path(list(schemas)))}, "
+        f"SELECT CASE WHEN set_config('search_path', {schemas.literal(schemas.path(path))}, "
         f"true) IS NULL THEN NULL "
         f"WHEN current_schema() = {schema} THEN current_schema() "
         f"ELSE ((CASE WHEN to_regnamespace({schema}) IS NULL THEN '{_MARK}missing:' "
@@ -245,7 +172,7 @@ def _check_sql(schemas: tuple[str, ...], escape_percent: bool) -> str:
     return sql.replace("%", "%%") if escape_percent else sql
 
 
-def _check_failure(exc: BaseException, schemas: list[str]) -> SearchPathError | None:
+def _check_failure(exc: BaseException, path: list[str]) -> SearchPathError | None:
     """The SearchPathError for ``exc`` if it is the check failing (maybe wrapped by Django)."""
     seen: BaseException | None = exc
     while seen is not None:
@@ -254,9 +181,9 @@ def _check_failure(exc: BaseException, schemas: list[str]) -> SearchPathError | 
         if at >= 0:
             detail = text[at + len(_MARK) :].split('"', 1)[0]
             if detail.startswith("missing:"):
-                return _missing(schemas[0])
+                return SchemaMissingError(path[0])
             current = detail.removeprefix("current=")
-            return _mismatch(None if current == "-" else current, schemas)
+            return _mismatch(None if current == "-" else current, path)
         seen = seen.__cause__
     return None
 
@@ -274,49 +201,49 @@ def _guard(
     state = _state(connection)
     text = sql if isinstance(sql, str) else None
     if text is not None:
-        if _TRANSACTION_CONTROL.match(text):
+        if TRANSACTION_CONTROL.match(text):
             try:
                 return execute(sql, params, many, context)
             finally:
                 state.pinned = None
-        if _SETTING.match(text):
+        if SETTING.match(text):
             return execute(sql, params, many, context)
 
-    schemas = search_path(connection)
+    path = search_path(connection)
     raw_cursor = context["cursor"].cursor
     raw = connection.connection
     status = raw.info.transaction_status
     named = bool(getattr(raw_cursor, "name", None))
-    if text is not None and _NON_TRANSACTIONAL.match(text):
+    if text is not None and NON_TRANSACTIONAL.match(text):
         with _pin_cursor(raw, raw_cursor, named) as pin_cursor, connection.wrap_database_errors:
             return _outside_transaction(
-                connection, pin_cursor, schemas, text, execute, params, many, context, status
+                connection, pin_cursor, path, text, execute, params, many, context, status
             )
-    if status == _INERROR or (status == _INTRANS and state.pinned == tuple(schemas)):
+    if status == _INERROR or (status == _INTRANS and state.pinned == tuple(path)):
         return execute(sql, params, many, context)
     own = status == _IDLE and connection.get_autocommit()
     if named and own and is_pooled(connection):
         raise PooledStatementError(
-            f'Schema "{schemas[0]}": server-side cursor {raw_cursor.name} would be used outside '
+            f'Schema "{path[0]}": server-side cursor {raw_cursor.name} would be used outside '
             "a transaction, where it lives in the session and a transaction pooler sends its "
             "FETCHes to other server connections. Set DISABLE_SERVER_SIDE_CURSORS = True in this "
             "DATABASES entry (Django's advice for transaction pooling) or iterate inside "
             "transaction.atomic() (or set TENANTSAFE_TRANSACTION_POOLER = False if no pooler is "
             "in between).",
-            schema=schemas[0],
+            schema=path[0],
         )
 
     if text and not many and not named and _merges(raw, raw_cursor):
-        return _merged(connection, raw, raw_cursor, schemas, execute, text, params, context)
+        return _merged(connection, raw, raw_cursor, path, execute, text, params, context)
     if not named and _pipelines(raw):
-        return _pipelined(connection, raw, schemas, execute, sql, params, many, context, own)
+        return _pipelined(connection, raw, path, execute, sql, params, many, context, own)
     with _pin_cursor(raw, raw_cursor, named) as pin_cursor, connection.wrap_database_errors:
         if own:
             return _in_own_transaction(
-                connection, pin_cursor, schemas, execute, sql, params, many, context
+                connection, pin_cursor, path, execute, sql, params, many, context
             )
         if status != _INERROR:
-            pin(connection, pin_cursor, schemas)
+            pin(connection, pin_cursor, path)
     return execute(sql, params, many, context)
 
 
@@ -346,19 +273,19 @@ def _merged(
     connection: Any,
     raw: Any,
     raw_cursor: Any,
-    schemas: list[str],
+    path: list[str],
     execute: Callable[..., Any],
     sql: str,
     params: Any,
     context: dict[str, Any],
 ) -> Any:
     state = _state(connection)
-    check = _check_sql(tuple(schemas), params is not None)
+    check = _check_sql(tuple(path), params is not None)
     try:
         result = execute(f"{check};\n{sql}", params, False, context)
     except Exception as exc:
         state.pinned = None
-        failure = _check_failure(exc, schemas)
+        failure = _check_failure(exc, path)
         if failure is None:
             raise
         raise failure from exc
@@ -366,19 +293,19 @@ def _merged(
         # The check's row comes first; leave the cursor on the statement's results.
         if logger.isEnabledFor(logging.DEBUG):
             row = raw_cursor.fetchone()
-            _log_pin(schemas, row[0] if row else None)
+            _log_pin(path, row[0] if row else None)
         raw_cursor.nextset()
     else:
         # psycopg2 keeps the last result only; the check raised if it did not hold.
-        _log_pin(schemas, schemas[0])
-    state.pinned = tuple(schemas) if raw.info.transaction_status == _INTRANS else None
+        _log_pin(path, path[0])
+    state.pinned = tuple(path) if raw.info.transaction_status == _INTRANS else None
     return result
 
 
 def _pipelined(
     connection: Any,
     raw: Any,
-    schemas: list[str],
+    path: list[str],
     execute: Callable[..., Any],
     sql: Any,
     params: Any,
@@ -394,7 +321,7 @@ def _pipelined(
         with raw.pipeline():
             if own:
                 helper.execute("BEGIN")
-            helper.execute(_check_sql(tuple(schemas), False))
+            helper.execute(_check_sql(tuple(path), False))
             result = execute(sql, params, many, context)
             if own:
                 helper.execute("COMMIT")
@@ -403,21 +330,21 @@ def _pipelined(
         if own and raw.info.transaction_status != _IDLE:
             with contextlib.suppress(Exception):
                 helper.execute("ROLLBACK")
-        failure = _check_failure(exc, schemas)
+        failure = _check_failure(exc, path)
         if failure is None:
             raise
         raise failure from exc
     finally:
         helper.close()
-    _log_pin(schemas, schemas[0])
-    state.pinned = tuple(schemas) if raw.info.transaction_status == _INTRANS else None
+    _log_pin(path, path[0])
+    state.pinned = tuple(path) if raw.info.transaction_status == _INTRANS else None
     return result
 
 
 def _in_own_transaction(
     connection: Any,
     cursor: Any,
-    schemas: list[str],
+    path: list[str],
     execute: Callable[..., Any],
     sql: str,
     params: Any,
@@ -428,7 +355,7 @@ def _in_own_transaction(
     # path and the statement reach the same server connection.
     cursor.execute("BEGIN")
     try:
-        pin(connection, cursor, schemas)
+        pin(connection, cursor, path)
         result = execute(sql, params, many, context)
     except BaseException:
         with contextlib.suppress(Exception), connection.connection.cursor() as end:
@@ -445,7 +372,7 @@ def _in_own_transaction(
 def _outside_transaction(
     connection: Any,
     cursor: Any,
-    schemas: list[str],
+    path: list[str],
     sql: str,
     execute: Callable[..., Any],
     params: Any,
@@ -467,14 +394,14 @@ def _outside_transaction(
                 "(connections[alias].cursor())"
             )
         raise PooledStatementError(
-            f'Schema "{schemas[0]}": "{statement}" cannot run inside a transaction block, so '
+            f'Schema "{path[0]}": "{statement}" cannot run inside a transaction block, so '
             f"its search_path cannot be pinned through a transaction pooler. {advice} (or set "
             "TENANTSAFE_TRANSACTION_POOLER = False if no pooler is in between).",
-            schema=schemas[0],
+            schema=path[0],
         )
     if status == _IDLE:
         # Directly connected the session is ours: a session-level path holds.
-        pin(connection, cursor, schemas, local=False)
+        pin(connection, cursor, path, local=False)
     return execute(sql, params, many, context)
 
 

@@ -22,6 +22,7 @@ from django_tenants.migration_executors.multiproc import get_pool
 from django_tenants.utils import get_public_schema_name
 
 from tenantsafe import guard, locks, plan, progress, schemas
+from tenantsafe.errors import SchemaNameError, SearchPathError
 
 logger = logging.getLogger("tenantsafe.migrate")
 
@@ -114,7 +115,7 @@ def migrate_tenant(
         with guard.guarding(alias), locks.for_process(alias).hold(locks.MIGRATE, schema):
             if not schemas.exists(alias, schema):
                 if not options.get("create_missing"):
-                    raise schemas.MissingSchema(schema)
+                    raise schemas.SchemaMissingError(schema)
                 schemas.create(alias, schema)
             connection: Any = connections[alias]
             connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
@@ -151,7 +152,7 @@ def migrate_tenant(
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (guard.SearchPathError, schemas.SchemaNameError, schemas.MissingSchema)):
+    if isinstance(exc, (SearchPathError, SchemaNameError)):
         return text
     return f"{type(exc).__name__}: {text}"
 

@@ -2,42 +2,70 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from django.db import connections
 from django_tenants.postgresql_backend.base import is_valid_schema_name
 
+from tenantsafe.errors import MAX_NAME_BYTES, SchemaMissingError, SchemaNameError
 
-class SchemaNameError(ValueError):
-    def __init__(self, schema: str, *, owner: str = "") -> None:
-        where = f" ({owner})" if owner else ""
-        super().__init__(
-            f"{schema!r}{where} is not a valid schema name: it must be 1 to 63 characters, "
-            "must not start with 'pg_' and must not contain quotes, backslashes, semicolons, "
-            "line breaks or NUL; rename it."
+__all__ = ["SchemaMissingError", "SchemaNameError", "exists", "is_valid", "quote", "validate"]
+
+
+def problem(schema: object) -> str:
+    """Why ``schema`` is not a valid schema name; empty when it is one."""
+    if not isinstance(schema, str):
+        return f"it is a {type(schema).__name__}, not a string"
+    size = len(schema.encode())
+    if size > MAX_NAME_BYTES:
+        # PostgreSQL would truncate it silently, onto whatever schema has the same prefix.
+        return (
+            f"it is {size} bytes in UTF-8 ({len(schema)} characters) and PostgreSQL keeps "
+            f"only the first {MAX_NAME_BYTES} bytes of a name"
         )
-        self.schema = schema
-
-
-class MissingSchema(LookupError):
-    def __init__(self, schema: str) -> None:
-        super().__init__(
-            f'schema "{schema}" does not exist; run with --create-missing to create and '
-            "migrate it, or delete the tenant row that names it"
+    if not is_valid_schema_name(schema):
+        return (
+            f"it must be 1 to {MAX_NAME_BYTES} bytes, must not start with 'pg_' and must not "
+            "contain quotes, backslashes, semicolons, line breaks or NUL"
         )
-        self.schema = schema
+    return ""
+
+
+def is_valid(schema: object) -> bool:
+    return not problem(schema)
 
 
 def validate(schema: str, *, owner: str = "") -> str:
-    if not is_valid(schema):
-        raise SchemaNameError(str(schema), owner=owner)
+    reason = problem(schema)
+    if reason:
+        raise SchemaNameError(str(schema), owner=owner, reason=reason)
     return schema
 
 
-def is_valid(schema: str) -> bool:
-    return isinstance(schema, str) and bool(is_valid_schema_name(schema))
+def truncated(schema: str) -> str:
+    """The name PostgreSQL stores for ``schema``: its first 63 bytes, whole characters only."""
+    return schema.encode()[:MAX_NAME_BYTES].decode(errors="ignore")
 
 
 def quote(schema: str) -> str:
-    return '"%s"' % validate(schema)
+    """``schema`` as an SQL identifier; refuses names that are not valid schema names."""
+    return ident(validate(schema))
+
+
+def ident(name: str) -> str:
+    # Only for names already validated (by validate(), or by django-tenants for a search path).
+    return '"%s"' % name
+
+
+def path(names: Iterable[str]) -> str:
+    """A search_path value naming ``names`` in order."""
+    return ", ".join(ident(name) for name in names)
+
+
+def literal(value: str) -> str:
+    # For validated names only: django-tenants refuses quotes, backslashes, semicolons and NUL
+    # in every part of a path, and standard_conforming_strings is on since PostgreSQL 9.1.
+    return "'%s'" % value.replace("'", "''")
 
 
 def exists(alias: str, schema: str) -> bool:

@@ -70,16 +70,6 @@ class TenantProvisionError(RuntimeError):
         self.schema = schema
 
 
-class _PublicSchema(schemas.SchemaNameError):
-    def __init__(self, schema: str) -> None:
-        ValueError.__init__(
-            self,
-            f"create_tenant({schema!r}): {schema!r} is the public schema, which holds the "
-            "shared apps and no tenant; choose another schema name.",
-        )
-        self.schema = schema
-
-
 def default_domain(schema_name: str) -> str:
     # Hostnames allow neither underscores nor upper case (Django rejects them as
     # DisallowedHost), schema names do.
@@ -97,12 +87,13 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
     See the README ("Testing") for the contract: idempotent, ``_skip_auto_migrate`` set,
     serialized across processes, schemas provisioned from a template of the migration.
     """
-    try:
-        schemas.validate(schema_name)
-    except schemas.SchemaNameError as exc:
-        raise schemas.SchemaNameError(schema_name, owner="create_tenant") from exc
+    schemas.validate(schema_name, owner="create_tenant")
     if schema_name == get_public_schema_name():
-        raise _PublicSchema(schema_name)
+        raise schemas.SchemaNameError(
+            schema_name,
+            owner="create_tenant",
+            reason="it is the public schema, which holds the shared apps and no tenant",
+        )
     model = get_tenant_model()
     alias = get_tenant_database_alias()
     # Guarded throughout: behind a transaction pooler even the row lookups need their path.

@@ -79,8 +79,8 @@ def test_missing_schema_fails_alone_and_names_the_fix(executor):
 
     assert "3 tenant(s): 2 migrated, 0 already current, 1 failed" in out
     assert (
-        'FAILED gone: schema "gone" does not exist; run with --create-missing to create and '
-        "migrate it, or delete the tenant row that names it" in err
+        'FAILED gone: Schema "gone" does not exist: run migrate_schemas_safe --create-missing '
+        "to create and migrate it, or delete the tenant row that names it." in err
     )
     assert "Traceback" not in err
     assert "shop_product" in tables("first")
@@ -98,7 +98,7 @@ def test_traceback_option_shows_the_traceback():
         run(tenant=True, traceback=True)
     _, err = last_output()
     assert "Traceback (most recent call last)" in err
-    assert "MissingSchema" in err
+    assert "SchemaMissingError" in err
 
 
 def test_failing_data_migration_leaves_nothing_half_applied(monkeypatch):
@@ -222,7 +222,10 @@ def test_schema_option_for_a_missing_schema_names_the_fix():
     with pytest.raises(CommandError):
         run(schema_name="nowhere")
     _, err = last_output()
-    assert 'FAILED nowhere: schema "nowhere" does not exist; run with --create-missing' in err
+    assert (
+        'FAILED nowhere: Schema "nowhere" does not exist: run migrate_schemas_safe '
+        "--create-missing" in err
+    )
 
 
 def test_unguardable_executor_is_refused():

@@ -129,7 +129,7 @@ def test_missing_table_or_schema_is_never_current(migrated):
 
     assert migrated == ["fresh"]
     assert "3 tenant(s): 1 migrated, 1 already current, 1 failed" in out
-    assert 'FAILED gone: schema "gone" does not exist' in err
+    assert 'FAILED gone: Schema "gone" does not exist' in err
     assert has_table("fresh", "shop_product")
 
 
