@@ -27,7 +27,6 @@ from typing import Any
 from django.conf import settings
 from django.db import connections, transaction
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
-from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
 
 from tenantsafe import guard, schemas, statements
@@ -100,18 +99,6 @@ def discard(key: str, problem: str) -> None:
     """Stop replaying for ``key``: schemas for it are migrated one by one from now on."""
     _templates[key] = Template(key, (), problem)
     logger.warning("tenantsafe: new tenant schemas will be migrated, not replayed: %s", problem)
-
-
-def is_current(alias: str, schema: str, tenant_type: str = "") -> bool:
-    """Whether ``schema`` has every migration applied, as ``migrate --check`` decides."""
-    connection: Any = connections[alias]
-    # Only the schema's own django_migrations counts, never public's.
-    connection.set_schema(schema, tenant_type=tenant_type or None, include_public=False)
-    try:
-        executor = MigrationExecutor(connection)
-        return not executor.migration_plan(executor.loader.graph.leaf_nodes())
-    finally:
-        connection.set_schema_to_public()
 
 
 class Recorder:

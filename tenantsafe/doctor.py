@@ -17,15 +17,14 @@ from django.conf import settings
 from django.core import checks
 from django.db import connections
 from django_tenants.utils import (
-    get_multi_type_database_field_name,
     get_public_schema_name,
-    get_tenant_model,
     get_tenant_types,
     get_type_base_schemas,
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, plan, pooler, schemas
+from tenantsafe import conf, plan, pooler, schemas, tenants
+from tenantsafe.results import TenantRef
 
 ERROR = "error"
 WARNING = "warning"
@@ -78,23 +77,25 @@ def diagnose(alias: str) -> Report:
     public = get_public_schema_name()
 
     report.findings.extend(_check_messages(alias))
-    rows = _tenant_rows(alias)
+    rows = tenants.refs(alias)
     report.tenants = len(rows)
-    named = {schema for schema, _ in rows}
-    valid = []
-    for schema, tenant_type in rows:
-        if schemas.is_valid(schema):
-            valid.append((schema, tenant_type))
-        else:
-            report.findings.append(
-                Finding(
-                    ERROR,
-                    "invalid-schema-name",
-                    schema,
-                    f"The tenant row for {quoted(schema)} names an invalid schema: no schema "
-                    "can be created or migrated for it. Rename it or delete the row.",
-                )
+    named = {ref.schema for ref in rows}
+    valid: list[TenantRef] = []
+    for ref in rows:
+        reason = schemas.problem(ref.schema)
+        if not reason:
+            valid.append(ref)
+            continue
+        report.findings.append(
+            Finding(
+                ERROR,
+                "invalid-schema-name",
+                ref.schema,
+                f"The tenant row for {quoted(ref.schema)} names an invalid schema ({reason}): "
+                "no schema can be created or migrated for it. Rename it or delete the row.",
             )
+        )
+    report.findings.extend(_collisions(rows))
 
     namespaces = _namespaces(alias)
     for schema, _ in valid:
@@ -121,7 +122,7 @@ def diagnose(alias: str) -> Report:
                 )
             )
 
-    present = [(public, "")] + [(s, t) for s, t in valid if s in namespaces]
+    present = [TenantRef(public)] + [ref for ref in valid if ref.schema in namespaces]
     for entry in plan.plan_schemas(alias, present):
         finding = _behind(entry, public)
         if finding is None:
@@ -134,6 +135,27 @@ def diagnose(alias: str) -> Report:
     report.findings.append(Finding(INFO, "pooler", None, report.pooler["description"]))
     report.elapsed = time.monotonic() - started
     return report
+
+
+def _collisions(rows: list[TenantRef]) -> list[Finding]:
+    # PostgreSQL cuts names to 63 bytes: rows that agree in those land in one schema.
+    stored: dict[str, list[str]] = {}
+    for ref in rows:
+        if isinstance(ref.schema, str):
+            stored.setdefault(schemas.truncated(ref.schema), []).append(ref.schema)
+    return [
+        Finding(
+            ERROR,
+            "schema-name-collision",
+            name,
+            f"The tenant rows for {', '.join(quoted(n) for n in names)} all name schema "
+            f"{quoted(name)} once PostgreSQL cuts them to 63 bytes: they would read and write "
+            "one schema. Rename all but one of them.",
+            {"rows": names},
+        )
+        for name, names in sorted(stored.items())
+        if len(names) > 1
+    ]
 
 
 def _check_messages(alias: str) -> list[Finding]:
@@ -151,17 +173,6 @@ def _check_messages(alias: str) -> list[Finding]:
         text = f"{message.msg} {message.hint}" if message.hint else str(message.msg)
         found.append(Finding(level, "check", None, text, {"id": message.id}))
     return found
-
-
-def _tenant_rows(alias: str) -> list[tuple[str, str]]:
-    public = get_public_schema_name()
-    type_field = get_multi_type_database_field_name() if has_multi_type_tenants() else None
-    fields = ["schema_name", type_field] if type_field else ["schema_name"]
-    queryset = get_tenant_model().objects.using(alias).exclude(schema_name=public)
-    return [
-        (row[0], str(row[1]) if len(row) > 1 and row[1] is not None else "")
-        for row in queryset.order_by("schema_name").values_list(*fields)
-    ]
 
 
 def _namespaces(alias: str) -> dict[str, bool]:
@@ -209,7 +220,7 @@ def _behind(entry: plan.SchemaPlan, public: str) -> Finding | None:
     )
 
 
-def _tenant_tables_in_public(alias: str, public: str, rows: list[tuple[str, str]]) -> list[Finding]:
+def _tenant_tables_in_public(alias: str, public: str, rows: list[TenantRef]) -> list[Finding]:
     shared = plan.routed_apps(alias, public)
     # The router decides from the schema and the tenant type; any non-public name will do.
     probe = next((s for s, _ in rows if schemas.is_valid(s)), "tenantsafe_probe")

@@ -9,7 +9,7 @@ import logging
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 from django.conf import settings
@@ -23,36 +23,19 @@ from django_tenants.utils import get_public_schema_name
 
 from tenantsafe import guard, locks, plan, progress, schemas
 from tenantsafe.errors import SchemaNameError, SearchPathError
+from tenantsafe.options import RunOptions
+from tenantsafe.results import (
+    CURRENT,
+    FAILED,
+    MIGRATED,
+    PENDING,
+    PLANNED,
+    Summary,
+    TenantRef,
+    TenantResult,
+)
 
 logger = logging.getLogger("tenantsafe.migrate")
-
-MIGRATED = "migrated"
-CURRENT = "current"
-PENDING = "pending"
-PLANNED = "planned"
-FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class TenantResult:
-    schema: str
-    status: str
-    error: str = ""
-    traceback: str = ""
-
-
-@dataclass
-class Summary:
-    results: list[TenantResult] = field(default_factory=list)
-    public_problems: list[str] = field(default_factory=list)
-    elapsed: float = 0.0
-
-    def count(self, status: str) -> int:
-        return sum(1 for r in self.results if r.status == status)
-
-    @property
-    def failed(self) -> list[TenantResult]:
-        return [r for r in self.results if r.status == FAILED]
 
 
 @contextlib.contextmanager
@@ -95,11 +78,8 @@ def _reset(alias: str) -> None:
 
 
 def migrate_tenant(
-    args: Sequence[Any],
-    options: dict[str, Any],
-    codename: str,
-    schema: str,
-    tenant_type: str = "",
+    opts: RunOptions,
+    tenant: TenantRef,
     *,
     allow_atomic: bool = True,
     idx: int | None = None,
@@ -109,12 +89,13 @@ def migrate_tenant(
 
     Never raises for a failure of this tenant: the caller goes on with the next one.
     """
-    alias = options["database"]
+    alias = opts.database
+    schema, tenant_type = tenant
     try:
         schemas.validate(schema)
         with guard.guarding(alias), locks.for_process(alias).hold(locks.MIGRATE, schema):
             if not schemas.exists(alias, schema):
-                if not options.get("create_missing"):
+                if not opts.create_missing:
                     raise schemas.SchemaMissingError(schema)
                 schemas.create(alias, schema)
             connection: Any = connections[alias]
@@ -123,9 +104,9 @@ def migrate_tenant(
             connection.set_schema_to_public()
             with _planned() as applied:
                 upstream.run_migrations(
-                    args,
-                    options,
-                    codename,
+                    opts.args,
+                    dict(opts.migrate),
+                    opts.executor,
                     schema,
                     tenant_type=tenant_type,
                     allow_atomic=allow_atomic,
@@ -138,13 +119,13 @@ def migrate_tenant(
     except SystemExit as exc:
         # migrate --check exits 1 when something is unapplied.
         _reset(alias)
-        if options.get("check_unapplied") and exc.code not in (0, None):
+        if opts.check and exc.code not in (0, None):
             return TenantResult(schema, PENDING, "unapplied migrations")
         return TenantResult(schema, FAILED, f"exited with status {exc.code}")
     except Exception as exc:
         _reset(alias)
         return TenantResult(schema, FAILED, _one_line(exc), traceback.format_exc())
-    if options.get("plan"):
+    if opts.plan:
         # migrate --plan printed the plan and returned before post_migrate.
         return TenantResult(schema, PLANNED)
     return TenantResult(schema, MIGRATED if applied and applied[0] else CURRENT)
@@ -157,17 +138,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _job(
-    args: Sequence[Any],
-    options: dict[str, Any],
-    codename: str,
-    count: int,
-    item: tuple[int, tuple[str, str]],
-) -> TenantResult:
-    idx, (schema, tenant_type) = item
-    return migrate_tenant(
-        args, options, codename, schema, tenant_type, allow_atomic=False, idx=idx, count=count
-    )
+def _job(opts: RunOptions, count: int, item: tuple[int, TenantRef]) -> TenantResult:
+    idx, tenant = item
+    return migrate_tenant(opts, tenant, allow_atomic=False, idx=idx, count=count)
 
 
 class Executor:
@@ -175,40 +148,31 @@ class Executor:
 
     codenames = ("standard", "multiprocessing")
 
-    def __init__(self, codename: str, args: Sequence[Any], options: dict[str, Any]) -> None:
-        if codename not in self.codenames:
+    def __init__(self, opts: RunOptions) -> None:
+        if opts.executor not in self.codenames:
             raise CommandError(
-                f"migrate_schemas_safe cannot guard the {codename!r} executor: it runs plain "
-                "migrate_schemas in processes tenantsafe does not control. Use "
+                f"migrate_schemas_safe cannot guard the {opts.executor!r} executor: it runs "
+                "plain migrate_schemas in processes tenantsafe does not control. Use "
                 "--executor=standard or --executor=multiprocessing."
             )
-        self.codename = codename
-        self.args = args
-        self.options = options
+        self.opts = opts
 
-    def run(self, tenants: list[tuple[str, str]]) -> list[TenantResult]:
+    def run(self, tenants: Sequence[TenantRef]) -> list[TenantResult]:
         if not tenants:
             return []
-        if self.codename == "multiprocessing" and len(tenants) > 1:
+        if self.opts.executor == "multiprocessing" and len(tenants) > 1:
             return self._run_pool(tenants)
         return [
-            migrate_tenant(
-                self.args,
-                self.options,
-                self.codename,
-                schema,
-                tenant_type,
-                idx=idx,
-                count=len(tenants),
-            )
-            for idx, (schema, tenant_type) in enumerate(tenants)
+            migrate_tenant(self.opts, tenant, idx=idx, count=len(tenants))
+            for idx, tenant in enumerate(tenants)
         ]
 
-    def _run_pool(self, tenants: list[tuple[str, str]]) -> list[TenantResult]:
+    def _run_pool(self, tenants: Sequence[TenantRef]) -> list[TenantResult]:
         # Workers are forked: close what they would otherwise share with this process.
-        connections[self.options["database"]].close()
+        connections[self.opts.database].close()
         locks.close_process_locks()
-        job = functools.partial(_job, self.args, self.options, self.codename, len(tenants))
+        # Streams do not pickle, and the workers report through signals anyway.
+        job = functools.partial(_job, replace(self.opts, stdout=None), len(tenants))
         chunks = getattr(settings, "TENANT_MULTIPROCESSING_CHUNKS", 2)
         pool = get_pool()
         try:
@@ -219,34 +183,100 @@ class Executor:
         return results
 
 
-def run(*, executor: Executor, public: bool, tenants: list[tuple[str, str]]) -> Summary:
-    alias = executor.options["database"]
-    summary = Summary()
+def run(opts: RunOptions, *, public: bool, tenants: Sequence[TenantRef]) -> Summary:
+    executor = Executor(opts)
+    alias = opts.database
+    results: list[TenantResult] = []
+    problems: list[str] = []
     started = time.monotonic()
     try:
         if public:
-            result = executor.run([(get_public_schema_name(), "")])[0]
-            summary.results.append(result)
+            result = executor.run([TenantRef(get_public_schema_name())])[0]
+            results.append(result)
             if result.status == FAILED:
                 # Tenants depend on shared tables: stop rather than migrate on a broken base.
-                return summary
+                return Summary(tuple(results), elapsed=time.monotonic() - started)
         public_before = schemas.public_tables(alias) if tenants else set()
-        # Tenants whose django_migrations shows nothing to do are answered from one batched
-        # read (tenantsafe.plan); --no-skip turns that off.
-        todo, answered = plan.split(executor.options, tenants)
-        summary.results.extend(answered)
-        with progress.reporting(executor.options, todo, answered):
-            summary.results.extend(executor.run(todo))
+        todo, answered = _answer_from_read(opts, tenants)
+        results.extend(answered)
+        with progress.reporting(
+            stream=opts.stdout,
+            verbosity=opts.verbosity,
+            check=opts.check,
+            todo=todo,
+            answered=answered,
+        ):
+            results.extend(executor.run(todo))
         if tenants:
             gained = schemas.public_tables(alias) - public_before
             if gained:
-                summary.public_problems.append(
+                problems.append(
                     "public gained tables while tenants were migrated: " + ", ".join(sorted(gained))
                 )
     finally:
         locks.close_process_locks()
-        summary.elapsed = time.monotonic() - started
-    return summary
+    return Summary(tuple(results), tuple(problems), time.monotonic() - started)
+
+
+def _answer_from_read(
+    opts: RunOptions, tenants: Sequence[TenantRef]
+) -> tuple[list[TenantRef], list[TenantResult]]:
+    """(tenants to run migrate in, results for the others), from one batched read.
+
+    The others are the current tenants (CURRENT) and, under ``--check``, the tenants whose
+    unapplied migrations the read already shows (PENDING). Skipping only saves time: whatever
+    stops the read, every tenant takes the guarded path.
+    """
+    if not tenants or not opts.skip_current:
+        return list(tenants), []
+    alias = opts.database
+    started = time.monotonic()
+    try:
+        planner = plan.Planner(opts.app_label, opts.migration_name)
+        entries = plan.plan_schemas(alias, tenants, planner=planner)
+        # Under --check a schema without django_migrations has everything unapplied; a missing
+        # schema still goes to the executor, which names it (or creates it).
+        bare = [e.schema for e in entries if not e.has_table and schemas.is_valid(e.schema)]
+        without_table = (
+            schemas.existing(alias, bare)
+            if opts.check and bare and not opts.create_missing
+            else set()
+        )
+    except plan.PlanError:
+        return list(tenants), []  # migrate reports the bad target, tenant by tenant, as before
+    except Exception:
+        logger.warning("cannot tell which tenants are current; migrating all", exc_info=True)
+        return list(tenants), []
+    todo: list[TenantRef] = []
+    done: list[TenantResult] = []
+    for entry in entries:
+        if entry.current:
+            done.append(TenantResult(entry.schema, CURRENT))
+        elif opts.check and entry.plan is not None:
+            # migrate --check looks at the plan only (not at squash rows it would write).
+            if entry.plan.steps:
+                done.append(TenantResult(entry.schema, PENDING, _describe(entry)))
+            else:
+                done.append(TenantResult(entry.schema, CURRENT))
+        elif entry.schema in without_table:
+            done.append(
+                TenantResult(entry.schema, PENDING, "unapplied migrations: no django_migrations")
+            )
+        else:
+            todo.append(TenantRef(entry.schema, entry.tenant_type))
+    logger.debug(
+        "read %d schema(s) in %.2fs: %d to run migrate in, %d answered from the read",
+        len(tenants),
+        time.monotonic() - started,
+        len(todo),
+        len(done),
+    )
+    return todo, done
+
+
+def _describe(entry: plan.SchemaPlan) -> str:
+    parts = [f"{app}: {', '.join(names)}" for app, names in entry.missing_by_app().items()]
+    return "unapplied migrations: " + "; ".join(parts)
 
 
 def report(

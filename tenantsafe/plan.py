@@ -10,10 +10,9 @@ without running ``migrate`` at all.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.apps import apps
 from django.db import DatabaseError, connections, router, transaction
@@ -22,9 +21,7 @@ from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
 
 from tenantsafe import schemas
-
-if TYPE_CHECKING:
-    from tenantsafe.migrate import TenantResult
+from tenantsafe.results import TenantRef
 
 logger = logging.getLogger("tenantsafe.plan")
 
@@ -257,7 +254,7 @@ class SchemaPlan:
 
 def plan_schemas(
     alias: str,
-    tenants: Sequence[tuple[str, str]],
+    tenants: Sequence[TenantRef] | Sequence[tuple[str, str]],
     *,
     planner: Planner | None = None,
 ) -> list[SchemaPlan]:
@@ -290,72 +287,7 @@ def routed_apps(alias: str, schema: str, tenant_type: str = "") -> set[str]:
         connection.set_tenant(*previous)
 
 
-def split(
-    options: dict[str, Any], tenants: list[tuple[str, str]]
-) -> tuple[list[tuple[str, str]], list[TenantResult]]:
-    """(tenants to run migrate in, results for the others) for ``migrate_schemas_safe``.
-
-    The others are the current tenants (CURRENT) and, under ``--check``, the tenants whose
-    unapplied migrations the read already shows (PENDING).
-    """
-    # migrate imports this module at import time; these names are needed only here.
-    from tenantsafe.migrate import CURRENT, PENDING, TenantResult
-
-    if not tenants or options.get("no_skip") or not _skippable(options):
-        return tenants, []
-    alias = options["database"]
-    started = time.monotonic()
-    check = bool(options.get("check_unapplied"))
-    try:
-        planner = Planner(options.get("app_label"), options.get("migration_name"))
-        entries = plan_schemas(alias, tenants, planner=planner)
-        # Under --check a schema without django_migrations has everything unapplied; a missing
-        # schema still goes to the executor, which names it (or creates it).
-        bare = [e.schema for e in entries if not e.has_table and schemas.is_valid(e.schema)]
-        without_table = (
-            schemas.existing(alias, bare)
-            if check and bare and not options.get("create_missing")
-            else set()
-        )
-    except PlanError:
-        return tenants, []  # migrate reports the bad target, tenant by tenant, as before
-    except Exception:
-        # Skipping only saves time: whatever stops it, every tenant takes the guarded path.
-        logger.warning("cannot tell which tenants are current; migrating all", exc_info=True)
-        return tenants, []
-    todo: list[tuple[str, str]] = []
-    done: list[TenantResult] = []
-    for entry in entries:
-        if entry.current:
-            done.append(TenantResult(entry.schema, CURRENT))
-        elif check and entry.plan is not None:
-            # migrate --check looks at the plan only (not at squash rows it would write).
-            if entry.plan.steps:
-                done.append(TenantResult(entry.schema, PENDING, _describe(entry)))
-            else:
-                done.append(TenantResult(entry.schema, CURRENT))
-        elif entry.schema in without_table:
-            done.append(
-                TenantResult(entry.schema, PENDING, "unapplied migrations: no django_migrations")
-            )
-        else:
-            todo.append((entry.schema, entry.tenant_type))
-    logger.debug(
-        "read %d schema(s) in %.2fs: %d to run migrate in, %d answered from the read",
-        len(tenants),
-        time.monotonic() - started,
-        len(todo),
-        len(done),
-    )
-    return todo, done
-
-
-def _skippable(options: dict[str, Any]) -> bool:
-    # These make migrate write even with an empty plan: --run-syncdb creates tables of apps
-    # without migrations, --prune deletes rows of migrations that are gone.
-    return not (options.get("run_syncdb") or options.get("prune"))
-
-
-def _describe(entry: SchemaPlan) -> str:
-    parts = [f"{app}: {', '.join(names)}" for app, names in entry.missing_by_app().items()]
-    return "unapplied migrations: " + "; ".join(parts)
+def is_current(alias: str, schema: str, tenant_type: str = "") -> bool:
+    """Whether ``schema`` has every migration applied, as ``migrate --check`` decides."""
+    (entry,) = plan_schemas(alias, [TenantRef(schema, tenant_type)])
+    return entry.current

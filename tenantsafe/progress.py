@@ -13,12 +13,11 @@ import multiprocessing
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from django_tenants.signals import schema_migrated, schema_pre_migration
 
-if TYPE_CHECKING:
-    from tenantsafe.migrate import TenantResult
+from tenantsafe.results import CURRENT, PENDING, TenantRef, TenantResult
 
 INTERVAL = 10.0
 _WIDTH = 30
@@ -118,29 +117,27 @@ class Progress:
             self.stream.flush()
 
 
-def _stream(options: dict[str, Any]) -> TextIO:
-    # call_command(stdout=...) hands the command's stream in with the options.
-    stream = options.get("stdout")
-    return stream if stream is not None else sys.stdout
-
-
 @contextlib.contextmanager
 def reporting(
-    options: dict[str, Any],
-    todo: Sequence[tuple[str, str]],
+    *,
+    stream: TextIO | None,
+    verbosity: int,
+    check: bool,
+    todo: Sequence[TenantRef],
     answered: Sequence[TenantResult],
 ) -> Iterator[Progress | None]:
     """Report what the read answered, then the progress of the tenants left to migrate."""
-    if int(options.get("verbosity", 1)) < 1:
+    if verbosity < 1:
         yield None
         return
-    stream = _stream(options)
+    # call_command(stdout=...) hands the command's stream in with the options.
+    stream = stream if stream is not None else sys.stdout
     if answered:
         counts: dict[str, int] = {}
         for result in answered:
             counts[result.status] = counts.get(result.status, 0) + 1
         parts = [f"{count} {_LABELS.get(status, status)}" for status, count in counts.items()]
-        parts.append(f"{len(todo)} to {'check' if options.get('check_unapplied') else 'migrate'}")
+        parts.append(f"{len(todo)} to {'check' if check else 'migrate'}")
         stream.write(
             f"migrate_schemas_safe: read django_migrations of {len(todo) + len(answered)} "
             f"tenant(s): {', '.join(parts)}\n"
@@ -167,4 +164,4 @@ def reporting(
         progress.close()
 
 
-_LABELS = {"current": "already current (skipped)", "pending": "with unapplied migrations"}
+_LABELS = {CURRENT: "already current (skipped)", PENDING: "with unapplied migrations"}

@@ -24,16 +24,16 @@ from django_tenants.models import TenantMixin
 from django_tenants.signals import post_schema_sync
 from django_tenants.test.client import TenantClient
 from django_tenants.utils import (
-    get_multi_type_database_field_name,
     get_public_schema_name,
     get_tenant_base_migrate_command_class,
     get_tenant_database_alias,
     get_tenant_domain_model,
     get_tenant_model,
-    has_multi_type_tenants,
 )
 
-from tenantsafe import _template, conf, guard, locks, migrate, schemas
+from tenantsafe import _template, conf, guard, locks, migrate, plan, schemas, tenants
+from tenantsafe.options import RunOptions
+from tenantsafe.results import FAILED, TenantRef
 
 logger = logging.getLogger("tenantsafe.testing")
 
@@ -155,7 +155,7 @@ def _ready(model: type[Model], alias: str, schema: str, domain: str | None) -> A
         return None
     if not schemas.exists(alias, schema):
         return None
-    if not _template.is_current(alias, schema, _tenant_type(tenant)):
+    if not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
         return None
     return tenant
 
@@ -181,7 +181,7 @@ def _without_migrating(
         if schemas.exists(alias, schema):
             # Another process finished it while we waited for the lock, or only the domain
             # was missing; otherwise the schema is behind.
-            return tenant if _template.is_current(alias, schema, _tenant_type(tenant)) else None
+            return tenant if plan.is_current(alias, schema, tenants.tenant_type(tenant)) else None
         if not _replayed(tenant, alias):
             return None
     transaction.on_commit(functools.partial(_schema_synced, tenant), using=alias)
@@ -196,7 +196,7 @@ def _migrating(
     if tenant is not None:
         _ensure_domain(tenant, alias, domain)
         if schemas.exists(alias, schema):
-            if not _template.is_current(alias, schema, _tenant_type(tenant)):
+            if not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
                 logger.info("tenantsafe: schema %s is behind its migrations; migrating", schema)
                 _migrate(tenant, alias, record=False)
             return tenant
@@ -210,7 +210,7 @@ def _migrating(
     tenant.save(verbosity=0, using=alias)
     try:
         _ensure_domain(tenant, alias, domain)
-        if fresh or not _template.is_current(alias, schema, _tenant_type(tenant)):
+        if fresh or not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
             _migrate(tenant, alias, record=fresh)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -239,12 +239,6 @@ def _missing_fields(model: type[Model], given: dict[str, Any]) -> list[str]:
     return missing
 
 
-def _tenant_type(tenant: Any) -> str:
-    if not has_multi_type_tenants():
-        return ""
-    return str(getattr(tenant, get_multi_type_database_field_name()) or "")
-
-
 def _unsaved(model: type[Model], schema: str, fields: dict[str, Any]) -> Any:
     tenant = model(schema_name=schema, **fields)
     tenant._skip_auto_migrate = True  # type: ignore[attr-defined]
@@ -253,12 +247,12 @@ def _unsaved(model: type[Model], schema: str, fields: dict[str, Any]) -> Any:
 
 def _replayed(tenant: Any, alias: str) -> bool:
     """Provision the tenant's schema from the template for its migration state, if usable."""
-    key = _template.state_key(alias, _tenant_type(tenant))
+    key = _template.state_key(alias, tenants.tenant_type(tenant))
     template = _template.get(key)
     if template is None or template.problem:
         return False
     try:
-        _template.replay(alias, tenant.schema_name, template, _tenant_type(tenant))
+        _template.replay(alias, tenant.schema_name, template, tenants.tenant_type(tenant))
     except DatabaseError as exc:
         # Something in the recording depends on more than the schema (a row a data
         # migration read in public, say): stop trusting it and migrate instead.
@@ -270,7 +264,7 @@ def _replayed(tenant: Any, alias: str) -> bool:
 def _migrate(tenant: Any, alias: str, *, record: bool) -> None:
     schema = tenant.schema_name
     connection = connections[alias]
-    key = _template.state_key(alias, _tenant_type(tenant))
+    key = _template.state_key(alias, tenants.tenant_type(tenant))
     recorder = _template.Recorder(schema) if record and _template.get(key) is None else None
     if recorder is not None:
         # First in the list is outermost: the recorder sees each statement as the migration
@@ -278,14 +272,14 @@ def _migrate(tenant: Any, alias: str, *, record: bool) -> None:
         connection.execute_wrappers.insert(0, recorder)
     try:
         result = migrate.migrate_tenant(
-            (), _migrate_options(alias), "standard", schema, _tenant_type(tenant)
+            _migrate_options(alias), TenantRef(schema, tenants.tenant_type(tenant))
         )
     finally:
         if recorder is not None:
             connection.execute_wrappers.remove(recorder)
         # Its lock connection would keep the test database from being dropped.
         locks.close_process_locks()
-    if result.status == migrate.FAILED:
+    if result.status == FAILED:
         raise TenantProvisionError(schema, result.error, result.traceback)
     if recorder is not None:
         _template.build(key, recorder, _identifying(tenant, alias))
@@ -315,17 +309,11 @@ def _default_migrate_options(command_path: str) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(vars(parser.parse_args([])).items()))
 
 
-def _migrate_options(alias: str) -> dict[str, Any]:
+def _migrate_options(alias: str) -> RunOptions:
     path = str(getattr(settings, "TENANT_BASE_MIGRATE_COMMAND", ""))
     options = dict(_default_migrate_options(path))
-    options.update(
-        database=alias,
-        verbosity=0,
-        interactive=False,
-        skip_checks=True,
-        create_missing=True,
-    )
-    return options
+    options.update(database=alias, verbosity=0, interactive=False, skip_checks=True)
+    return RunOptions(database=alias, migrate=options, verbosity=0, create_missing=True)
 
 
 def _has_domain(tenant: Any, alias: str, domain: str | None) -> bool:

@@ -10,15 +10,14 @@ from django.test.utils import override_settings
 from django_tenants.management.commands import SyncCommon
 from django_tenants.management.commands.migrate_schemas import MigrateSchemasCommand
 from django_tenants.utils import (
-    get_multi_type_database_field_name,
     get_public_schema_name,
     get_tenant_database_alias,
     get_tenant_migration_order,
-    get_tenant_model,
-    has_multi_type_tenants,
 )
 
-from tenantsafe import migrate, schemas
+from tenantsafe import migrate, schemas, tenants
+from tenantsafe.options import RunOptions
+from tenantsafe.results import PENDING, TenantRef
 
 
 class Command(MigrateSchemasCommand):  # type: ignore[misc]
@@ -46,19 +45,16 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
         # the unguarded executors, so the run itself is tenantsafe.migrate's.
         SyncCommon.handle(self, *args, **options)
         codename = self.executor or os.environ.get("EXECUTOR") or "standard"
-        # This command ran the system checks once already (unless skipped); migrate would run
-        # them again in every schema.
-        executor = migrate.Executor(codename, args, {**options, "skip_checks": True})
-        tenants = self._tenants() if self.sync_tenant else []
-        with _migrating_through(options["database"]):
-            summary = migrate.run(executor=executor, public=bool(self.sync_public), tenants=tenants)
-        verbosity = int(options["verbosity"])
+        opts = RunOptions.from_command(options, args=args, executor=codename)
+        refs = self._tenants(opts.database) if self.sync_tenant else []
+        with _migrating_through(opts.database):
+            summary = migrate.run(opts, public=bool(self.sync_public), tenants=refs)
         migrate.report(
             summary,
             stdout=self.stdout,
             stderr=self.stderr,
             style=self.style,
-            verbosity=verbosity,
+            verbosity=opts.verbosity,
             show_traceback=bool(options.get("traceback")),
         )
         failed = len(summary.failed) + len(summary.public_problems)
@@ -66,34 +62,27 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             raise CommandError(
                 f"{failed} of {len(summary.results)} schema(s) failed; see above.", returncode=1
             )
-        pending = summary.count(migrate.PENDING)
+        pending = summary.count(PENDING)
         if pending:
             raise CommandError(f"{pending} schema(s) have unapplied migrations.", returncode=1)
 
-    def _tenants(self) -> list[tuple[str, str]]:
+    def _tenants(self, alias: str) -> list[TenantRef]:
         public = get_public_schema_name()
-        model = get_tenant_model()
-        type_field = get_multi_type_database_field_name() if has_multi_type_tenants() else None
-        fields = ["schema_name", type_field] if type_field else ["schema_name"]
-        if self.schema_name and self.schema_name != public:
+        if self.schema_name == public:
+            return []
+        if self.schema_name:
             try:
                 schemas.validate(self.schema_name, owner="--schema")
             except schemas.SchemaNameError as exc:
                 raise CommandError(str(exc)) from exc
-            rows = list(model.objects.filter(schema_name=self.schema_name).values_list(*fields))
+            rows = tenants.refs(alias, schema=self.schema_name)
             if not rows and self.options.get("create_missing"):
                 raise CommandError(
                     f'No tenant row has schema "{self.schema_name}": --create-missing only '
                     "creates the schemas of tenant rows. Check the name, or create the tenant."
                 )
-            return [_pair(row) for row in rows] or [(self.schema_name, "")]
-        if self.schema_name == public:
-            return []
-        queryset = model.objects.exclude(schema_name=public)
-        order = get_tenant_migration_order()
-        if order is not None:
-            queryset = queryset.order_by(*order)
-        return [_pair(row) for row in queryset.values_list(*fields)]
+            return rows or [TenantRef(self.schema_name)]
+        return tenants.refs(alias, order=get_tenant_migration_order())
 
 
 def _migrating_through(alias: str) -> contextlib.AbstractContextManager[Any]:
@@ -102,7 +91,3 @@ def _migrating_through(alias: str) -> contextlib.AbstractContextManager[Any]:
     if alias == get_tenant_database_alias():
         return contextlib.nullcontext()
     return override_settings(TENANT_DB_ALIAS=alias)
-
-
-def _pair(row: tuple[Any, ...]) -> tuple[str, str]:
-    return (row[0], str(row[1]) if len(row) > 1 and row[1] is not None else "")

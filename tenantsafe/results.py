@@ -1,0 +1,41 @@
+"""What a run did, tenant by tenant: statuses and small frozen results (a leaf module)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+MIGRATED = "migrated"
+CURRENT = "current"
+PENDING = "pending"
+PLANNED = "planned"
+FAILED = "failed"
+
+
+class TenantRef(NamedTuple):
+    """A tenant as a run sees it: its schema and (with multi-type tenants) its type."""
+
+    schema: str
+    tenant_type: str = ""
+
+
+@dataclass(frozen=True)
+class TenantResult:
+    schema: str
+    status: str
+    error: str = ""
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class Summary:
+    results: tuple[TenantResult, ...] = ()
+    public_problems: tuple[str, ...] = ()
+    elapsed: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+    @property
+    def failed(self) -> list[TenantResult]:
+        return [r for r in self.results if r.status == FAILED]
