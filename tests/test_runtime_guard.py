@@ -650,9 +650,7 @@ WORKER = textwrap.dedent(
     import django
     django.setup()
     from django.conf import settings
-    from django.db import DatabaseError, connection, connections, transaction
-from django.db.backends.postgresql.psycopg_any import is_psycopg3
-from django.test.utils import CaptureQueriesContext
+    from django.db import connection, connections, transaction
     from django.test import Client as HttpClient
     from testproject.customers.models import Client
     from testproject.notes.models import Note
@@ -875,3 +873,144 @@ def test_non_transactional_statement_through_pgbouncer_names_the_fix(pooled_site
         'PooledStatementError: Schema "w0": "VACUUM shop_product" cannot run inside a '
         "transaction block" in result.stderr
     )
+
+
+# Server-side cursors, COPY and callproc: the calls execute wrappers do not see, and the one a
+# pooler cannot carry across transactions.
+STREAM_WORKER = textwrap.dedent(
+    """
+    import io, json, sys, threading
+    import django
+    django.setup()
+    from django.conf import settings
+    from django.db import connection
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+    from testproject.customers.models import Client
+    from testproject.shop.models import Product
+
+    settings.TENANTSAFE_RUNTIME_GUARD = True
+    rounds = int(sys.argv[1])
+    seeded = json.loads(sys.argv[2])
+    results = {}
+
+    def work(schema):
+        counts = {"reads": 0, "wrong": 0, "errors": 0, "left_open": 0, "copied": 0}
+        samples = []
+
+        def check(what, got, expected):
+            counts["reads"] += 1
+            if got != expected:
+                counts["wrong"] += 1
+                samples.append(f"{what}: {got!r} != {expected!r}")
+
+        connection.set_schema_to_public()
+        tenant = Client.objects.get(schema_name=schema)
+        own = [f"{schema}-{n}" for n in range(seeded[schema])]
+        for i in range(rounds):
+            try:
+                connection.set_tenant(tenant)
+                # One FETCH per row, each a chance for a pooler to switch server connections.
+                check("iterator", sorted(p.name for p in Product.objects.iterator(chunk_size=1)),
+                      own)
+                with connection.chunked_cursor() as cursor:
+                    cursor.execute("SELECT current_schema(), name FROM shop_product")
+                    check("fetchmany", sorted(cursor.fetchmany(2) + cursor.fetchall()),
+                          [(schema, name) for name in own])
+
+                # Abandoned half-way, never closed: its transaction ends at the next use.
+                cursor = connection.chunked_cursor()
+                cursor.execute("SELECT name FROM shop_product ORDER BY name")
+                check("abandoned", cursor.fetchone(), (own[0],))
+                del cursor
+                check("next use", Product.objects.count(), len(own))
+                if connection.connection.info.transaction_status != 0:
+                    counts["left_open"] += 1
+
+                with connection.cursor() as cursor:
+                    title = f"{schema}:{i}:copy"
+                    if is_psycopg3:
+                        with cursor.copy(
+                            "COPY notes_note (title, body, pinned) FROM STDIN"
+                        ) as copy:
+                            copy.write_row((title, "", False))
+                    else:
+                        cursor.copy_from(io.StringIO(f"{title}\\t\\tf\\n"), "notes_note",
+                                         columns=["title", "body", "pinned"])
+                    counts["copied"] += 1
+                    if is_psycopg3:
+                        with cursor.copy("COPY notes_note (title) TO STDOUT") as copy:
+                            titles = [row[0] for row in copy.rows()]
+                    else:
+                        out = io.StringIO()
+                        cursor.copy_expert("COPY notes_note (title) TO STDOUT", out)
+                        titles = out.getvalue().split()
+                    check("copy to", (len(titles), all(t.startswith(schema + ":")
+                          for t in titles)), (counts["copied"], True))
+
+                    cursor.callproc("tenantsafe_schema")
+                    check("callproc", cursor.fetchone(), (schema,))
+            except Exception as exc:
+                counts["errors"] += 1
+                samples.append(f"{type(exc).__name__}: {exc}"[:200])
+        connection.close()
+        results[schema] = {**counts, "samples": samples[:5]}
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in sys.argv[3:]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(json.dumps(results))
+    """
+)
+
+
+@pytest.mark.pooler
+@pytest.mark.slow
+def test_server_side_cursors_copy_and_callproc_through_pgbouncer_stay_in_their_tenant(
+    pooled_site,
+):
+    direct, pooled = pooled_site
+    clear_notes(direct)
+    with connect(direct) as conn:
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION public.tenantsafe_schema() RETURNS text "
+            "LANGUAGE sql AS 'SELECT current_schema()::text'"
+        )
+    env = {**os.environ, **POOLER_SAFE, "DATABASE_URL": pooled}
+    rounds = 25
+    busy = [f'"{schema}", public' for schema in WORKER_TENANTS] + ["public"]
+    with pool_load(pooled, busy, clients=3):
+        # Two processes, three threads each: six tenants interleaved on a pool of eight.
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", STREAM_WORKER, str(rounds), json.dumps(SEEDED), *group],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for group in (WORKER_TENANTS[:3], WORKER_TENANTS[3:])
+        ]
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+        # No server connection was left inside a transaction.
+        with connect(direct) as conn:
+            stuck = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+            ).fetchone()[0]
+    results: dict[str, dict[str, Any]] = {}
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        results.update(json.loads(out.strip().splitlines()[-1]))
+
+    assert stuck == 0
+    for schema, result in results.items():
+        assert (result["wrong"], result["errors"], result["left_open"]) == (0, 0, 0), (
+            schema,
+            result["samples"],
+        )
+        assert result["reads"] == rounds * 6
+    for schema, titles in notes_by_schema(direct).items():
+        assert sorted(titles) == sorted(f"{schema}:{i}:copy" for i in range(rounds))
