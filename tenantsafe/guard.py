@@ -716,16 +716,19 @@ def _user_query(connection: Any, last_executed_query: Callable[..., Any]) -> Cal
 
 
 def _ending_stream(
-    method: Callable[..., Any], connection: Any, *, keep_rows: bool = True
+    method: Callable[..., Any], connection: Any, *, keep_rows: bool = True, cleanup: bool = False
 ) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _state(connection).stream is not None:
-            if keep_rows:
-                _end_stream(connection)
+            if not cleanup:
+                _end_stream(connection, keep_rows=keep_rows)
             else:
-                # Closing anyway: a broken connection must not keep it open.
-                with contextlib.suppress(Exception):
-                    _end_stream(connection, keep_rows=False)
+                try:
+                    _end_stream(connection, keep_rows=keep_rows)
+                except Exception:
+                    # Closing or checking the connection anyway: one that could not end the
+                    # transaction is unusable, and Django closes it.
+                    connection.errors_occurred = True
         return method(*args, **kwargs)
 
     return wrapper
@@ -765,10 +768,13 @@ def install(connection: BaseDatabaseWrapper | None = None, **kwargs: Any) -> Non
         setattr(connection, name, _resetting(getattr(connection, name), state))
     # A stream's transaction must end before Django starts or ends one of its own, and at
     # request boundaries (the connection may sit unused until the next request).
-    for name in ("commit", "rollback", "set_autocommit", "close_if_unusable_or_obsolete"):
+    for name in ("commit", "rollback", "set_autocommit"):
         setattr(connection, name, _ending_stream(getattr(connection, name), connection))
+    connection.close_if_unusable_or_obsolete = _ending_stream(  # type: ignore[method-assign]
+        connection.close_if_unusable_or_obsolete, connection, cleanup=True
+    )
     connection.close = _ending_stream(  # type: ignore[method-assign]
-        connection.close, connection, keep_rows=False
+        connection.close, connection, keep_rows=False, cleanup=True
     )
     connection._tenantsafe_installed = True  # type: ignore[attr-defined]
 
