@@ -32,8 +32,9 @@ transaction is aborted before the statement runs; the error is re-raised as
 What execute wrappers do not see, the guard's cursor wrapper class (:class:`_GuardedCursor`, put
 on every cursor by the connection's ``make_cursor``/``make_debug_cursor``) covers:
 
-* ``copy()`` (psycopg 3), ``copy_expert``/``copy_from``/``copy_to`` (psycopg2) and ``callproc``
-  run pinned: in autocommit inside ``BEGIN; <check>`` ... ``COMMIT`` of their own.
+* ``copy()`` and ``stream()`` (psycopg 3), ``copy_expert``/``copy_from``/``copy_to`` (psycopg2)
+  and ``callproc`` run pinned: in autocommit inside ``BEGIN; <check>`` ... ``COMMIT`` of their
+  own.
 * A server-side cursor opened in autocommit through a pooler cannot live in the session (its
   FETCHes would reach other server connections), so its DECLARE runs in a transaction the guard
   opens and pins (a *stream*), kept open while the cursor is read. It ends (CLOSE, COMMIT) when
@@ -574,6 +575,11 @@ class _GuardedCursor(CursorWrapper):
         )
         with debug, _pinned(self), self.cursor.copy(statement, params, **kwargs) as copy:
             yield copy
+
+    def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
+        # psycopg 3's single-row mode: pinned from the first row to the last.
+        with _pinned(self):
+            yield from self.cursor.stream(query, params, **kwargs)
 
     def copy_expert(self, sql: Any, file: Any, *args: Any, **kwargs: Any) -> Any:
         with _pinned(self):

@@ -572,6 +572,23 @@ def test_copy_inside_atomic_and_after_a_failed_copy(tenants):
 
 
 @pytest.mark.usefixtures("runtime_guard")
+def test_stream_runs_with_the_tenants_path(tenants):
+    if not is_psycopg3:
+        pytest.skip("cursor.stream() is psycopg 3's")
+    connection.set_tenant(tenants["alpha"])
+    query = "SELECT current_schema(), name FROM shop_product ORDER BY name"
+    with connection.cursor() as cursor:
+        on_server_connection("beta")
+        assert list(cursor.stream(query)) == [("alpha", name) for name in PRODUCTS["alpha"]]
+        assert transaction_status() == IDLE
+        on_server_connection("beta")
+        rows = cursor.stream(query)
+        assert next(rows) == ("alpha", "alpha-0")
+        rows.close()
+        assert transaction_status() == IDLE
+
+
+@pytest.mark.usefixtures("runtime_guard")
 def test_callproc_runs_with_the_tenants_path(tenants):
     connection.set_tenant(tenants["alpha"])
     with connection.cursor() as cursor:
