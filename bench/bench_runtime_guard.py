@@ -13,9 +13,13 @@ Prepares one database with a migrated tenant, then measures, directly and throug
   as for named cursors, and as the guard ran every statement before the merged check), to show
   what the default strategy saves.
 
+Workloads: ``orm get``, ``raw cursor``, ``atomic x5`` (queries per second) and ``iterator``
+(``QuerySet.iterator(chunk_size=2000)`` over 20,000 rows in autocommit, rows per second; through
+pgbouncer the guard reads it in a transaction of its own, see ``tenantsafe.guard``).
+
 Variants run interleaved, ``--rounds`` times, and each reports its median. Round trips per
-query are counted separately through a small TCP relay that counts request bursts (the client
-sending after it has received), so they are measured, not assumed.
+query (per call for ``iterator``) are counted separately through a small TCP relay that counts
+request bursts (the client sending after it has received), so they are measured, not assumed.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from typing import Any
 from bench._db import median, server
 
 VARIANTS = ["default", "guard", "guard+limit", "guard/pipeline", "guard/steps"]
-WORKLOADS = ["orm get", "raw cursor", "atomic x5"]
+WORKLOADS = ["orm get", "raw cursor", "atomic x5", "iterator"]
+ITERATOR_ROWS = 20_000
 POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
 
 
@@ -87,6 +92,7 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
 
     from tenantsafe import guard
     from testproject.customers.models import Client
+    from testproject.notes.models import Note
     from testproject.shop.models import Product
 
     tenant = Client.objects.get(schema_name="bench")
@@ -108,10 +114,18 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
             for j in range(5):
                 Product.objects.get(pk=ids[(i + j) % len(ids)])
 
+    notes = Note.objects.count()
+
+    def iterator(i: int) -> None:
+        # A server-side cursor, as management commands and exports stream.
+        count = sum(1 for _ in Note.objects.iterator(chunk_size=2000))
+        assert count == notes, count
+
     workloads: dict[str, tuple[Callable[[int], None], int]] = {
         "orm get": (orm_get, 1),
         "raw cursor": (raw_cursor, 1),
         "atomic x5": (atomic_x5, 5),
+        "iterator": (iterator, ITERATOR_ROWS),
     }
 
     @contextlib.contextmanager
@@ -132,7 +146,7 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
     for round_no in range(rounds):
         order = VARIANTS if round_no % 2 == 0 else VARIANTS[::-1]
         for workload, (fn, per_call) in workloads.items():
-            calls = max(1, queries // per_call)
+            calls = max(2, queries // per_call)
             for name in order:
                 with variant(name):
                     for i in range(min(50, calls)):
@@ -151,13 +165,15 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
     connection.settings_dict["HOST"], connection.settings_dict["PORT"] = "127.0.0.1", relay.port
     trips: dict[str, dict[str, float]] = {w: {} for w in workloads}
     for workload, (fn, per_call) in workloads.items():
+        # The iterator is counted per call (10 chunks of 2,000 rows), the others per query.
+        calls, per = (3, 1) if workload == "iterator" else (100, per_call)
         for name in VARIANTS:
             with variant(name):
                 fn(0)
                 before = relay.bursts
-                for i in range(100):
+                for i in range(calls):
                     fn(i)
-                trips[workload][name] = (relay.bursts - before) / (100 * per_call)
+                trips[workload][name] = (relay.bursts - before) / (calls * per)
     connection.close()
     return {
         "qps": {w: {v: median(r) for v, r in by.items()} for w, by in rates.items()},
@@ -188,6 +204,11 @@ def prepare(url: str) -> None:
                 "INSERT INTO bench.shop_product (name, sku, price_cents) VALUES (%s, '', %s)",
                 [f"product {n}", n],
             )
+        conn.execute(
+            "INSERT INTO bench.notes_note (title, body, pinned) "
+            "SELECT 'note ' || n, repeat('x', 100), n % 2 = 0 "
+            f"FROM generate_series(1, {ITERATOR_ROWS}) n"
+        )
 
 
 def run_worker(url: str, queries: int, rounds: int) -> dict[str, Any]:
@@ -206,7 +227,10 @@ def run_worker(url: str, queries: int, rounds: int) -> dict[str, Any]:
 
 
 def report(endpoint: str, data: dict[str, Any]) -> None:
-    print(f"\n{endpoint}: queries per second (median), ratio to default, round trips per query")
+    print(
+        f"\n{endpoint}: queries (iterator: rows) per second (median), ratio to default, "
+        "round trips per query (iterator: per call)"
+    )
     header = f"  {'workload':<11}" + "".join(f"{v:>22}" for v in VARIANTS)
     print(header)
     for workload in WORKLOADS:
@@ -242,6 +266,14 @@ def main() -> None:
             report(label, data)
         ratio = results["direct"]["ratio"]["orm get"]["guard"]
         print(f"\nguard / default, ORM autocommit queries, direct: {ratio:.2f} (target >= 0.80)")
+        if "pgbouncer" in results:
+            # Different processes, one after the other: medians, not paired rounds.
+            pooled = results["pgbouncer"]["qps"]["iterator"]["guard"]
+            unguarded = results["direct"]["qps"]["iterator"]["default"]
+            print(
+                f"iterator(), guard through pgbouncer / default direct: {pooled / unguarded:.2f} "
+                f"({pooled:.0f} / {unguarded:.0f} rows per second; target >= 0.80)"
+            )
 
 
 if __name__ == "__main__":
