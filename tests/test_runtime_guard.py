@@ -621,12 +621,18 @@ def test_connection_queries_hold_the_statement_the_code_ran(tenants):
         assert Product.objects.filter(name__startswith="alpha").count() == 2
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM shop_product WHERE name LIKE %s", ["%-%"])
-    # django-tenants' own SET search_path when a cursor opens, and the two statements.
+            if is_psycopg3:
+                with cursor.copy("COPY shop_product (name) TO STDOUT") as copy:
+                    assert len(list(copy.rows())) == 2
+            else:
+                cursor.copy_expert("COPY shop_product (name) TO STDOUT", io.StringIO())
+    # django-tenants' own SET search_path when a cursor opens, and the three statements.
     statements = [q["sql"] for q in queries.captured_queries if not q["sql"].startswith("SET ")]
     assert statements == [
         'SELECT COUNT(*) AS "__count" FROM "shop_product" WHERE "shop_product"."name"::text '
         "LIKE 'alpha%'",
         "SELECT count(*) FROM shop_product WHERE name LIKE '%-%'",
+        "COPY shop_product (name) TO STDOUT",
     ]
 
 
