@@ -564,11 +564,27 @@ def test_copy_inside_atomic_and_after_a_failed_copy(tenants):
     with transaction.atomic(), connection.cursor() as cursor:
         on_server_connection("beta")
         copy_in(cursor, ["name", "sku", "price_cents"], ("in-atomic", "", "0"))
+    with transaction.atomic(), connection.cursor() as cursor:
+        on_server_connection("beta")
+        # Pinned by the statement before it, in the same transaction.
+        assert Product.objects.count() == len(PRODUCTS["alpha"]) + 1
+        copy_in(cursor, ["name", "sku", "price_cents"], ("after-a-statement", "", "0"))
     with connection.cursor() as cursor, pytest.raises(Exception, match="nosuchcolumn"):
         copy_in(cursor, ["nosuchcolumn"], ("x",))
     # The COPY's own transaction was rolled back, not left aborted.
     assert transaction_status() == IDLE
-    assert names("alpha") == sorted([*PRODUCTS["alpha"], "in-atomic"])
+    assert names("alpha") == sorted([*PRODUCTS["alpha"], "in-atomic", "after-a-statement"])
+
+
+def test_without_the_guard_cursors_behave_as_django_makes_them(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM shop_product ORDER BY name")
+        assert [row[0] for row in cursor] == PRODUCTS["alpha"]
+        copy_in(cursor, ["name", "sku", "price_cents"], ("plain", "", "0"))
+    assert sorted(p.name for p in Product.objects.iterator(chunk_size=1)) == sorted(
+        [*PRODUCTS["alpha"], "plain"]
+    )
 
 
 @pytest.mark.usefixtures("runtime_guard")
