@@ -600,12 +600,19 @@ class _GuardedCursor(CursorWrapper):
         except AttributeError:
             return getattr(self.cursor, name)
 
+    # Not streaming (almost always): as Django's wrapper, one attribute check more.
     def fetchone(self) -> Any:
+        if self._tenantsafe_stream is None and self._tenantsafe_rows is None:
+            with self.db.wrap_database_errors:
+                return self.cursor.fetchone()
         if self._tenantsafe_rows is not None:
             return self._tenantsafe_rows.popleft() if self._tenantsafe_rows else None
         return self._tenantsafe_read(self.cursor.fetchone, lambda row: row is None)
 
     def fetchmany(self, size: int | None = None) -> Any:
+        if self._tenantsafe_stream is None and self._tenantsafe_rows is None:
+            with self.db.wrap_database_errors:
+                return self.cursor.fetchmany(size) if size else self.cursor.fetchmany()
         size = size or self.cursor.arraysize
         if self._tenantsafe_rows is not None:
             rows = self._tenantsafe_rows
@@ -615,6 +622,9 @@ class _GuardedCursor(CursorWrapper):
         )
 
     def fetchall(self) -> Any:
+        if self._tenantsafe_stream is None and self._tenantsafe_rows is None:
+            with self.db.wrap_database_errors:
+                return self.cursor.fetchall()
         if self._tenantsafe_rows is not None:
             rows = list(self._tenantsafe_rows)
             self._tenantsafe_rows.clear()
@@ -636,9 +646,6 @@ class _GuardedCursor(CursorWrapper):
         self.cursor.close()
 
     def _tenantsafe_read(self, fetch: Callable[[], Any], done: Callable[[Any], bool]) -> Any:
-        if self._tenantsafe_stream is None:
-            with self.db.wrap_database_errors:
-                return fetch()
         try:
             with self.db.wrap_database_errors:
                 result = fetch()
