@@ -226,7 +226,7 @@ def _terms_sql(terms: Terms) -> str:
 def _fence_exists(fence: Fence) -> str:
     return (
         f"EXISTS (SELECT 1 FROM {fence.table} WHERE schema_name = "  # noqa: S608
-        f"{schemas.literal(fence.schema)} AND token = {schemas.literal(fence.token)} "
+        f"{schemas.literal(fence.key)} AND token = {schemas.literal(fence.token)} "
         "FOR KEY SHARE)"
     )
 

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import re
-import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -99,17 +98,14 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
     # Guarded throughout: behind a transaction pooler even the row lookups need their path.
     with guard.guarding(alias), _own_connection(alias):
         tenant = _ready(model, alias, schema_name, domain)
-        for pause in locks.pauses() if tenant is None else ():
-            with transaction.atomic(using=alias):
-                if locks.try_lock(connections[alias], locks.CREATE_TENANT, schema_name):
-                    tenant = _without_migrating(model, alias, schema_name, domain, fields)
-                    break
-            time.sleep(pause)
         if tenant is None:
-            # Migrating commits as it goes: the tenant's lease (what migrate_schemas_safe
-            # takes too) keeps other processes out meanwhile.
+            # The tenant's lease (what migrate_schemas_safe takes too) keeps other processes
+            # out, also while migrating commits as it goes.
             with locks.leased(alias, schema_name, purpose="create_tenant") as lease:
-                tenant = _migrating(model, alias, schema_name, domain, fields, lease)
+                with transaction.atomic(using=alias):
+                    tenant = _without_migrating(model, alias, schema_name, domain, fields, lease)
+                if tenant is None:
+                    tenant = _migrating(model, alias, schema_name, domain, fields, lease)
                 lease.complete()
     tenant._skip_auto_migrate = True
     return tenant
@@ -152,7 +148,12 @@ def _ready(model: type[Model], alias: str, schema: str, domain: str | None) -> A
 
 
 def _without_migrating(
-    model: type[Model], alias: str, schema: str, domain: str | None, fields: dict[str, Any]
+    model: type[Model],
+    alias: str,
+    schema: str,
+    domain: str | None,
+    fields: dict[str, Any],
+    lease: locks.Lease,
 ) -> Any:
     """Under the lock, in one transaction: the tenant, if it needs no migration; else None."""
     tenant = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
@@ -172,7 +173,8 @@ def _without_migrating(
         if schemas.exists(alias, schema):
             # Another process finished it while we waited for the lock, or only the domain
             # was missing; otherwise the schema is behind.
-            return tenant if plan.is_current(alias, schema, tenants.tenant_type(tenant)) else None
+            current = plan.is_current(alias, schema, tenants.tenant_type(tenant), lease=lease)
+            return tenant if current else None
         if not _replayed(tenant, alias):
             return None
     transaction.on_commit(functools.partial(_schema_synced, tenant), using=alias)
@@ -192,7 +194,7 @@ def _migrating(
     if tenant is not None:
         _ensure_domain(tenant, alias, domain)
         if schemas.exists(alias, schema):
-            if not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
+            if not plan.is_current(alias, schema, tenants.tenant_type(tenant), lease=lease):
                 logger.info("tenantsafe: schema %s is behind its migrations; migrating", schema)
                 _migrate(tenant, alias, lease, record=False)
             return tenant
@@ -206,7 +208,7 @@ def _migrating(
     tenant.save(verbosity=0, using=alias)
     try:
         _ensure_domain(tenant, alias, domain)
-        if fresh or not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
+        if fresh or not plan.is_current(alias, schema, tenants.tenant_type(tenant), lease=lease):
             _migrate(tenant, alias, lease, record=fresh)
     except BaseException:
         with contextlib.suppress(Exception):
