@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -31,10 +32,28 @@ from tests.dbtools import (
     manage,
     pool_load,
     pooled_url,
+    scalar,
+    sql,
     with_dbname,
 )
 
-pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
+pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
+
+
+@pytest.fixture
+def fresh_recordings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No recording left by an earlier test, in the database or in the file xdist workers
+    share (this process's and its subprocesses' temporary directory is the test's own)."""
+
+    def forget() -> None:
+        if scalar("SELECT to_regclass('public.tenantsafe_recording') IS NOT NULL"):
+            sql("DELETE FROM public.tenantsafe_recording")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    forget()
+    yield
+    forget()
 
 
 def url() -> str:
@@ -43,12 +62,6 @@ def url() -> str:
 
 def exists(schema: str) -> bool:
     return schemas.exists("default", schema)
-
-
-def sql(statement: str) -> None:
-    connection.set_schema_to_public()
-    with connection.cursor() as cursor:
-        cursor.execute(statement)
 
 
 @pytest.fixture
@@ -439,9 +452,6 @@ def _wait_for(condition: Any, procs: list[subprocess.Popen[str]], timeout: float
 
 
 def test_a_migration_that_reads_the_tenant_row_is_never_replayed(monkeypatch, migrations_run):
-    from tenantsafe import _template
-
-    monkeypatch.setattr(_template, "_templates", {})
     monkeypatch.setenv("TESTPROJECT_NOTE_TENANT_PK", "1")
     first = create_tenant("first", name="First")
     second = create_tenant("second", name="Second")
