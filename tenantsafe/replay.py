@@ -382,8 +382,10 @@ def _built(
                     f'tenant of schema "{recorder.schema}"'
                 )
         if problem:
-            return Recording(state, tenant_type, "", "", problem)
+            break
         kept.append(_Statement(sql, statement.params, statement.many))
+    if problem:
+        return Recording(state, tenant_type, "", "", problem)
     connection: Any = connections[alias]
     connection.ensure_connection()
     sql = _batch(connection.connection, kept)
