@@ -15,14 +15,15 @@ from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
 from tenantsafe import schemas
 from tenantsafe.provisioning import ProvisionError, provision
 from testproject.customers.models import Client, Domain
+from tests import test_testing
 from tests.dbtools import connect, fingerprint, manage, scalar, sql
-from tests.test_testing import (  # noqa: F401 - fixtures
-    extra_migration,
-    fresh_recordings,
-    migrations_run,
-    reference,
-    url,
-)
+
+# create_tenant's fixtures, shared (they would live in conftest.py).
+url = test_testing.url
+extra_migration = test_testing.extra_migration
+fresh_recordings = test_testing.fresh_recordings
+migrations_run = test_testing.migrations_run
+reference = test_testing.reference
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
 
