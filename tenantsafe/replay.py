@@ -24,6 +24,7 @@ schemas, :func:`recording_for` to look.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -202,9 +203,14 @@ def discard(alias: str, state: str, tenant_type: str, problem: str) -> None:
 
 
 # The file xdist workers of one test session share (each has a database of its own). Only
-# create_tenant turns it on: a production process has one database and needs none.
+# create_tenant turns it on: a production process has one database and needs none. A worker
+# that finds no file takes the file's lock and keeps it until it has recorded (or gave up), so
+# the others wait for its recording instead of migrating too.
 
 _share_files = False
+_file_locks: dict[Path, Any] = {}
+# How long a worker waits for another one's recording before it migrates itself.
+_FILE_WAIT = 600.0
 
 
 @contextlib.contextmanager
@@ -215,6 +221,9 @@ def sharing_files() -> Iterator[None]:
         yield
     finally:
         _share_files = previous
+        if not previous:
+            for path in list(_file_locks):
+                _unlock(path)
 
 
 def _file(state: str, tenant_type: str) -> Path:
@@ -222,11 +231,9 @@ def _file(state: str, tenant_type: str) -> Path:
     return Path(tempfile.gettempdir()) / f"tenantsafe-recordings-{os.getuid()}" / f"{name}.json"
 
 
-def _from_file(state: str, tenant_type: str) -> Recording | None:
-    if not _share_files:
-        return None
+def _read_file(path: Path, state: str, tenant_type: str) -> Recording | None:
     try:
-        data = json.loads(_file(state, tenant_type).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if data.get("state") != state or data.get("tenant_type") != tenant_type:
@@ -234,24 +241,65 @@ def _from_file(state: str, tenant_type: str) -> Recording | None:
     return Recording(state, tenant_type, str(data["sql"]), str(data["fingerprint"]))
 
 
+def _from_file(state: str, tenant_type: str) -> Recording | None:
+    """The shared file's recording; without one, this process is to record it (it takes the
+    file's lock, waiting while another process holds it) and None."""
+    if not _share_files:
+        return None
+    path = _file(state, tenant_type)
+    if path in _file_locks:
+        return None
+    found = _read_file(path, state, tenant_type)
+    if found is not None:
+        return found
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    handle = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - kept while recording
+    deadline = time.monotonic() + _FILE_WAIT
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                return None
+            time.sleep(0.05)
+    found = _read_file(path, state, tenant_type)
+    if found is not None:
+        handle.close()
+        return found
+    _file_locks[path] = handle
+    return None
+
+
+def _unlock(path: Path) -> None:
+    handle = _file_locks.pop(path, None)
+    if handle is not None:
+        handle.close()
+
+
 def _to_file(recording: Recording) -> None:
-    if not _share_files or recording.problem:
+    if not _share_files:
         return
     path = _file(recording.state, recording.tenant_type)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(
-        json.dumps(
-            {
-                "state": recording.state,
-                "tenant_type": recording.tenant_type,
-                "sql": recording.sql,
-                "fingerprint": recording.fingerprint,
-            }
-        )
-    )
-    # Atomic: a worker reads the whole recording or none.
-    temporary.replace(path)
+    try:
+        if not recording.problem:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            temporary.write_text(
+                json.dumps(
+                    {
+                        "state": recording.state,
+                        "tenant_type": recording.tenant_type,
+                        "sql": recording.sql,
+                        "fingerprint": recording.fingerprint,
+                    }
+                )
+            )
+            # Atomic: a worker reads the whole recording or none.
+            temporary.replace(path)
+    finally:
+        _unlock(path)
 
 
 def _remove_file(state: str, tenant_type: str) -> None:
@@ -344,8 +392,10 @@ def record(alias: str, tenant: Any) -> Iterator[None]:
     recording = _built(alias, state, tenant_type, recorder, _identifying(tenant, alias))
     if recording.problem:
         discard(alias, state, tenant_type, recording.problem)
-        return
-    _store(alias, recording)
+    else:
+        _store(alias, recording)
+    # Releases the shared file's lock either way: the other workers go on (and migrate, when
+    # it was refused).
     _to_file(recording)
 
 
@@ -550,6 +600,10 @@ def replay(alias: str, tenant: Any) -> bool:
         )
         return False
     except DatabaseError as exc:
+        if _sqlstate(exc) == "42P06":
+            # The schema appeared meanwhile (another process provisioned it): not the
+            # recording's fault.
+            return False
         # Something in the recording depends on more than the schema (a row a data
         # migration read in public, say): stop trusting it and migrate instead.
         discard(alias, recording.state, tenant_type, f"replaying it into {schema} failed: {exc}")
@@ -561,3 +615,8 @@ def replay(alias: str, tenant: Any) -> bool:
         (time.perf_counter() - started) * 1000,
     )
     return True
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    cause = exc.__cause__ or exc
+    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)

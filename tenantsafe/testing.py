@@ -96,6 +96,8 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
     # Guarded throughout: behind a transaction pooler even the row lookups need their path.
     with guard.guarding(alias), replay.sharing_files(), _own_connection(alias):
         tenant = _ready(model, alias, schema_name, domain)
+        if tenant is None:
+            _wait_for_recording(model, alias, schema_name, fields)
         for pause in locks.pauses() if tenant is None else ():
             with transaction.atomic(using=alias):
                 if locks.try_lock(connections[alias], locks.CREATE_TENANT, schema_name):
@@ -146,6 +148,15 @@ def _ready(model: type[Model], alias: str, schema: str, domain: str | None) -> A
     if not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
         return None
     return tenant
+
+
+def _wait_for_recording(
+    model: type[Model], alias: str, schema: str, fields: dict[str, Any]
+) -> None:
+    # Outside any transaction: while another xdist worker records the migration state, this
+    # waits for its recording (holding no snapshot or lock the recorder could wait for).
+    row = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
+    replay.recording_for(alias, tenants.tenant_type(row or _unsaved(model, schema, fields)))
 
 
 def _without_migrating(
