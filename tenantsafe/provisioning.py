@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import uuid
 from typing import Any
 
 from django.conf import settings
@@ -25,8 +26,10 @@ from django_tenants.models import TenantMixin
 from django_tenants.signals import post_schema_sync
 from django_tenants.utils import (
     get_creation_fakes_migrations,
+    get_multi_type_database_field_name,
     get_tenant_base_migrate_command_class,
     get_tenant_database_alias,
+    get_tenant_model,
 )
 
 from tenantsafe import conf, guard, locks, migrate, replay, schemas, tenants
@@ -38,7 +41,7 @@ logger = logging.getLogger("tenantsafe.provisioning")
 REPLAYED = "replayed"
 MIGRATED = "migrated"
 
-__all__ = ["MIGRATED", "REPLAYED", "ProvisionError", "provision"]
+__all__ = ["MIGRATED", "REPLAYED", "ProvisionError", "ensure_recording", "provision"]
 
 
 class ProvisionError(RuntimeError):
@@ -174,6 +177,50 @@ def _provision_schema(tenant: Any, alias: str, verbosity: int = 1) -> str:
         lease.complete()
     logger.info("schema %s: provisioned by migrating", tenant.schema_name)
     return MIGRATED
+
+
+def ensure_recording(alias: str | None = None, tenant_type: str = "") -> bool:
+    """Record the current migration state if nothing is recorded for it yet, by migrating a
+    scratch schema that is dropped afterwards, so that the first signup after a deploy replays
+    too. True when a usable recording exists afterwards.
+
+    A migration that needs its tenant's row (the scratch schema has none) fails here; then
+    nothing is recorded, and the first new tenant is migrated (and recorded, if it can be).
+    """
+    alias = alias or get_tenant_database_alias()
+    with guard.guarding(alias):
+        found = replay.recording_for(alias, tenant_type)
+        if found is None:
+            _record_scratch(alias, tenant_type)
+            found = replay.recording_for(alias, tenant_type)
+    return found is not None and not found.problem
+
+
+def _record_scratch(alias: str, tenant_type: str) -> None:
+    scratch = f"tenantsafe_scratch_{uuid.uuid4().hex[:12]}"
+    tenant = get_tenant_model()(schema_name=scratch)
+    if tenant_type:
+        setattr(tenant, get_multi_type_database_field_name(), tenant_type)
+    try:
+        with locks.leased(alias, scratch, purpose="record") as lease:
+            migrate_schema(tenant, alias, lease, record=True)
+            lease.complete()
+    except ProvisionError as exc:
+        logger.warning(
+            "tenantsafe: could not record the migration state on a scratch schema; the next "
+            "new tenant is migrated instead: %s",
+            exc.error,
+        )
+    finally:
+        connection: Any = connections[alias]
+        connection.set_schema_to_public()
+        with connection.cursor() as cursor:
+            cursor.execute("DROP SCHEMA IF EXISTS %s CASCADE" % schemas.quote(scratch))
+            # A failed run leaves its lease row, for a schema that is gone now.
+            cursor.execute(
+                f"DELETE FROM {locks.table()} WHERE schema_name = %s",  # noqa: S608
+                [scratch],
+            )
 
 
 def migrate_schema(tenant: Any, alias: str, lease: locks.Lease, *, record: bool) -> None:

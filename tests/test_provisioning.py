@@ -13,7 +13,7 @@ from django.test.utils import override_settings
 from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
 
 from tenantsafe import schemas
-from tenantsafe.provisioning import ProvisionError, provision
+from tenantsafe.provisioning import ProvisionError, ensure_recording, provision
 from testproject.customers.models import Client, Domain
 from tests import test_testing
 from tests.dbtools import connect, fingerprint, manage, scalar, sql
@@ -243,3 +243,43 @@ def test_inside_a_transaction_the_replayed_schema_commits_with_the_row(reference
     assert fingerprint(url(), "kept") == reference
     assert not exists("dropped")
     assert not Client.objects.filter(schema_name="dropped").exists()
+
+
+def scratch_schemas() -> list[tuple[Any, ...]]:
+    return sql("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenantsafe\\_scratch%%'")
+
+
+def leases() -> int:
+    return int(scalar("SELECT count(*) FROM public.tenantsafe_lease"))
+
+
+def test_ensure_recording_makes_the_first_signup_a_replay(reference, migrations_run):
+    migrations_run.clear()
+
+    assert ensure_recording() is True
+    assert ensure_recording() is True
+
+    # One scratch schema was migrated, and dropped.
+    assert len(migrations_run) == 1
+    assert migrations_run[0].startswith("tenantsafe_scratch_")
+    assert scratch_schemas() == []
+    assert leases() == 0
+    assert provision(Client(schema_name="first", name="First")) == "replayed"
+    assert len(migrations_run) == 1
+    assert fingerprint(url(), "first") == reference
+
+
+def test_ensure_recording_leaves_nothing_when_a_migration_needs_its_tenant(
+    monkeypatch, migrations_run
+):
+    monkeypatch.setenv("TESTPROJECT_NOTE_TENANT_PK", "1")
+
+    assert ensure_recording() is False
+
+    assert scratch_schemas() == []
+    assert leases() == 0
+    assert recordings() == []
+    migrations_run.clear()
+    first = Client(schema_name="first", name="First")
+    assert provision(first) == "migrated"
+    assert sql("SELECT body FROM first.notes_note") == [(f"tenant {first.pk}",)]
