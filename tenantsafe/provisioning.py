@@ -66,9 +66,20 @@ def provision(tenant: Any) -> str:
             f"provision({tenant.schema_name!r}): the tenant has _skip_auto_migrate set, which "
             "forbids creating its schema; clear it first."
         )
+    alias = get_tenant_database_alias()
+    # Guarded throughout: behind a transaction pooler even django-tenants' row checks in
+    # save() need their path.
+    with guard.guarding(alias):
+        return _provision(tenant, alias)
+
+
+def _provision(tenant: Any, alias: str) -> str:
     if tenant._state.adding:
         _arm(tenant, forced=True)
-        tenant.save()
+        try:
+            tenant.save()
+        finally:
+            _disarm(tenant)
         how: str = tenant.__dict__.pop("_tenantsafe_provisioned", "")
         if not how:
             # TenantMixin.save() did not create the schema (it already existed).
@@ -77,7 +88,6 @@ def provision(tenant: Any) -> str:
                 "already; nothing was provisioned."
             )
         return how
-    alias = get_tenant_database_alias()
     if schemas.exists(alias, tenant.schema_name):
         raise ValueError(
             f'provision({tenant.schema_name!r}): schema "{tenant.schema_name}" exists already; '
@@ -95,13 +105,14 @@ def provision(tenant: Any) -> str:
 
 
 def arm_on_save(sender: type[Model], instance: Model, raw: bool = False, **kwargs: Any) -> None:
-    """``pre_save`` receiver: with ``TENANTSAFE_PROVISIONING = "replay"``, the schema this
-    save creates is provisioned by :func:`_create_schema`."""
+    """``pre_save`` receiver: with ``TENANTSAFE_PROVISIONING = "replay"``, the schema that
+    saving a new tenant creates is provisioned by :func:`_create_schema`."""
     if not isinstance(instance, TenantMixin) or instance.__dict__.get("_tenantsafe_forced"):
         return
     _disarm(instance)
     if (
-        not raw
+        instance._state.adding
+        and not raw
         and conf.provisioning() == "replay"
         and not getattr(instance, "_skip_auto_migrate", False)
         and instance.auto_create_schema

@@ -162,7 +162,8 @@ def recording_for(
 
 
 def _store(alias: str, recording: Recording) -> None:
-    """Keep ``recording`` unless one for its state is there already; drop older states'."""
+    """Keep ``recording`` unless one for its state is there already (a refusal replaces it);
+    drop older states' recordings."""
     ensure_table(alias)
     connection: Any = connections[alias]
     connection.set_schema_to_public()
@@ -175,8 +176,10 @@ def _store(alias: str, recording: Recording) -> None:
             [recording.tenant_type, recording.state],
         )
         cursor.execute(
-            f"INSERT INTO {table()} (state, tenant_type, statements, fingerprint, "  # noqa: S608
-            "problem) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            f"INSERT INTO {table()} AS r (state, tenant_type, statements, "  # noqa: S608
+            "fingerprint, problem) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (state, tenant_type) "
+            "DO UPDATE SET statements = '', fingerprint = '', problem = excluded.problem "
+            "WHERE excluded.problem <> '' AND r.problem = ''",
             [
                 recording.state,
                 recording.tenant_type,
@@ -191,14 +194,6 @@ def discard(alias: str, state: str, tenant_type: str, problem: str) -> None:
     """Stop replaying for ``state``: its schemas are migrated one by one from now on."""
     logger.warning("tenantsafe: new tenant schemas will be migrated, not replayed: %s", problem)
     _remove_file(state, tenant_type)
-    ensure_table(alias)
-    connection: Any = connections[alias]
-    connection.set_schema_to_public()
-    with transaction.atomic(using=alias), connection.cursor() as cursor:
-        cursor.execute(
-            f"DELETE FROM {table()} WHERE state = %s AND tenant_type = %s",  # noqa: S608
-            [state, tenant_type],
-        )
     _store(alias, Recording(state, tenant_type, "", "", problem))
 
 

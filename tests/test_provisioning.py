@@ -16,7 +16,18 @@ from tenantsafe import schemas
 from tenantsafe.provisioning import ProvisionError, ensure_recording, provision
 from testproject.customers.models import Client, Domain
 from tests import test_testing
-from tests.dbtools import connect, fingerprint, manage, scalar, sql
+from tests.dbtools import (
+    connect,
+    direct_url,
+    fingerprint,
+    fresh_database,
+    manage,
+    pool_load,
+    pooled_url,
+    scalar,
+    sql,
+    with_dbname,
+)
 
 # create_tenant's fixtures, shared (they would live in conftest.py).
 url = test_testing.url
@@ -119,7 +130,9 @@ SECOND_PROCESS = textwrap.dedent("""
     from tenantsafe.provisioning import provision
     from testproject.customers.models import Client
     seen = []
-    schema_pre_migration.connect(lambda sender, schema_name, **kw: seen.append(schema_name))
+    schema_pre_migration.connect(
+        lambda sender, schema_name, **kw: seen.append(schema_name), weak=False
+    )
     how = provision(Client(schema_name="other", name="Other"))
     print(json.dumps({"how": how, "migrated": seen}))
 """)
@@ -283,3 +296,53 @@ def test_ensure_recording_leaves_nothing_when_a_migration_needs_its_tenant(
     first = Client(schema_name="first", name="First")
     assert provision(first) == "migrated"
     assert sql("SELECT body FROM first.notes_note") == [(f"tenant {first.pk}",)]
+
+
+POOLED = textwrap.dedent("""
+    import json
+    from django_tenants.signals import schema_pre_migration
+    from tenantsafe.provisioning import provision
+    from testproject.customers.models import Client
+    seen = []
+    schema_pre_migration.connect(
+        lambda sender, schema_name, **kw: seen.append(schema_name), weak=False
+    )
+    hows = [provision(Client(schema_name=f"t{n}", name=f"T {n}")) for n in range(3)]
+    print(json.dumps({"hows": hows, "migrated": seen}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.pooler
+def test_through_pgbouncer_with_other_clients_on_the_pool():
+    # The project without its non-atomic migration, as a pooled deploy must.
+    env = {"TESTPROJECT_POOLER_SAFE": "1"}
+    with fresh_database("tsprov") as name:
+        target = with_dbname(direct_url(), name)
+        pooled = with_dbname(pooled_url(), name)
+        migrated = manage(target, "migrate_schemas_safe", "--shared", "-v", "0", env=env)
+        assert migrated.returncode == 0, migrated.stderr
+        with connect(target) as conn:
+            conn.execute("CREATE SCHEMA decoy")
+        with pool_load(pooled, ["decoy"]):
+            result = manage(pooled, "shell", "-c", POOLED, env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+            "hows": ["migrated", "replayed", "replayed"],
+            "migrated": ["t0"],
+        }
+        with connect(target) as conn:
+            assert conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'decoy'"
+            ).fetchone() == (0,)
+        reference = manage(
+            target,
+            "shell",
+            "-c",
+            "from testproject.customers.models import Client; "
+            "Client(schema_name='reference', name='R').save(verbosity=0)",
+            env=env,
+        )
+        assert reference.returncode == 0, reference.stderr
+        for schema in ("t0", "t1", "t2"):
+            assert fingerprint(target, schema) == fingerprint(target, "reference"), schema
