@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -226,6 +227,15 @@ def _file(state: str, tenant_type: str) -> Path:
     return Path(tempfile.gettempdir()) / f"tenantsafe-recordings-{os.getuid()}" / f"{name}.json"
 
 
+def _own_directory(path: Path) -> bool:
+    """Create the directory if needed; True only if it is ours and nobody else may write in
+    it (what it holds is run as SQL)."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def _read_file(path: Path, state: str, tenant_type: str) -> Recording | None:
     try:
         data = json.loads(path.read_text())
@@ -242,12 +252,11 @@ def _from_file(state: str, tenant_type: str) -> Recording | None:
     if not _share_files:
         return None
     path = _file(state, tenant_type)
-    if path in _file_locks:
+    if path in _file_locks or not _own_directory(path.parent):
         return None
     found = _read_file(path, state, tenant_type)
     if found is not None:
         return found
-    path.parent.mkdir(mode=0o700, exist_ok=True)
     handle = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - kept while recording
     deadline = time.monotonic() + _FILE_WAIT
     while True:
@@ -278,8 +287,7 @@ def _to_file(recording: Recording) -> None:
         return
     path = _file(recording.state, recording.tenant_type)
     try:
-        if not recording.problem:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
+        if not recording.problem and _own_directory(path.parent):
             temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             temporary.write_text(
                 json.dumps(

@@ -505,3 +505,20 @@ def test_the_workers_of_a_session_record_once_in_total(pytester, base_url, tmp_p
         # (The tests' rolled-back inserts moved sequences on: compare what they leave alone.)
         for schema in ("alpha", "beta"):
             assert ("shop", "0003_product_sku") in fingerprint(target, schema)["migrations"]
+
+
+def test_a_recording_file_others_may_write_is_ignored(tmp_path):
+    from tenantsafe import replay
+
+    state = replay.state_key("default")
+    planted = replay._file(state, "")
+    planted.parent.mkdir()
+    planted.parent.chmod(0o777)
+    planted.write_text(
+        json.dumps({"state": state, "tenant_type": "", "sql": "SELECT 1", "fingerprint": "planted"})
+    )
+
+    create_tenant("alpha", name="Alpha")
+
+    # Migrated and recorded; the planted file was never tried (it would have been refused).
+    assert sql("SELECT problem, statements <> '' FROM public.tenantsafe_recording") == [("", True)]
