@@ -74,6 +74,11 @@ def provision(tenant: Any) -> str:
 
 
 def _provision(tenant: Any, alias: str) -> str:
+    if schemas.exists(alias, tenant.schema_name):
+        raise ValueError(
+            f'provision({tenant.schema_name!r}): schema "{tenant.schema_name}" exists already; '
+            "nothing was saved or provisioned (migrate it with migrate_schemas_safe)."
+        )
     if tenant._state.adding:
         _arm(tenant, forced=True)
         try:
@@ -82,17 +87,12 @@ def _provision(tenant: Any, alias: str) -> str:
             _disarm(tenant)
         how: str = tenant.__dict__.pop("_tenantsafe_provisioned", "")
         if not how:
-            # TenantMixin.save() did not create the schema (it already existed).
+            # Another process created the schema between the check and the save.
             raise ValueError(
-                f'provision({tenant.schema_name!r}): schema "{tenant.schema_name}" exists '
-                "already; nothing was provisioned."
+                f'provision({tenant.schema_name!r}): schema "{tenant.schema_name}" was created '
+                "by someone else meanwhile; the tenant row is saved, its schema was left alone."
             )
         return how
-    if schemas.exists(alias, tenant.schema_name):
-        raise ValueError(
-            f'provision({tenant.schema_name!r}): schema "{tenant.schema_name}" exists already; '
-            "migrate it with migrate_schemas_safe."
-        )
     try:
         how = _provision_schema(tenant, alias)
     except BaseException:

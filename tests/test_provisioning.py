@@ -122,6 +122,10 @@ def test_provision_says_how_and_works_without_the_setting(reference, migrations_
         assert fingerprint(url(), name) == reference, name
     with pytest.raises(ValueError, match='schema "third" exists already'):
         provision(saved)
+    sql('CREATE SCHEMA "fourth"')
+    with pytest.raises(ValueError, match='schema "fourth" exists already; nothing was saved'):
+        provision(Client(schema_name="fourth", name="Fourth"))
+    assert not Client.objects.filter(schema_name="fourth").exists()
 
 
 SECOND_PROCESS = textwrap.dedent("""
