@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
+import textwrap
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,3 +29,79 @@ def drop_tenant_schemas(transactional_db: None) -> Iterator[None]:
         cursor.execute("SELECT to_regclass('public.tenantsafe_lease')")
         if cursor.fetchone()[0] is not None:
             cursor.execute("DELETE FROM public.tenantsafe_lease")
+
+
+@pytest.fixture
+def fresh_recordings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No recording left by an earlier test, in the database or in the file xdist workers
+    share (this process's and its subprocesses' temporary directory is the test's own)."""
+
+    from tests.dbtools import scalar, sql
+
+    def forget() -> None:
+        if scalar("SELECT to_regclass('public.tenantsafe_recording') IS NOT NULL"):
+            sql("DELETE FROM public.tenantsafe_recording")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    forget()
+    yield
+    forget()
+
+
+@pytest.fixture
+def migrations_run() -> Iterator[list[str]]:
+    """Schemas django-tenants' migration machinery runs for, as its signal reports them."""
+    from django_tenants.signals import schema_pre_migration
+
+    seen: list[str] = []
+
+    def receiver(sender: Any, schema_name: str, **kwargs: Any) -> None:
+        seen.append(schema_name)
+
+    schema_pre_migration.connect(receiver)
+    yield seen
+    schema_pre_migration.disconnect(receiver)
+
+
+@pytest.fixture
+def reference() -> dict[str, Any]:
+    """What django-tenants' own migrating save() leaves in a schema."""
+    from testproject.customers.models import Client
+    from tests.dbtools import database_url, fingerprint
+
+    Client(schema_name="reference", name="Reference").save(verbosity=0)
+    return fingerprint(database_url(), "reference")
+
+
+@pytest.fixture
+def extra_migration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The notes app's migrations plus a new 0004 (a table and a row), under another module."""
+    from tests.dbtools import ROOT
+
+    package = f"tsnotes_{uuid.uuid4().hex[:8]}"
+    target = tmp_path / package
+    shutil.copytree(
+        ROOT / "testproject" / "notes" / "migrations",
+        target,
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    (target / "0004_extra.py").write_text(
+        textwrap.dedent("""
+        from django.db import migrations
+
+
+        class Migration(migrations.Migration):
+            dependencies = [("notes", "0003_welcome_note")]
+
+            operations = [
+                migrations.RunSQL(
+                    "CREATE TABLE notes_extra (id serial PRIMARY KEY, label text NOT NULL);"
+                    "INSERT INTO notes_extra (label) VALUES ('added')",
+                    "DROP TABLE notes_extra",
+                )
+            ]
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return package

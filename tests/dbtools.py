@@ -34,6 +34,7 @@ __all__ = [
     "add_tenant",
     "connect",
     "connection",
+    "database_url",
     "direct_url",
     "fingerprint",
     "fresh_database",
@@ -112,6 +113,11 @@ def pool_load(url: str, paths: list[str], *, clients: int = 4) -> Iterator[None]
 
 
 # Through Django's connection (the test database), always on the public schema's path.
+
+
+def database_url() -> str:
+    """The test database's URL, for clients outside Django."""
+    return with_dbname(direct_url(), connection.settings_dict["NAME"])
 
 
 def sql(statement: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:

@@ -15,26 +15,21 @@ from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
 from tenantsafe import schemas
 from tenantsafe.provisioning import ProvisionError, ensure_recording, provision
 from testproject.customers.models import Client, Domain
-from tests import test_testing
 from tests.dbtools import (
+    add_tenant,
     connect,
+    database_url,
     direct_url,
     fingerprint,
     fresh_database,
     manage,
+    migrate,
     pool_load,
     pooled_url,
     scalar,
     sql,
     with_dbname,
 )
-
-# create_tenant's fixtures, shared (they would live in conftest.py).
-url = test_testing.url
-extra_migration = test_testing.extra_migration
-fresh_recordings = test_testing.fresh_recordings
-migrations_run = test_testing.migrations_run
-reference = test_testing.reference
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
 
@@ -82,7 +77,7 @@ def test_save_replays_every_tenant_after_the_first(reference, migrations_run, sy
     # The first one is migrated and recorded, the others replay it.
     assert migrations_run == ["first"]
     for name in ("first", "second", "third"):
-        assert fingerprint(url(), name) == reference, name
+        assert fingerprint(database_url(), name) == reference, name
     assert synced == [
         ("post_schema_sync", "first"),
         ("post_schema_sync", "second"),
@@ -119,7 +114,7 @@ def test_provision_says_how_and_works_without_the_setting(reference, migrations_
         ("post_schema_sync", "third"),
     ]
     for name in ("first", "second", "third"):
-        assert fingerprint(url(), name) == reference, name
+        assert fingerprint(database_url(), name) == reference, name
     with pytest.raises(ValueError, match='schema "third" exists already'):
         provision(saved)
     sql('CREATE SCHEMA "fourth"')
@@ -145,11 +140,11 @@ SECOND_PROCESS = textwrap.dedent("""
 def test_another_process_replays_the_stored_recording(reference):
     assert provision(Client(schema_name="first", name="First")) == "migrated"
 
-    result = manage(url(), "shell", "-c", SECOND_PROCESS)
+    result = manage(database_url(), "shell", "-c", SECOND_PROCESS)
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"how": "replayed", "migrated": []}
-    assert fingerprint(url(), "other") == reference
+    assert fingerprint(database_url(), "other") == reference
 
 
 def test_a_recording_of_an_older_migration_state_is_not_used(extra_migration, migrations_run):
@@ -185,7 +180,7 @@ def test_a_failing_replay_keeps_nothing_and_the_tenant_is_migrated(reference, mi
     Client(schema_name="second", name="Second").save()
 
     assert migrations_run == ["second"]
-    assert fingerprint(url(), "second") == reference
+    assert fingerprint(database_url(), "second") == reference
     assert scalar("SELECT to_regclass('public.ts_leftover')") is None
     # The recording is not tried again for this state.
     [(_, problem, has_statements)] = recordings()
@@ -219,7 +214,7 @@ def test_a_schema_unlike_the_recorded_one_is_migrated_instead(reference, migrati
     assert provision(Client(schema_name="second", name="Second")) == "migrated"
 
     assert migrations_run == ["second"]
-    assert fingerprint(url(), "second") == reference
+    assert fingerprint(database_url(), "second") == reference
     [(_, problem, _)] = recordings()
     assert problem == "replaying it into second left a schema unlike the recorded one"
 
@@ -236,7 +231,7 @@ def test_a_recording_that_names_its_tenant_is_never_replayed(monkeypatch, migrat
     assert provision(second) == "migrated"
 
     assert migrations_run == ["first", "second"]
-    with connect(url()) as conn:
+    with connect(database_url()) as conn:
         bodies = [
             conn.execute(f"SELECT body FROM {schema}.notes_note").fetchone()[0]
             for schema in ("first", "second")
@@ -257,7 +252,7 @@ def test_inside_a_transaction_the_replayed_schema_commits_with_the_row(reference
         assert exists("dropped")
         transaction.set_rollback(True)
 
-    assert fingerprint(url(), "kept") == reference
+    assert fingerprint(database_url(), "kept") == reference
     assert not exists("dropped")
     assert not Client.objects.filter(schema_name="dropped").exists()
 
@@ -283,7 +278,7 @@ def test_ensure_recording_makes_the_first_signup_a_replay(reference, migrations_
     assert leases() == 0
     assert provision(Client(schema_name="first", name="First")) == "replayed"
     assert len(migrations_run) == 1
-    assert fingerprint(url(), "first") == reference
+    assert fingerprint(database_url(), "first") == reference
 
 
 def test_ensure_recording_leaves_nothing_when_a_migration_needs_its_tenant(
@@ -350,3 +345,28 @@ def test_through_pgbouncer_with_other_clients_on_the_pool():
         assert reference.returncode == 0, reference.stderr
         for schema in ("t0", "t1", "t2"):
             assert fingerprint(target, schema) == fingerprint(target, "reference"), schema
+
+
+def test_migrate_schemas_safe_records_the_new_state_for_the_first_signup(migrations_run):
+    add_tenant("existing")
+    with replaying:
+        out, _ = migrate(tenant=True)
+    assert "migrate_schemas_safe: new tenants are provisioned by replay" in out
+    usable = [state for state, problem, has_statements in recordings() if has_statements]
+    assert len(usable) == 1
+    # The tenant and the scratch schema it recorded on.
+    assert len(migrations_run) == 2
+    assert migrations_run[0] == "existing"
+
+    migrations_run.clear()
+    with replaying:
+        Client(schema_name="signup", name="Signup").save()
+    assert migrations_run == []
+    assert exists("signup")
+
+
+def test_without_the_setting_migrate_schemas_safe_records_nothing(migrations_run):
+    add_tenant("existing")
+    out, _ = migrate(tenant=True)
+    assert "replay" not in out
+    assert migrations_run == ["existing"]

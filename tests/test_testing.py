@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import textwrap
-import uuid
-from collections.abc import Iterator
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import pytest
 from django.test.utils import CaptureQueriesContext, override_settings
-from django_tenants.signals import post_schema_sync, schema_pre_migration
+from django_tenants.signals import post_schema_sync
 
 from tenantsafe import schemas
 from tenantsafe.testing import MissingTenantFields, create_tenant, default_domain
@@ -27,13 +21,13 @@ from tests.dbtools import (
     ROOT,
     connect,
     connection,
+    database_url,
     direct_url,
     fingerprint,
     fresh_database,
     manage,
     pool_load,
     pooled_url,
-    scalar,
     schemas_named,
     sql,
     with_dbname,
@@ -42,48 +36,8 @@ from tests.dbtools import (
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
 
 
-@pytest.fixture
-def fresh_recordings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No recording left by an earlier test, in the database or in the file xdist workers
-    share (this process's and its subprocesses' temporary directory is the test's own)."""
-
-    def forget() -> None:
-        if scalar("SELECT to_regclass('public.tenantsafe_recording') IS NOT NULL"):
-            sql("DELETE FROM public.tenantsafe_recording")
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    forget()
-    yield
-    forget()
-
-
-def url() -> str:
-    return with_dbname(direct_url(), connection.settings_dict["NAME"])
-
-
 def exists(schema: str) -> bool:
     return schemas.exists("default", schema)
-
-
-@pytest.fixture
-def migrations_run() -> Iterator[list[str]]:
-    """Schemas django-tenants' migration machinery runs for, as its signal reports them."""
-    seen: list[str] = []
-
-    def receiver(sender: Any, schema_name: str, **kwargs: Any) -> None:
-        seen.append(schema_name)
-
-    schema_pre_migration.connect(receiver)
-    yield seen
-    schema_pre_migration.disconnect(receiver)
-
-
-@pytest.fixture
-def reference() -> dict[str, Any]:
-    """What django-tenants' own migrating save() leaves in a schema."""
-    Client(schema_name="reference", name="Reference").save(verbosity=0)
-    return fingerprint(url(), "reference")
 
 
 def test_returns_the_tenant_with_its_primary_domain_and_the_flag_set():
@@ -97,7 +51,7 @@ def test_returns_the_tenant_with_its_primary_domain_and_the_flag_set():
         ("alpha.localhost", True)
     ]
     assert tenant.get_primary_domain().domain == "alpha.localhost"
-    assert ("shop", "0003_product_sku") in fingerprint(url(), "alpha")["migrations"]
+    assert ("shop", "0003_product_sku") in fingerprint(database_url(), "alpha")["migrations"]
 
 
 def test_a_given_domain_is_the_primary_one_and_default_domains_are_hostnames():
@@ -184,8 +138,8 @@ def test_schemas_are_identical_to_migrated_ones(reference, migrations_run):
     # At most the first is migrated (and recorded); the others are provisioned from it.
     assert migrations_run in ([], ["first"])
     for name in names:
-        assert fingerprint(url(), name) == reference, name
-    with connect(url()) as conn:
+        assert fingerprint(database_url(), name) == reference, name
+    with connect(database_url()) as conn:
         rows = conn.execute("SELECT name FROM third.shop_category ORDER BY id").fetchall()
     assert [r[0] for r in rows] == ["books", "games", "music"]
 
@@ -197,7 +151,7 @@ def test_a_missing_schema_is_repaired(reference):
     again = create_tenant("gamma")
 
     assert again.pk == tenant.pk
-    assert fingerprint(url(), "gamma") == reference
+    assert fingerprint(database_url(), "gamma") == reference
 
 
 def test_a_schema_behind_its_migrations_is_migrated(reference):
@@ -207,7 +161,7 @@ def test_a_schema_behind_its_migrations_is_migrated(reference):
 
     create_tenant("delta")
 
-    repaired = fingerprint(url(), "delta")
+    repaired = fingerprint(database_url(), "delta")
     # Re-recording 0003 moved django_migrations' sequence on; everything else is as fresh.
     assert {k: v for k, v in repaired.items() if k != "sequences"} == {
         k: v for k, v in reference.items() if k != "sequences"
@@ -236,7 +190,7 @@ def test_a_failing_migration_keeps_neither_row_nor_schema():
     script = (
         "from tenantsafe.testing import create_tenant\ncreate_tenant('failing', name='Failing')\n"
     )
-    result = manage(url(), "shell", "-c", script, env={"TESTPROJECT_FAIL_SEED": "failing"})
+    result = manage(database_url(), "shell", "-c", script, env={"TESTPROJECT_FAIL_SEED": "failing"})
 
     assert result.returncode != 0
     assert (
@@ -298,39 +252,8 @@ def test_the_callers_tenant_stays_active():
     connection.set_schema_to_public()
 
 
-@pytest.fixture
-def extra_migration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The notes app's migrations plus a new 0004 (a table and a row), under another module."""
-    package = f"tsnotes_{uuid.uuid4().hex[:8]}"
-    target = tmp_path / package
-    shutil.copytree(
-        ROOT / "testproject" / "notes" / "migrations",
-        target,
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    (target / "0004_extra.py").write_text(
-        textwrap.dedent("""
-        from django.db import migrations
-
-
-        class Migration(migrations.Migration):
-            dependencies = [("notes", "0003_welcome_note")]
-
-            operations = [
-                migrations.RunSQL(
-                    "CREATE TABLE notes_extra (id serial PRIMARY KEY, label text NOT NULL);"
-                    "INSERT INTO notes_extra (label) VALUES ('added')",
-                    "DROP TABLE notes_extra",
-                )
-            ]
-    """)
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return package
-
-
 def extra_rows(schema: str) -> list[str]:
-    with connect(url()) as conn:
+    with connect(database_url()) as conn:
         found = conn.execute(
             "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'notes_extra'",
             [schema],
@@ -358,7 +281,7 @@ def test_a_new_migration_invalidates_the_template(extra_migration, migrations_ru
     assert again.pk == before.pk
     # new1 was migrated for the new state (nothing recorded for it yet), new2 came from it.
     assert migrations_run == ["new1", "old"]
-    assert fingerprint(url(), "new2") == fingerprint(url(), "new1")
+    assert fingerprint(database_url(), "new2") == fingerprint(database_url(), "new1")
 
 
 CONCURRENT = """
@@ -459,7 +382,7 @@ def test_a_migration_that_reads_the_tenant_row_is_never_replayed(monkeypatch, mi
     second = create_tenant("second", name="Second")
 
     assert migrations_run == ["first", "second"]
-    with connect(url()) as conn:
+    with connect(database_url()) as conn:
         bodies = [
             conn.execute(f"SELECT body FROM {schema}.notes_note").fetchone()[0]
             for schema in ("first", "second")

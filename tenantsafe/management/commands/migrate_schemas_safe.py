@@ -13,9 +13,10 @@ from django_tenants.utils import (
     get_public_schema_name,
     get_tenant_database_alias,
     get_tenant_migration_order,
+    has_multi_type_tenants,
 )
 
-from tenantsafe import conf, migrate, schemas, tenants
+from tenantsafe import conf, migrate, provisioning, schemas, tenants
 from tenantsafe.options import RunOptions, duration_ms
 from tenantsafe.results import PENDING, TenantRef
 
@@ -88,6 +89,8 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             show_traceback=bool(options.get("traceback")),
         )
         failed = len(summary.failed) + len(summary.public_problems)
+        if self.sync_tenant and not (failed or summary.stopped or opts.plan or opts.check):
+            self._refresh_recording(opts)
         if summary.stop_status:
             raise CommandError(
                 f"migrate_schemas_safe stopped early ({summary.stopped}).",
@@ -106,6 +109,21 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
         pending = summary.count(PENDING)
         if pending:
             raise CommandError(f"{pending} schema(s) have unapplied migrations.", returncode=1)
+
+    def _refresh_recording(self, opts: RunOptions) -> None:
+        # So that the first signup after this deploy replays like the rest (it would migrate,
+        # and record, otherwise).
+        if conf.provisioning() != "replay" or has_multi_type_tenants():
+            return
+        usable = provisioning.ensure_recording(opts.database)
+        if opts.verbosity >= 1:
+            self.stdout.write(
+                "migrate_schemas_safe: new tenants are provisioned by replay of the recorded "
+                "migration state."
+                if usable
+                else "migrate_schemas_safe: the migration state cannot be recorded (see the "
+                "warning above); new tenants are migrated."
+            )
 
     def _tenants(self, alias: str) -> list[TenantRef]:
         public = get_public_schema_name()
