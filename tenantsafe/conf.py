@@ -20,3 +20,17 @@ def transaction_pooler(alias: str) -> bool | None:
 def test_tenants() -> list[str] | None:
     value = getattr(settings, "TENANTSAFE_TEST_TENANTS", None)
     return None if value is None else list(value)
+
+
+def lock_lease_seconds() -> float:
+    """How long a tenant's lock outlives its holder's last renewal (a crashed run's lock)."""
+    return float(getattr(settings, "TENANTSAFE_LOCK_LEASE_SECONDS", 30))
+
+
+def lock_timeout() -> str:
+    """PostgreSQL's lock_timeout inside each migration transaction ("0" turns it off)."""
+    return str(getattr(settings, "TENANTSAFE_LOCK_TIMEOUT", "5s"))
+
+
+def lock_retries() -> int:
+    return int(getattr(settings, "TENANTSAFE_LOCK_RETRIES", 3))

@@ -38,3 +38,13 @@ class SchemaMissingError(SearchPathError):
 
 class PooledStatementError(SearchPathError):
     pass
+
+
+class LockLostError(SearchPathError):
+    def __init__(self, schema: str) -> None:
+        super().__init__(
+            f'Schema "{schema}": this run lost its lock on the tenant (another run took it '
+            "over after the lock expired) before its next statement; nothing more was run "
+            "here. Run migrate_schemas_safe again to complete the tenant.",
+            schema=schema,
+        )

@@ -47,7 +47,13 @@ from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.db.backends.signals import connection_created
 
 from tenantsafe import conf, pooler, schemas
-from tenantsafe.errors import PooledStatementError, SchemaMissingError, SearchPathError
+from tenantsafe.errors import (
+    LockLostError,
+    PooledStatementError,
+    SchemaMissingError,
+    SearchPathError,
+)
+from tenantsafe.locks import Fence
 from tenantsafe.statements import NON_TRANSACTIONAL, SETTING, TRANSACTION_CONTROL
 
 if is_psycopg3:
@@ -70,9 +76,20 @@ _active_aliases: collections.Counter[str] = collections.Counter()
 _active_lock = threading.Lock()
 
 
+@dataclass(frozen=True)
+class Terms:
+    """What every pinned transaction of a migrating connection also sets and checks."""
+
+    # The tenant's lease: still this run's, and locked for the rest of the transaction.
+    fence: Fence | None = None
+    # PostgreSQL's lock_timeout for the transaction, in milliseconds; None leaves it alone.
+    lock_timeout_ms: int | None = None
+
+
 @dataclass
 class _State:
     pinned: tuple[str, ...] | None = None
+    terms: Terms | None = None
 
 
 def _state(connection: Any) -> _State:
@@ -99,6 +116,17 @@ def guarding(alias: str) -> Iterator[None]:
     finally:
         with _active_lock:
             _active_aliases[alias] -= 1
+
+
+@contextlib.contextmanager
+def terms(connection: Any, value: Terms) -> Iterator[None]:
+    """Add ``value`` to every transaction the guard pins on ``connection`` in the block."""
+    state = _state(connection)
+    previous, state.terms = state.terms, value
+    try:
+        yield
+    finally:
+        state.terms = previous
 
 
 def search_path(connection: Any) -> list[str]:
@@ -148,11 +176,34 @@ def pin(connection: Any, cursor: Any, path: list[str], *, local: bool = True) ->
         if cursor.fetchone() is None:
             raise SchemaMissingError(expected)
         raise _mismatch(current, path)
-    _state(connection).pinned = tuple(path) if local else None
+    state = _state(connection)
+    if local and state.terms is not None:
+        cursor.execute(_terms_sql(state.terms))
+        if not cursor.fetchone()[0]:
+            raise LockLostError(state.terms.fence.schema if state.terms.fence else expected)
+    state.pinned = tuple(path) if local else None
+
+
+def _terms_sql(terms: Terms) -> str:
+    # True unless the fence fails; no parameters, so no % to escape.
+    parts = ["SELECT true"]
+    if terms.lock_timeout_ms is not None:
+        parts.append(f"set_config('lock_timeout', '{terms.lock_timeout_ms}', true) IS NOT NULL")
+    if terms.fence is not None:
+        parts.append(_fence_exists(terms.fence))
+    return " AND ".join(parts)
+
+
+def _fence_exists(fence: Fence) -> str:
+    return (
+        f"EXISTS (SELECT 1 FROM {fence.table} WHERE schema_name = "  # noqa: S608
+        f"{schemas.literal(fence.schema)} AND token = {schemas.literal(fence.token)} "
+        "FOR KEY SHARE)"
+    )
 
 
 @functools.lru_cache(maxsize=1024)
-def _check_sql(path: tuple[str, ...], escape_percent: bool) -> str:
+def _check_sql(path: tuple[str, ...], escape_percent: bool, terms: Terms | None = None) -> str:
     """One SELECT that pins the path and fails unless ``current_schema()`` is the tenant's.
 
     CASE evaluates its branches in order, so set_config runs before current_schema() looks.
@@ -164,6 +215,7 @@ def _check_sql(path: tuple[str, ...], escape_percent: bool) -> str:
     sql = (
         f"SELECT CASE WHEN set_config('search_path', {schemas.literal(schemas.path(path))}, "
         f"true) IS NULL THEN NULL "
+        f"{_terms_cases(terms) if terms is not None else ''}"
         f"WHEN current_schema() = {schema} THEN current_schema() "
         f"ELSE ((CASE WHEN to_regnamespace({schema}) IS NULL THEN '{_MARK}missing:' "
         f"ELSE '{_MARK}current=' END) || coalesce(current_schema(), '-'))::int::text END"
@@ -172,7 +224,23 @@ def _check_sql(path: tuple[str, ...], escape_percent: bool) -> str:
     return sql.replace("%", "%%") if escape_percent else sql
 
 
-def _check_failure(exc: BaseException, path: list[str]) -> SearchPathError | None:
+def _terms_cases(terms: Terms) -> str:
+    cases = ""
+    if terms.lock_timeout_ms is not None:
+        cases += (
+            f"WHEN set_config('lock_timeout', '{terms.lock_timeout_ms}', true) IS NULL THEN NULL "
+        )
+    if terms.fence is not None:
+        cases += (
+            f"WHEN NOT {_fence_exists(terms.fence)} "
+            f"THEN ('{_MARK}lease:' || coalesce(current_schema(), '-'))::int::text "
+        )
+    return cases
+
+
+def _check_failure(
+    exc: BaseException, path: list[str], terms: Terms | None = None
+) -> SearchPathError | None:
     """The SearchPathError for ``exc`` if it is the check failing (maybe wrapped by Django)."""
     seen: BaseException | None = exc
     while seen is not None:
@@ -182,6 +250,9 @@ def _check_failure(exc: BaseException, path: list[str]) -> SearchPathError | Non
             detail = text[at + len(_MARK) :].split('"', 1)[0]
             if detail.startswith("missing:"):
                 return SchemaMissingError(path[0])
+            if detail.startswith("lease:"):
+                fence = terms.fence if terms is not None else None
+                return LockLostError(fence.schema if fence is not None else path[0])
             current = detail.removeprefix("current=")
             return _mismatch(None if current == "-" else current, path)
         seen = seen.__cause__
@@ -280,12 +351,12 @@ def _merged(
     context: dict[str, Any],
 ) -> Any:
     state = _state(connection)
-    check = _check_sql(tuple(path), params is not None)
+    check = _check_sql(tuple(path), params is not None, state.terms)
     try:
         result = execute(f"{check};\n{sql}", params, False, context)
     except Exception as exc:
         state.pinned = None
-        failure = _check_failure(exc, path)
+        failure = _check_failure(exc, path, state.terms)
         if failure is None:
             raise
         raise failure from exc
@@ -321,7 +392,7 @@ def _pipelined(
         with raw.pipeline():
             if own:
                 helper.execute("BEGIN")
-            helper.execute(_check_sql(tuple(path), False))
+            helper.execute(_check_sql(tuple(path), False, state.terms))
             result = execute(sql, params, many, context)
             if own:
                 helper.execute("COMMIT")
@@ -330,7 +401,7 @@ def _pipelined(
         if own and raw.info.transaction_status != _IDLE:
             with contextlib.suppress(Exception):
                 helper.execute("ROLLBACK")
-        failure = _check_failure(exc, path)
+        failure = _check_failure(exc, path, state.terms)
         if failure is None:
             raise
         raise failure from exc

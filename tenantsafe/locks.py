@@ -1,30 +1,55 @@
-"""Per-schema advisory locks that hold through a transaction pooler.
+"""Per-schema locks that hold through a transaction pooler and survive faults: leases.
 
-Transaction-level locks (``pg_try_advisory_xact_lock``), held by an open transaction: a
-transaction keeps its server connection even through a pooler, and COMMIT or ROLLBACK releases
-the lock wherever it was taken. A session-level ``pg_advisory_lock`` would be taken on one
-server connection and released (or not) on another.
+A lease is a row in ``public.tenantsafe_lease``: the schema, a token only its holder knows and
+an expiry the holder keeps pushing forward from a heartbeat thread. Nothing holds a server
+connection between statements, so a run needs one server connection at a time, also through
+pgbouncer with ``default_pool_size = 1``, and ``PAUSE`` waits for one statement at most.
 
-Waiters poll and end their transaction between tries instead of blocking in
-``pg_advisory_xact_lock``: a blocked statement holds a snapshot, and the holder's
-``CREATE INDEX CONCURRENTLY`` waits for every older snapshot to go, so both would wait forever.
+Fencing: while a tenant migrates, every transaction of its connection checks in the guard's
+pinned prefix that the lease row still carries its token, and locks the row (``FOR KEY
+SHARE``) for the rest of that transaction. A takeover (``FOR UPDATE SKIP LOCKED``) can only
+happen between two of the holder's transactions, and the holder's next transaction then fails
+before its first statement runs.
+
+Completion: the row is deleted only when the tenant's whole run finished, post_migrate
+handlers included. A run that fails or dies leaves it (expired at once on a failure), so
+``tenantsafe.plan`` counts that tenant as not current and the next run completes it.
+
+A crashed holder's lease blocks others until it expires (``TENANTSAFE_LOCK_LEASE_SECONDS``,
+30 s by default), or not at all when the holder ran on the same host and its process is gone.
+
+Waiters poll instead of blocking: a blocked statement would hold a snapshot that the holder's
+``CREATE INDEX CONCURRENTLY`` waits for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, connections, transaction
+from django_tenants.utils import get_public_schema_name
 
-# First keys of the two-int locks: (namespace, hashtext(lower(schema))). lower() so that
-# schemas differing only in case, which django-tenants treats as one, wait for each other.
-MIGRATE = 0x7453
+from tenantsafe import conf, schemas
+
+logger = logging.getLogger("tenantsafe.locks")
+
+TABLE = "tenantsafe_lease"
+
+# First key of the two-int advisory locks: (namespace, hashtext(lower(schema))).
 CREATE_TENANT = 0x7454
+_CREATE_TABLE = 0x7455
+
+_HOST = socket.gethostname()
+_tables: set[tuple[str, str]] = set()
 
 
 def pauses() -> Iterator[float]:
@@ -35,7 +60,11 @@ def pauses() -> Iterator[float]:
 
 
 def try_lock(connection: Any, namespace: int, schema: str) -> bool:
-    """Take the lock in ``connection``'s current transaction, if it is free."""
+    """Take a transaction-level advisory lock in ``connection``'s current transaction, if free.
+
+    lower(): schemas differing only in case, which django-tenants treats as one, wait for
+    each other.
+    """
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT pg_try_advisory_xact_lock(%s, hashtext(lower(%s)))", [namespace, schema]
@@ -43,57 +72,206 @@ def try_lock(connection: Any, namespace: int, schema: str) -> bool:
         return bool(cursor.fetchone()[0])
 
 
-class LockConnection:
-    """A connection of its own that holds one lock at a time in an open transaction."""
+def table() -> str:
+    return f"{schemas.ident(get_public_schema_name())}.{TABLE}"
 
-    def __init__(self, alias: str) -> None:
-        self.pid = os.getpid()
-        self.connection: Any = connections.create_connection(alias)
 
-    @contextlib.contextmanager
-    def hold(self, namespace: int, schema: str) -> Iterator[None]:
-        conn = self.connection
-        conn.set_autocommit(False)
+def ensure_table(alias: str) -> None:
+    """Create the lease table on first use, as Django's MigrationRecorder does its own."""
+    key = (alias, str(connections[alias].settings_dict.get("NAME")))
+    if key in _tables:
+        return
+    connection: Any = connections[alias]
+    connection.set_schema_to_public()
+    with transaction.atomic(using=alias), connection.cursor() as cursor:
+        # Two first runs at once would both try to create it.
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, 0)", [_CREATE_TABLE])
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {table()} ("
+            "schema_name text PRIMARY KEY, token uuid NOT NULL, holder text NOT NULL, "
+            "host text NOT NULL, pid integer NOT NULL, acquired_at timestamptz NOT NULL, "
+            "expires_at timestamptz NOT NULL)"
+        )
+    _tables.add(key)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What the guard checks at the start of every transaction of a leased tenant."""
+
+    table: str
+    schema: str
+    token: str
+
+
+class Lease:
+    def __init__(self, alias: str, schema: str, token: str) -> None:
+        self.alias = alias
+        self.schema = schema
+        self.token = token
+        self.fence = Fence(table(), schema, token)
+        self.completed = False
+        self._stop = threading.Event()
+        self._heart = threading.Thread(
+            target=self._beat, name=f"tenantsafe-lease-{schema}", daemon=True
+        )
+
+    def complete(self) -> None:
+        """The tenant's run finished: releasing deletes the row instead of leaving it."""
+        self.completed = True
+
+    def _beat(self) -> None:
+        seconds = conf.lock_lease_seconds()
+        connection: Any = None
         try:
-            for pause in pauses():
-                with conn.cursor() as cursor:
-                    # Read committed, whatever the project's OPTIONS say: a repeatable-read
-                    # transaction keeps a snapshot that CREATE INDEX CONCURRENTLY waits for.
-                    # And the server must not end it as idle while a long migration runs.
-                    cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                    cursor.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
-                if try_lock(conn, namespace, schema):
-                    break
-                conn.rollback()
-                time.sleep(pause)
-            yield
+            while not self._stop.wait(seconds / 3):
+                try:
+                    if connection is None:
+                        # Django connections belong to the thread that made them.
+                        connection = connections.create_connection(self.alias)
+                    if not _renew(connection, self, seconds):
+                        logger.warning("the lock on schema %s was taken over", self.schema)
+                        return
+                except DatabaseError:
+                    # The next beat tries again; until the lease expires it is still ours.
+                    logger.debug("renewing the lock on %s failed", self.schema, exc_info=True)
+                    with contextlib.suppress(Exception):
+                        connection.close()
+                    connection = None
         finally:
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    connection.close()
+
+    def _release(self) -> None:
+        self._stop.set()
+        if self._heart.is_alive():
+            self._heart.join()
+        connection: Any = connections[self.alias]
+        try:
+            self._write_release(connection)
+        except DatabaseError:
+            # The tenant's connection may be the thing that failed: once more on a new one,
+            # else the row stays until it expires.
             with contextlib.suppress(Exception):
-                conn.rollback()
-                conn.set_autocommit(True)
+                connection.close()
+            try:
+                self._write_release(connection)
+            except DatabaseError:
+                logger.warning("could not release the lock on %s", self.schema, exc_info=True)
 
-    def close(self) -> None:
-        self.connection.close()
+    def _write_release(self, connection: Any) -> None:
+        connection.set_schema_to_public()
+        with connection.cursor() as cursor:
+            if self.completed:
+                cursor.execute(
+                    f"DELETE FROM {table()} WHERE schema_name = %s AND token = %s",  # noqa: S608
+                    [self.schema, self.token],
+                )
+            else:
+                # Unfinished: left for the next run, which may take it over at once.
+                cursor.execute(
+                    f"UPDATE {table()} SET expires_at = now() "  # noqa: S608
+                    "WHERE schema_name = %s AND token = %s",
+                    [self.schema, self.token],
+                )
 
 
-# Django connections belong to the thread that opened them, so one lock connection per alias
-# and thread.
-_per_thread: dict[tuple[str, int], LockConnection] = {}
+def _renew(connection: Any, lease: Lease, seconds: float) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table()} SET expires_at = now() + make_interval(secs => %s) "  # noqa: S608
+            "WHERE schema_name = %s AND token = %s RETURNING 1",
+            [seconds, lease.schema, lease.token],
+        )
+        return cursor.fetchone() is not None
 
 
-def for_process(alias: str) -> LockConnection:
-    key = (alias, threading.get_ident())
-    lock = _per_thread.get(key)
-    if lock is None or lock.pid != os.getpid():
-        # A forked worker must not share its parent's socket: it opens its own.
-        lock = _per_thread[key] = LockConnection(alias)
-    return lock
+def _holder_gone(host: str, pid: int) -> bool:
+    if host != _HOST or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
-def close_process_locks() -> None:
-    """Close this thread's lock connections."""
-    thread = threading.get_ident()
-    for key in [key for key in _per_thread if key[1] == thread]:
-        lock = _per_thread.pop(key)
-        if lock.pid == os.getpid():
-            lock.close()
+def _try_acquire(alias: str, schema: str, token: str, holder: str) -> bool:
+    seconds = conf.lock_lease_seconds()
+    connection: Any = connections[alias]
+    connection.set_schema_to_public()
+    values = [token, holder, _HOST, os.getpid(), seconds]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table()} AS l (schema_name, token, holder, host, pid, "  # noqa: S608
+            "acquired_at, expires_at) "
+            "VALUES (%s, %s, %s, %s, %s, now(), now() + make_interval(secs => %s)) "
+            "ON CONFLICT (schema_name) DO NOTHING RETURNING 1",
+            [schema, *values],
+        )
+        if cursor.fetchone() is not None:
+            return True
+        cursor.execute(
+            f"SELECT token, host, pid, expires_at < now() FROM {table()} "  # noqa: S608
+            "WHERE schema_name = %s",
+            [schema],
+        )
+        row = cursor.fetchone()
+        if row is None:
+            return False  # released meanwhile: the next try inserts
+        previous, host, pid, expired = row
+        if not (expired or _holder_gone(host, pid)):
+            return False
+        # Only between two of the holder's transactions (SKIP LOCKED: its fence locks the
+        # row for each one), and only if nobody renewed or took it since the read above.
+        cursor.execute(
+            f"UPDATE {table()} SET token = %s, holder = %s, host = %s, pid = %s, "  # noqa: S608
+            "acquired_at = now(), expires_at = now() + make_interval(secs => %s) "
+            f"WHERE schema_name IN (SELECT schema_name FROM {table()} "
+            "WHERE schema_name = %s AND token = %s FOR UPDATE SKIP LOCKED) "
+            "AND (expires_at < now() OR %s) RETURNING 1",
+            [*values, schema, previous, not expired],
+        )
+        taken = cursor.fetchone() is not None
+    if taken:
+        logger.info("schema %s: took over the lock left by %s", schema, previous)
+    return taken
+
+
+@contextlib.contextmanager
+def leased(alias: str, schema: str, *, purpose: str = "migrate_schemas_safe") -> Iterator[Lease]:
+    """Hold ``schema``'s lease for the block; call ``complete()`` once the tenant is done."""
+    ensure_table(alias)
+    token = str(uuid.uuid4())
+    holder = f"{purpose} (pid {os.getpid()} on {_HOST})"
+    for pause in pauses():
+        if _try_acquire(alias, schema, token, holder):
+            break
+        time.sleep(pause)
+    lease = Lease(alias, schema, token)
+    lease._heart.start()
+    try:
+        yield lease
+    finally:
+        lease._release()
+
+
+def unfinished(alias: str, names: list[str]) -> dict[str, str]:
+    """The schemas of ``names`` that have a lease row (a run holds them or did not finish)."""
+    connection: Any = connections[alias]
+    key = (alias, str(connection.settings_dict.get("NAME")))
+    with connection.cursor() as cursor:
+        if key not in _tables:
+            cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [table()])
+            if not cursor.fetchone()[0]:
+                return {}
+            _tables.add(key)
+        cursor.execute(
+            f"SELECT schema_name, holder FROM {table()} "  # noqa: S608
+            "WHERE schema_name = ANY(%s)",
+            [names],
+        )
+        return dict(cursor.fetchall())

@@ -6,6 +6,8 @@ import collections
 import contextlib
 import functools
 import logging
+import re
+import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -15,19 +17,20 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import CommandError, OutputWrapper
 from django.core.management.color import Style
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.db.models.signals import post_migrate
 from django_tenants.migration_executors import base as upstream
 from django_tenants.migration_executors.multiproc import get_pool
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import guard, locks, plan, progress, schemas
+from tenantsafe import guard, locks, plan, progress, schemas, stopping
 from tenantsafe.errors import SchemaNameError, SearchPathError
 from tenantsafe.options import RunOptions
 from tenantsafe.results import (
     CURRENT,
     FAILED,
     MIGRATED,
+    NOT_ATTEMPTED,
     PENDING,
     PLANNED,
     Summary,
@@ -77,6 +80,103 @@ def _reset(alias: str) -> None:
     connection.set_schema_to_public()
 
 
+class _LineTracker:
+    """sys.stdout for migrate's output, remembering whether its last line is unfinished.
+
+    migrate writes "  Applying x..." and " OK" separately; a failure in between leaves the
+    line open, and whatever is written next would be glued to it.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.open_line = False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.open_line = not text.endswith("\n")
+        return int(self._stream.write(text) or 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _LockWaits:
+    """Execute wrapper noting the statement that hit lock_timeout, and in which kind of
+    migration (atomic ones are rolled back whole and can be tried again)."""
+
+    def __init__(self) -> None:
+        self.sql = ""
+        self.atomic = False
+
+    def __call__(
+        self, execute: Any, sql: Any, params: Any, many: bool, context: dict[str, Any]
+    ) -> Any:
+        try:
+            return execute(sql, params, many, context)
+        except Exception as exc:
+            if _is_lock_timeout(exc):
+                self.sql = sql if isinstance(sql, str) else repr(sql)
+                self.atomic = context["connection"].in_atomic_block
+            raise
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if code:
+            return str(code)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _is_lock_timeout(exc: BaseException) -> bool:
+    return _sqlstate(exc) == "55P03"
+
+
+def _is_connection_lost(exc: BaseException) -> bool:
+    # Class 08 (connection exception), 57P01-57P03 (terminated, shutting down), or the
+    # driver's own "the connection is lost/closed" without a SQLSTATE.
+    code = _sqlstate(exc)
+    if code:
+        return code.startswith("08") or code in ("57P01", "57P02", "57P03")
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ in ("OperationalError", "InterfaceError"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _blockers(alias: str, schema: str, sql: str) -> str:
+    """Which relations of ``schema`` that ``sql`` names are locked by others, and by whom."""
+    names = sorted(set(re.findall(r'"([^"]+)"', sql)) | set(re.findall(r"\b(\w+)\b", sql)))
+    try:
+        connection: Any = connections[alias]
+        connection.set_schema_to_public()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT DISTINCT c.relname, l.pid, a.state, left(a.query, 100) "
+                "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE n.nspname = %s AND c.relname = ANY(%s) AND l.granted "
+                "AND l.pid <> pg_backend_pid() ORDER BY 1, 2",
+                [schema, names],
+            )
+            rows = cursor.fetchall()
+    except Exception:
+        logger.debug("cannot read who holds the locks in %s", schema, exc_info=True)
+        rows = []
+    if not rows:
+        return "a lock that is no longer held"
+    return "; ".join(
+        f'"{schema}".{rel} held by pid {pid}'
+        + (f" ({state}: {' '.join(str(query).split())})" if state else "")
+        for rel, pid, state, query in rows
+    )
+
+
 def migrate_tenant(
     opts: RunOptions,
     tenant: TenantRef,
@@ -84,51 +184,155 @@ def migrate_tenant(
     allow_atomic: bool = True,
     idx: int | None = None,
     count: int | None = None,
+    lease: locks.Lease | None = None,
 ) -> TenantResult:
-    """Migrate one schema through django-tenants' ``run_migrations``, under the guard and lock.
+    """Migrate one schema through django-tenants' ``run_migrations``, under the guard and lease.
 
-    Never raises for a failure of this tenant: the caller goes on with the next one.
+    Never raises for a failure of this tenant: the caller goes on with the next one. ``lease``
+    is one the caller holds already (create_tenant); otherwise the tenant's own is taken.
     """
     alias = opts.database
-    schema, tenant_type = tenant
     try:
-        schemas.validate(schema)
-        with guard.guarding(alias), locks.for_process(alias).hold(locks.MIGRATE, schema):
-            if not schemas.exists(alias, schema):
-                if not opts.create_missing:
-                    raise schemas.SchemaMissingError(schema)
-                schemas.create(alias, schema)
-            connection: Any = connections[alias]
-            connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
-            _log_path(alias, schema, "before")
-            connection.set_schema_to_public()
-            with _planned() as applied:
-                upstream.run_migrations(
-                    opts.args,
-                    dict(opts.migrate),
-                    opts.executor,
-                    schema,
-                    tenant_type=tenant_type,
-                    allow_atomic=allow_atomic,
-                    idx=idx,
-                    count=count,
-                )
-            connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
-            _log_path(alias, schema, "after")
-            _reset(alias)
-    except SystemExit as exc:
-        # migrate --check exits 1 when something is unapplied.
-        _reset(alias)
-        if opts.check and exc.code not in (0, None):
-            return TenantResult(schema, PENDING, "unapplied migrations")
-        return TenantResult(schema, FAILED, f"exited with status {exc.code}")
+        schemas.validate(tenant.schema)
+        with guard.guarding(alias), _holding(opts, tenant.schema, lease) as held:
+            result = _migrate_retrying(opts, tenant, allow_atomic, idx, count, held)
+            if held is not None and result.status in (MIGRATED, CURRENT):
+                held.complete()
+            return result
     except Exception as exc:
         _reset(alias)
-        return TenantResult(schema, FAILED, _one_line(exc), traceback.format_exc())
+        return TenantResult(tenant.schema, FAILED, _one_line(exc), traceback.format_exc())
+
+
+@contextlib.contextmanager
+def _holding(opts: RunOptions, schema: str, lease: locks.Lease | None) -> Iterator[Any]:
+    if lease is not None:
+        yield lease
+    elif opts.plan or opts.check:
+        # They change nothing: no lock, and a tenant whose run did not finish stays so.
+        yield None
+    else:
+        with locks.leased(opts.database, schema) as own:
+            yield own
+
+
+def _migrate_retrying(
+    opts: RunOptions,
+    tenant: TenantRef,
+    allow_atomic: bool,
+    idx: int | None,
+    count: int | None,
+    lease: locks.Lease | None,
+) -> TenantResult:
+    schema = tenant.schema
+    for attempt in range(1, opts.lock_retries + 2):
+        waits = _LockWaits()
+        try:
+            return _migrate_once(opts, tenant, allow_atomic, idx, count, lease, waits)
+        except SystemExit as exc:
+            # migrate --check exits 1 when something is unapplied.
+            _reset(opts.database)
+            if opts.check and exc.code not in (0, None):
+                return TenantResult(schema, PENDING, "unapplied migrations")
+            return TenantResult(schema, FAILED, f"exited with status {exc.code}")
+        except Exception as exc:
+            _reset(opts.database)
+            retry = _is_lock_timeout(exc) and waits.atomic and attempt <= opts.lock_retries
+            if not retry:
+                return TenantResult(
+                    schema,
+                    FAILED,
+                    _failure(exc, opts, schema, waits, attempt),
+                    traceback.format_exc(),
+                )
+            # The atomic migration was rolled back whole: wait a little, then try it again.
+            pause = min(0.5 * 2 ** (attempt - 1), 10.0)
+            logger.info(
+                "schema %s: lock timeout on %s; trying again in %.1fs (%d of %d)",
+                schema,
+                _short(waits.sql),
+                pause,
+                attempt,
+                opts.lock_retries,
+            )
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _migrate_once(
+    opts: RunOptions,
+    tenant: TenantRef,
+    allow_atomic: bool,
+    idx: int | None,
+    count: int | None,
+    lease: locks.Lease | None,
+    waits: _LockWaits,
+) -> TenantResult:
+    alias = opts.database
+    schema, tenant_type = tenant
+    if not schemas.exists(alias, schema):
+        if not opts.create_missing:
+            raise schemas.SchemaMissingError(schema)
+        schemas.create(alias, schema)
+    connection: Any = connections[alias]
+    connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
+    _log_path(alias, schema, "before")
+    connection.set_schema_to_public()
+    terms = guard.Terms(
+        fence=lease.fence if lease is not None else None,
+        lock_timeout_ms=opts.lock_timeout_ms or None,
+    )
+    lines = _LineTracker(sys.stdout)
+    connection.execute_wrappers.insert(0, waits)
+    try:
+        with (
+            guard.terms(connection, terms),
+            _planned() as applied,
+            contextlib.redirect_stdout(lines),
+        ):
+            upstream.run_migrations(
+                opts.args,
+                dict(opts.migrate),
+                opts.executor,
+                schema,
+                tenant_type=tenant_type,
+                allow_atomic=allow_atomic,
+                idx=idx,
+                count=count,
+            )
+    finally:
+        connection.execute_wrappers.remove(waits)
+        if lines.open_line:
+            lines.write("\n")
+    connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
+    _log_path(alias, schema, "after")
+    _reset(alias)
     if opts.plan:
         # migrate --plan printed the plan and returned before post_migrate.
         return TenantResult(schema, PLANNED)
     return TenantResult(schema, MIGRATED if applied and applied[0] else CURRENT)
+
+
+def _failure(
+    exc: BaseException, opts: RunOptions, schema: str, waits: _LockWaits, attempts: int
+) -> str:
+    if _is_lock_timeout(exc):
+        held = _blockers(opts.database, schema, waits.sql)
+        if not waits.atomic:
+            tried = "in a non-atomic migration, which is not tried again (part of it is applied)"
+        else:
+            tried = f"tried {attempts} time(s) (--lock-retries {opts.lock_retries})"
+        return (
+            f"lock timeout ({opts.lock_timeout_ms} ms) on {_short(waits.sql)!r} waiting for "
+            f"{held}; {tried}. Run again once that lock is released, or raise --lock-timeout."
+        )
+    if _is_connection_lost(exc) and not isinstance(exc, SearchPathError):
+        return f"the connection to the database was lost: {_one_line(exc)}"
+    return _one_line(exc)
+
+
+def _short(sql: str) -> str:
+    return " ".join(sql.split())[:120]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -138,9 +342,58 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def _reachable(alias: str) -> str:
+    """Empty when ``alias`` answers within a few short tries; else the last error."""
+    error = ""
+    for pause in (0.0, 0.5, 1.0, 2.0, 4.0):
+        time.sleep(pause)
+        try:
+            _reset(alias)
+            connection: Any = connections[alias]
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            return ""
+        except Exception as exc:
+            error = " ".join(str(exc).split()) or type(exc).__name__
+    return error
+
+
+# The pool's workers inherit the run's Stop when forked (shared memory does not pickle).
+_pool_stop: stopping.Stop | None = None
+
+
 def _job(opts: RunOptions, count: int, item: tuple[int, TenantRef]) -> TenantResult:
     idx, tenant = item
-    return migrate_tenant(opts, tenant, allow_atomic=False, idx=idx, count=count)
+    assert _pool_stop is not None
+    return _attempt(opts, _pool_stop, tenant, allow_atomic=False, idx=idx, count=count)
+
+
+def _attempt(
+    opts: RunOptions,
+    stop: stopping.Stop,
+    tenant: TenantRef,
+    *,
+    allow_atomic: bool = True,
+    idx: int | None = None,
+    count: int | None = None,
+) -> TenantResult:
+    """One tenant of a run, unless the run is stopping; a failure may stop it."""
+    if stop.requested():
+        return TenantResult(tenant.schema, NOT_ATTEMPTED)
+    try:
+        result = migrate_tenant(opts, tenant, allow_atomic=allow_atomic, idx=idx, count=count)
+    except KeyboardInterrupt:
+        # A second signal: the tenant in flight was rolled back (its connection is closed).
+        _reset(opts.database)
+        return TenantResult(tenant.schema, FAILED, "interrupted; its transaction rolled back")
+    if result.status == FAILED:
+        stop.failed()
+        if result.error.startswith("the connection to the database was lost"):
+            # One tenant's lost connection fails that tenant; an outage stops the run.
+            error = _reachable(opts.database)
+            if error:
+                stop.request(stopping.UNREACHABLE, error)
+    return result
 
 
 class Executor:
@@ -148,7 +401,7 @@ class Executor:
 
     codenames = ("standard", "multiprocessing")
 
-    def __init__(self, opts: RunOptions) -> None:
+    def __init__(self, opts: RunOptions, stop: stopping.Stop) -> None:
         if opts.executor not in self.codenames:
             raise CommandError(
                 f"migrate_schemas_safe cannot guard the {opts.executor!r} executor: it runs "
@@ -156,6 +409,7 @@ class Executor:
                 "--executor=standard or --executor=multiprocessing."
             )
         self.opts = opts
+        self.stop = stop
 
     def run(self, tenants: Sequence[TenantRef]) -> list[TenantResult]:
         if not tenants:
@@ -163,18 +417,20 @@ class Executor:
         if self.opts.executor == "multiprocessing" and len(tenants) > 1:
             return self._run_pool(tenants)
         return [
-            migrate_tenant(self.opts, tenant, idx=idx, count=len(tenants))
+            _attempt(self.opts, self.stop, tenant, idx=idx, count=len(tenants))
             for idx, tenant in enumerate(tenants)
         ]
 
     def _run_pool(self, tenants: Sequence[TenantRef]) -> list[TenantResult]:
         # Workers are forked: close what they would otherwise share with this process.
         connections[self.opts.database].close()
-        locks.close_process_locks()
         # Streams do not pickle, and the workers report through signals anyway.
         job = functools.partial(_job, replace(self.opts, stdout=None), len(tenants))
         chunks = getattr(settings, "TENANT_MULTIPROCESSING_CHUNKS", 2)
-        pool = get_pool()
+        global _pool_stop
+        _pool_stop = self.stop
+        with stopping.signals_ignored():
+            pool = get_pool()
         try:
             results: list[TenantResult] = pool.map(job, enumerate(tenants), chunks)
         finally:
@@ -184,38 +440,68 @@ class Executor:
 
 
 def run(opts: RunOptions, *, public: bool, tenants: Sequence[TenantRef]) -> Summary:
-    executor = Executor(opts)
-    alias = opts.database
+    stop = stopping.Stop(opts.max_failures)
+    executor = Executor(opts, stop)
     results: list[TenantResult] = []
     problems: list[str] = []
     started = time.monotonic()
-    try:
-        if public:
-            result = executor.run([TenantRef(get_public_schema_name())])[0]
-            results.append(result)
-            if result.status == FAILED:
-                # Tenants depend on shared tables: stop rather than migrate on a broken base.
-                return Summary(tuple(results), elapsed=time.monotonic() - started)
-        public_before = schemas.public_tables(alias) if tenants else set()
-        todo, answered = _answer_from_read(opts, tenants)
-        results.extend(answered)
-        with progress.reporting(
-            stream=opts.stdout,
-            verbosity=opts.verbosity,
-            check=opts.check,
-            todo=todo,
-            answered=answered,
-        ):
-            results.extend(executor.run(todo))
-        if tenants:
-            gained = schemas.public_tables(alias) - public_before
-            if gained:
-                problems.append(
-                    "public gained tables while tenants were migrated: " + ", ".join(sorted(gained))
-                )
-    finally:
-        locks.close_process_locks()
-    return Summary(tuple(results), tuple(problems), time.monotonic() - started)
+    with stopping.on_signals(stop):
+        try:
+            _run(opts, executor, stop, public, tenants, results, problems)
+        except DatabaseError as exc:
+            # Outside any tenant (the read, the public-tables check): nothing half-done.
+            error = _reachable(opts.database) or " ".join(str(exc).split())
+            stop.request(stopping.UNREACHABLE, error)
+        except KeyboardInterrupt:
+            stop.request(stopping.SIGINT)
+    done = {result.schema for result in results}
+    results += [TenantResult(t.schema, NOT_ATTEMPTED) for t in tenants if t.schema not in done]
+    return Summary(
+        tuple(results),
+        tuple(problems),
+        time.monotonic() - started,
+        stopped=stop.describe(opts.database),
+        stop_status=stop.exit_status,
+    )
+
+
+def _run(
+    opts: RunOptions,
+    executor: Executor,
+    stop: stopping.Stop,
+    public: bool,
+    tenants: Sequence[TenantRef],
+    results: list[TenantResult],
+    problems: list[str],
+) -> None:
+    alias = opts.database
+    if public:
+        result = executor.run([TenantRef(get_public_schema_name())])[0]
+        results.append(result)
+        if result.status == FAILED:
+            # Tenants depend on shared tables: stop rather than migrate on a broken base.
+            return
+    if stop.requested():
+        return
+    if not (opts.plan or opts.check):
+        locks.ensure_table(alias)  # before the snapshot: it is no tenant's table
+    public_before = schemas.public_tables(alias) if tenants else set()
+    todo, answered = _answer_from_read(opts, tenants)
+    results.extend(answered)
+    with progress.reporting(
+        stream=opts.stdout,
+        verbosity=opts.verbosity,
+        check=opts.check,
+        todo=todo,
+        answered=answered,
+    ):
+        results.extend(executor.run(todo))
+    if tenants and not stop.requested():
+        gained = schemas.public_tables(alias) - public_before
+        if gained:
+            problems.append(
+                "public gained tables while tenants were migrated: " + ", ".join(sorted(gained))
+            )
 
 
 def _answer_from_read(
@@ -252,6 +538,14 @@ def _answer_from_read(
     for entry in entries:
         if entry.current:
             done.append(TenantResult(entry.schema, CURRENT))
+        elif opts.check and entry.unfinished:
+            done.append(
+                TenantResult(
+                    entry.schema,
+                    PENDING,
+                    f"unfinished: a run did not complete it (lock left by {entry.unfinished})",
+                )
+            )
         elif opts.check and entry.plan is not None:
             # migrate --check looks at the plan only (not at squash rows it would write).
             if entry.plan.steps:
@@ -297,6 +591,8 @@ def report(
     if counts[PENDING]:
         parts.append(f"{counts[PENDING]} with unapplied migrations")
     parts.append(f"{counts[FAILED]} failed")
+    if counts[NOT_ATTEMPTED]:
+        parts.append(f"{counts[NOT_ATTEMPTED]} not attempted")
     if verbosity >= 1:
         shared = [f"public {r.status}; " for r in summary.results if r.schema == public]
         stdout.write(
@@ -304,13 +600,34 @@ def report(
             + ", ".join(parts)
             + f" in {summary.elapsed:.1f}s"
         )
-    for result in summary.failed:
-        if show_traceback and result.traceback:
-            stderr.write(result.traceback)
-        stderr.write(style.ERROR(f"FAILED {result.schema}: {result.error}"))
+        if summary.stopped:
+            stdout.write(
+                f"migrate_schemas_safe: stopped early ({summary.stopped}): "
+                f"{summary.count(NOT_ATTEMPTED)} tenant(s) not attempted."
+            )
+    for error, failed in _grouped(summary.failed).items():
+        if show_traceback:
+            for result in failed:
+                if result.traceback:
+                    stderr.write(result.traceback)
+        if len(failed) == 1:
+            stderr.write(style.ERROR(f"FAILED {failed[0].schema}: {failed[0].error}"))
+            continue
+        names = ", ".join(r.schema for r in failed[:3])
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        stderr.write(style.ERROR(f"FAILED {len(failed)} tenants ({names}{more}): {error}"))
     for problem in summary.public_problems:
         stderr.write(style.ERROR(f"FAILED public: {problem}"))
     if verbosity >= 2:
         for result in summary.results:
             if result.status == PENDING:
                 stdout.write(f"PENDING {result.schema}: {result.error}")
+
+
+def _grouped(failed: list[TenantResult]) -> dict[str, list[TenantResult]]:
+    """Failures by error, with each tenant's own schema name in it written as <schema>."""
+    groups: dict[str, list[TenantResult]] = {}
+    for result in failed:
+        error = re.sub(rf"(?<![\w$]){re.escape(result.schema)}(?![\w$])", "<schema>", result.error)
+        groups.setdefault(error, []).append(result)
+    return groups

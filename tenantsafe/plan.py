@@ -20,7 +20,7 @@ from django.db.migrations.exceptions import AmbiguityError, NodeNotFoundError
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
 
-from tenantsafe import schemas
+from tenantsafe import locks, schemas
 from tenantsafe.results import TenantRef
 
 logger = logging.getLogger("tenantsafe.plan")
@@ -237,10 +237,13 @@ class SchemaPlan:
     has_table: bool
     # None when the schema or its django_migrations table is missing, or the plan is unknown.
     plan: Plan | None
+    # Who holds the schema's lease: a run is migrating it, or one did not finish it (its
+    # post_migrate handlers, say). Empty when none does.
+    unfinished: str = ""
 
     @property
     def current(self) -> bool:
-        return self.plan is not None and self.plan.empty
+        return self.plan is not None and self.plan.empty and not self.unfinished
 
     def missing_by_app(self) -> dict[str, list[str]]:
         by_app: dict[str, list[str]] = {}
@@ -259,13 +262,16 @@ def plan_schemas(
     planner: Planner | None = None,
 ) -> list[SchemaPlan]:
     planner = planner or Planner()
-    applied = read_applied(alias, [schema for schema, _ in tenants])
+    names = [schema for schema, _ in tenants]
+    applied = read_applied(alias, names)
+    leased = locks.unfinished(alias, names)
     return [
         SchemaPlan(
             schema,
             tenant_type,
             applied.get(schema) is not None,
             planner.plan(applied.get(schema)),
+            leased.get(schema, ""),
         )
         for schema, tenant_type in tenants
     ]

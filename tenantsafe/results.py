@@ -10,6 +10,8 @@ CURRENT = "current"
 PENDING = "pending"
 PLANNED = "planned"
 FAILED = "failed"
+# The run stopped (a signal, --max-failures, an unreachable database) before this tenant.
+NOT_ATTEMPTED = "not attempted"
 
 
 class TenantRef(NamedTuple):
@@ -32,6 +34,10 @@ class Summary:
     results: tuple[TenantResult, ...] = ()
     public_problems: tuple[str, ...] = ()
     elapsed: float = 0.0
+    # Why no more tenants were started, when the run stopped early; empty otherwise.
+    stopped: str = ""
+    # The exit status the stop asks for (130 after SIGINT, 143 after SIGTERM); 0 otherwise.
+    stop_status: int = 0
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)

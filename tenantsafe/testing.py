@@ -106,8 +106,11 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
                     break
             time.sleep(pause)
         if tenant is None:
-            with _locked(alias, schema_name):
-                tenant = _migrating(model, alias, schema_name, domain, fields)
+            # Migrating commits as it goes: the tenant's lease (what migrate_schemas_safe
+            # takes too) keeps other processes out meanwhile.
+            with locks.leased(alias, schema_name, purpose="create_tenant") as lease:
+                tenant = _migrating(model, alias, schema_name, domain, fields, lease)
+                lease.complete()
     tenant._skip_auto_migrate = True
     return tenant
 
@@ -134,18 +137,6 @@ def _own_connection(alias: str) -> Iterator[Any]:
     finally:
         connections[alias] = original
         own.close()
-
-
-@contextlib.contextmanager
-def _locked(alias: str, schema: str) -> Iterator[None]:
-    # Migrating commits as it goes, so the lock needs a connection of its own. Not
-    # locks.MIGRATE: migrate_tenant takes that one on this schema while we hold ours.
-    lock = locks.LockConnection(alias)
-    try:
-        with lock.hold(locks.CREATE_TENANT, schema):
-            yield
-    finally:
-        lock.close()
 
 
 def _ready(model: type[Model], alias: str, schema: str, domain: str | None) -> Any:
@@ -189,7 +180,12 @@ def _without_migrating(
 
 
 def _migrating(
-    model: type[Model], alias: str, schema: str, domain: str | None, fields: dict[str, Any]
+    model: type[Model],
+    alias: str,
+    schema: str,
+    domain: str | None,
+    fields: dict[str, Any],
+    lease: locks.Lease,
 ) -> Any:
     """Under the lock: create or repair the tenant by migrating its schema."""
     tenant = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
@@ -198,9 +194,9 @@ def _migrating(
         if schemas.exists(alias, schema):
             if not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
                 logger.info("tenantsafe: schema %s is behind its migrations; migrating", schema)
-                _migrate(tenant, alias, record=False)
+                _migrate(tenant, alias, lease, record=False)
             return tenant
-        _migrate(tenant, alias, record=True)
+        _migrate(tenant, alias, lease, record=True)
         _schema_synced(tenant)
         return tenant
     # As django-tenants' save() does: the row first (a data migration may read it), then the
@@ -211,7 +207,7 @@ def _migrating(
     try:
         _ensure_domain(tenant, alias, domain)
         if fresh or not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
-            _migrate(tenant, alias, record=fresh)
+            _migrate(tenant, alias, lease, record=fresh)
     except BaseException:
         with contextlib.suppress(Exception):
             connection: Any = connections[alias]
@@ -261,7 +257,7 @@ def _replayed(tenant: Any, alias: str) -> bool:
     return True
 
 
-def _migrate(tenant: Any, alias: str, *, record: bool) -> None:
+def _migrate(tenant: Any, alias: str, lease: locks.Lease, *, record: bool) -> None:
     schema = tenant.schema_name
     connection = connections[alias]
     key = _template.state_key(alias, tenants.tenant_type(tenant))
@@ -272,13 +268,11 @@ def _migrate(tenant: Any, alias: str, *, record: bool) -> None:
         connection.execute_wrappers.insert(0, recorder)
     try:
         result = migrate.migrate_tenant(
-            _migrate_options(alias), TenantRef(schema, tenants.tenant_type(tenant))
+            _migrate_options(alias), TenantRef(schema, tenants.tenant_type(tenant)), lease=lease
         )
     finally:
         if recorder is not None:
             connection.execute_wrappers.remove(recorder)
-        # Its lock connection would keep the test database from being dropped.
-        locks.close_process_locks()
     if result.status == FAILED:
         raise TenantProvisionError(schema, result.error, result.traceback)
     if recorder is not None:

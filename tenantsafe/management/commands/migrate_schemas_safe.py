@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from argparse import ArgumentParser
+from argparse import ArgumentParser, ArgumentTypeError
 from typing import Any
 
 from django.core.management.base import CommandError
@@ -15,8 +15,8 @@ from django_tenants.utils import (
     get_tenant_migration_order,
 )
 
-from tenantsafe import migrate, schemas, tenants
-from tenantsafe.options import RunOptions
+from tenantsafe import conf, migrate, schemas, tenants
+from tenantsafe.options import RunOptions, duration_ms
 from tenantsafe.results import PENDING, TenantRef
 
 
@@ -39,13 +39,43 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             help="Run migrate in every tenant, also in those whose django_migrations shows "
             "nothing to apply (they are skipped by default; see tenantsafe.plan).",
         )
+        parser.add_argument(
+            "--lock-timeout",
+            type=_duration,
+            metavar="DURATION",
+            help="PostgreSQL's lock_timeout inside every migration transaction, e.g. 5s or "
+            "500ms; 0 turns it off (default: TENANTSAFE_LOCK_TIMEOUT, else 5s).",
+        )
+        parser.add_argument(
+            "--lock-retries",
+            type=int,
+            metavar="N",
+            help="How often an atomic migration that hit the lock timeout is tried again, "
+            "with backoff (default: TENANTSAFE_LOCK_RETRIES, else 3).",
+        )
+        stopping = parser.add_mutually_exclusive_group()
+        stopping.add_argument(
+            "--max-failures",
+            type=_positive,
+            metavar="N",
+            help="Start no new tenant once N tenants have failed.",
+        )
+        stopping.add_argument(
+            "--fail-fast", action="store_true", help="Start no new tenant after one failed."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         # SyncCommon parses --shared/--tenant/--schema; MigrateSchemasCommand.handle would run
         # the unguarded executors, so the run itself is tenantsafe.migrate's.
         SyncCommon.handle(self, *args, **options)
         codename = self.executor or os.environ.get("EXECUTOR") or "standard"
-        opts = RunOptions.from_command(options, args=args, executor=codename)
+        opts = RunOptions.from_command(
+            options,
+            args=args,
+            executor=codename,
+            lock_timeout=conf.lock_timeout(),
+            lock_retries=conf.lock_retries(),
+        )
         refs = self._tenants(opts.database) if self.sync_tenant else []
         with _migrating_through(opts.database):
             summary = migrate.run(opts, public=bool(self.sync_public), tenants=refs)
@@ -58,6 +88,17 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             show_traceback=bool(options.get("traceback")),
         )
         failed = len(summary.failed) + len(summary.public_problems)
+        if summary.stop_status:
+            raise CommandError(
+                f"migrate_schemas_safe stopped early ({summary.stopped}).",
+                returncode=summary.stop_status,
+            )
+        if summary.stopped:
+            raise CommandError(
+                f"migrate_schemas_safe stopped early ({summary.stopped}); {failed} schema(s) "
+                "failed; see above.",
+                returncode=1,
+            )
         if failed:
             raise CommandError(
                 f"{failed} of {len(summary.results)} schema(s) failed; see above.", returncode=1
@@ -91,3 +132,17 @@ def _migrating_through(alias: str) -> contextlib.AbstractContextManager[Any]:
     if alias == get_tenant_database_alias():
         return contextlib.nullcontext()
     return override_settings(TENANT_DB_ALIAS=alias)
+
+
+def _duration(text: str) -> str:
+    try:
+        duration_ms(text)
+    except ValueError as exc:
+        raise ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
