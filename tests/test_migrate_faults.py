@@ -92,7 +92,14 @@ def state(url: str, schema: str) -> dict[str, Any]:
             ).fetchall()
         }
         if "django_migrations" not in tables:
-            return {"migrations": [], "duplicates": [], "content_types": 0, "permissions": 0}
+            return {
+                "migrations": [],
+                "duplicates": [],
+                "content_types": 0,
+                "permissions": 0,
+                "categories": 0,
+                "notes": 0,
+            }
         rows = conn.execute(
             f"SELECT app, name, count(*) FROM {q}.django_migrations GROUP BY 1, 2 ORDER BY 1, 2"
         ).fetchall()
@@ -100,13 +107,16 @@ def state(url: str, schema: str) -> dict[str, Any]:
             table: conn.execute(f"SELECT count(*) FROM {q}.{table}").fetchone()[0]
             if table in tables
             else 0
-            for table in ("django_content_type", "auth_permission")
+            for table in ("django_content_type", "auth_permission", "shop_category", "notes_note")
         }
     return {
         "migrations": [(app, name) for app, name, _ in rows],
         "duplicates": [(app, name, n) for app, name, n in rows if n > 1],
         "content_types": count["django_content_type"],
         "permissions": count["auth_permission"],
+        # What the data migrations wrote: twice as much if one ran twice.
+        "categories": count["shop_category"],
+        "notes": count["notes_note"],
     }
 
 
@@ -223,6 +233,35 @@ def test_a_stopped_lease_holder_loses_the_tenant_to_the_other_run(reference):
         assert again.returncode == 0, again.stderr[-3000:]
         counts = summary(again.stdout)
         assert (counts["current"], counts["migrated"], counts["failed"]) == (4, 0, 0)
+
+
+def test_the_lease_holders_backend_terminated_in_a_race_fails_that_tenant_only(reference):
+    # Issue 10, case 1: the backend of the run holding the tenant's lock is terminated (a DBA
+    # script killing "idle in transaction" sessions) while another run waits for the tenant.
+    names = ["x1", "x2", "x3", "x4"]
+    with (
+        tenant_database(names) as url,
+        faults.runs() as start,
+        faults.hold("seed", "x2") as held,
+    ):
+        a = start(url, *MIGRATE, env=env(held.env))
+        pids = held.wait(a)
+        b = start(url, *MIGRATE, env=env())
+        assert faults.terminate(url, pids["backend_pid"])
+        held.release()
+        codes = (a.wait(120), b.wait(120))
+
+        assert failures(b.stderr) == {}, b.stderr[-3000:]
+        assert codes == (1, 0), (a.stderr[-3000:], b.stderr[-3000:])
+        failed = failures(a.stderr)
+        # Only the tenant whose backend went: A goes on with a connection that works.
+        assert list(failed) == ["x2"], a.stderr[-3000:]
+        assert "connection" in failed["x2"]
+        assert_no_traceback(a.stderr)
+        assert incomplete(url, names, reference) == []
+        again = manage(url, *MIGRATE, env=POOLER_SAFE)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert summary(again.stdout)["current"] == 4
 
 
 def test_a_backend_terminated_in_post_migrate_leaves_the_tenant_for_the_next_run(reference):
