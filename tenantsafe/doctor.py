@@ -110,8 +110,13 @@ def diagnose(alias: str) -> Report:
                 )
             )
     templates = {getattr(settings, "TENANT_BASE_SCHEMA", None), *get_type_base_schemas().values()}
-    for schema, has_table in sorted(namespaces.items()):
-        if has_table and schema != public and schema not in named and schema not in templates:
+    for schema, tables in sorted(namespaces.items()):
+        if (
+            "django_migrations" in tables
+            and schema != public
+            and schema not in named
+            and schema not in templates
+        ):
             report.findings.append(
                 Finding(
                     WARNING,
@@ -123,12 +128,18 @@ def diagnose(alias: str) -> Report:
             )
 
     present = [TenantRef(public)] + [ref for ref in valid if ref.schema in namespaces]
+    complete: list[TenantRef] = []
     for entry in plan.plan_schemas(alias, present):
+        if entry.duplicates:
+            report.findings.append(_duplicates(entry))
         finding = _behind(entry, public)
         if finding is None:
             report.current += entry.schema != public
         else:
             report.findings.append(finding)
+        if entry.schema != public and entry.plan is not None and entry.plan.empty:
+            complete.append(TenantRef(entry.schema, entry.tenant_type))
+    report.findings.extend(_registry_lag(alias, complete, namespaces))
 
     report.findings.extend(_tenant_tables_in_public(alias, public, rows))
     report.pooler = _pooler(alias)
@@ -175,16 +186,18 @@ def _check_messages(alias: str) -> list[Finding]:
     return found
 
 
-def _namespaces(alias: str) -> dict[str, bool]:
-    """Every non-system schema, and whether it holds a django_migrations table."""
+def _namespaces(alias: str) -> dict[str, set[str]]:
+    """Every non-system schema, and which of the tables the doctor reads it holds."""
     with connections[alias].cursor() as cursor:
         cursor.execute(
-            "SELECT n.nspname, EXISTS (SELECT 1 FROM pg_catalog.pg_class c "
-            "WHERE c.relnamespace = n.oid AND c.relname = 'django_migrations' "
-            "AND c.relkind IN ('r', 'p')) FROM pg_catalog.pg_namespace n "
-            "WHERE n.nspname NOT LIKE 'pg\\_%%' AND n.nspname <> 'information_schema'"
+            "SELECT n.nspname, array_remove(array_agg(c.relname::text), NULL) "
+            "FROM pg_catalog.pg_namespace n LEFT JOIN pg_catalog.pg_class c "
+            "ON c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND c.relname IN "
+            "('django_migrations', 'django_content_type', 'auth_permission') "
+            "WHERE n.nspname NOT LIKE 'pg\\_%%' AND n.nspname <> 'information_schema' "
+            "GROUP BY n.nspname"
         )
-        return {name: bool(has) for name, has in cursor.fetchall()}
+        return {name: set(tables) for name, tables in cursor.fetchall()}
 
 
 def _behind(entry: plan.SchemaPlan, public: str) -> Finding | None:
@@ -207,6 +220,16 @@ def _behind(entry: plan.SchemaPlan, public: str) -> Finding | None:
             "recorded before its dependencies, or a squashed migration partly applied). Run "
             f"migrate_schemas_safe --schema {entry.schema} --plan to see it.",
         )
+    if entry.plan.empty and entry.unfinished:
+        return Finding(
+            WARNING,
+            "incomplete",
+            entry.schema,
+            f"{who} has every migration recorded, but the run that migrated it did not finish "
+            f"(its lock was left by {entry.unfinished}): its post_migrate handlers (content "
+            "types, permissions) may not have run. Run migrate_schemas_safe to complete it.",
+            {"lock": entry.unfinished},
+        )
     if entry.current:
         return None
     missing = entry.missing_by_app()
@@ -217,6 +240,96 @@ def _behind(entry: plan.SchemaPlan, public: str) -> Finding | None:
         entry.schema,
         f"{who} is behind on migrations ({listed}). Run migrate_schemas_safe.",
         {"missing": missing},
+    )
+
+
+def _duplicates(entry: plan.SchemaPlan) -> Finding:
+    listed = ", ".join(f"{app}.{name}" for app, name in entry.duplicates)
+    return Finding(
+        ERROR,
+        "duplicate-migrations",
+        entry.schema,
+        f"Tenant {quoted(entry.schema)} has migrations recorded more than once ({listed}): two "
+        "runs applied them at the same time. Check its tables against a healthy tenant, then "
+        "delete the extra django_migrations rows.",
+        {"migrations": [f"{app}.{name}" for app, name in entry.duplicates]},
+    )
+
+
+def _expected_registry() -> tuple[list[str], list[str]]:
+    """What Django's post_migrate handlers create: a content type per model, and each
+    model's default and custom permissions ("app.model" and "app.model.codename")."""
+    types: list[str] = []
+    perms: list[str] = []
+    for config in apps.get_app_configs():
+        for model in config.get_models():
+            opts = model._meta
+            key = f"{opts.app_label}.{opts.model_name}"
+            types.append(key)
+            codenames = [f"{action}_{opts.model_name}" for action in opts.default_permissions]
+            codenames += [codename for codename, _ in opts.permissions]
+            perms += [f"{key}.{codename}" for codename in codenames]
+    return types, perms
+
+
+def _registry_lag(
+    alias: str, refs: list[TenantRef], namespaces: dict[str, set[str]]
+) -> list[Finding]:
+    """Migrated tenants that lack content types or permissions (post_migrate cut short)."""
+    if not refs or not apps.is_installed("django.contrib.contenttypes"):
+        return []
+    types, perms = _expected_registry()
+    routed = {ref.tenant_type: plan.routed_apps(alias, ref.schema, ref.tenant_type) for ref in refs}
+    parts = []
+    for i, ref in enumerate(refs):
+        tables = namespaces.get(ref.schema, set())
+        if "django_content_type" not in tables or "contenttypes" not in routed[ref.tenant_type]:
+            continue
+        q = schemas.quote(ref.schema)
+        perm_count = (
+            f"(SELECT count(*) FROM {q}.auth_permission p JOIN {q}.django_content_type c "  # noqa: S608
+            "ON c.id = p.content_type_id "
+            "WHERE c.app_label || '.' || c.model || '.' || p.codename IN (SELECT k FROM pm))"
+            if "auth_permission" in tables and "auth" in routed[ref.tenant_type]
+            else "NULL"
+        )
+        parts.append(
+            f"SELECT {i}, (SELECT count(*) FROM {q}.django_content_type c "  # noqa: S608
+            "WHERE c.app_label || '.' || c.model IN (SELECT k FROM ct)), "
+            f"{perm_count}"
+        )
+    if not parts:
+        return []
+    findings = []
+    with connections[alias].cursor() as cursor:
+        for start in range(0, len(parts), plan.CHUNK):
+            cursor.execute(
+                "WITH ct(k) AS (SELECT unnest(%s::text[])), pm(k) AS (SELECT unnest(%s::text[])) "
+                + " UNION ALL ".join(parts[start : start + plan.CHUNK]),
+                [types, perms],
+            )
+            for i, type_count, perm_count in cursor.fetchall():
+                schema = refs[i].schema
+                if type_count < len(types):
+                    findings.append(
+                        _lag(schema, "contenttypes-behind", "content types", type_count, len(types))
+                    )
+                if perm_count is not None and perm_count < len(perms):
+                    findings.append(
+                        _lag(schema, "permissions-behind", "permissions", perm_count, len(perms))
+                    )
+    return findings
+
+
+def _lag(schema: str, kind: str, what: str, found: int, expected: int) -> Finding:
+    return Finding(
+        WARNING,
+        kind,
+        schema,
+        f"Tenant {quoted(schema)} has {found} of the {expected} {what} the installed apps "
+        "define: the post_migrate handlers of its last migration did not finish. Run "
+        f"migrate_schemas_safe --schema {schema} --no-skip to create them.",
+        {"found": found, "expected": expected},
     )
 
 

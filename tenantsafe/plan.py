@@ -9,6 +9,7 @@ without running ``migrate`` at all.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,9 +55,17 @@ def with_migrations_table(alias: str, names: Sequence[str] | None = None) -> set
 
 
 def read_applied(
-    alias: str, names: Sequence[str], *, chunk: int = CHUNK
+    alias: str,
+    names: Sequence[str],
+    *,
+    chunk: int = CHUNK,
+    duplicates: dict[str, list[Key]] | None = None,
 ) -> dict[str, frozenset[Key] | None]:
-    """Every schema's recorded migrations; None where the schema or its table is missing."""
+    """Every schema's recorded migrations; None where the schema or its table is missing.
+
+    ``duplicates`` gets the migrations recorded more than once, per schema (two runs that
+    applied the same migration).
+    """
     valid = [name for name in dict.fromkeys(names) if schemas.is_valid(name)]
     with_table = with_migrations_table(alias, valid)
     readable = [name for name in valid if name in with_table]
@@ -72,6 +81,9 @@ def read_applied(
                 continue
             applied = frozenset(keys.setdefault(key, key) for key in rows)
             result[name] = sets.setdefault(applied, applied)
+            if duplicates is not None and len(applied) < len(rows):
+                counted = collections.Counter(rows)
+                duplicates[name] = sorted(k for k, n in counted.items() if n > 1)
     return result
 
 
@@ -240,6 +252,8 @@ class SchemaPlan:
     # Who holds the schema's lease: a run is migrating it, or one did not finish it (its
     # post_migrate handlers, say). Empty when none does.
     unfinished: str = ""
+    # Migrations recorded more than once.
+    duplicates: tuple[Key, ...] = ()
 
     @property
     def current(self) -> bool:
@@ -263,7 +277,8 @@ def plan_schemas(
 ) -> list[SchemaPlan]:
     planner = planner or Planner()
     names = [schema for schema, _ in tenants]
-    applied = read_applied(alias, names)
+    twice: dict[str, list[Key]] = {}
+    applied = read_applied(alias, names, duplicates=twice)
     leased = locks.unfinished(alias, names)
     return [
         SchemaPlan(
@@ -272,6 +287,7 @@ def plan_schemas(
             applied.get(schema) is not None,
             planner.plan(applied.get(schema)),
             leased.get(schema, ""),
+            tuple(twice.get(schema, ())),
         )
         for schema, tenant_type in tenants
     ]

@@ -219,3 +219,66 @@ def test_pooler_detected_and_exit_status_of_the_command():
         result = manage(url, "tenantsafe_doctor", env=env)
         assert result.returncode == 1
         assert "connects directly to PostgreSQL" in result.stdout
+
+
+def test_tenants_whose_post_migrate_did_not_finish():
+    migrated("whole", "cut", "doubled", "left")
+    # What a run killed during post_migrate leaves: migrations recorded, content types and
+    # permissions not (yet) created.
+    sql('DELETE FROM "cut".auth_permission')
+    sql('DELETE FROM "cut".django_content_type')
+    sql(
+        'INSERT INTO "doubled".django_migrations (app, name, applied) '
+        "SELECT app, name, now() FROM \"doubled\".django_migrations WHERE app = 'shop'"
+    )
+    sql(
+        "INSERT INTO tenantsafe_lease (schema_name, token, holder, host, pid, acquired_at, "
+        "expires_at) VALUES ('left', gen_random_uuid(), 'migrate_schemas_safe (pid 1 on h)', "
+        "'h', 1, now(), now())"
+    )
+
+    report, status = doctor_json("--fail-on", "warning")
+
+    assert status == 1
+    assert sorted(findings(report)) == [
+        ("contenttypes-behind", "cut"),
+        ("duplicate-migrations", "doubled"),
+        ("incomplete", "left"),
+        ("permissions-behind", "cut"),
+    ]
+    by_kind = {f["kind"]: f for f in report["findings"]}
+    expected_types = by_kind["contenttypes-behind"]["details"]["expected"]
+    assert by_kind["contenttypes-behind"]["details"] == {"found": 0, "expected": expected_types}
+    assert by_kind["contenttypes-behind"]["message"].startswith(
+        f'Tenant "cut" has 0 of the {expected_types} content types the installed apps define'
+    )
+    assert "shop.0001_initial" in by_kind["duplicate-migrations"]["details"]["migrations"]
+    assert "did not finish" in by_kind["incomplete"]["message"]
+    # The run that completes them: content types back, the lease row gone, "left" current.
+    call_command("migrate_schemas_safe", tenant=True, verbosity=0, no_skip=True)
+    sql(
+        'DELETE FROM "doubled".django_migrations WHERE id NOT IN (SELECT min(id) FROM "doubled".django_migrations GROUP BY app, name)'
+    )
+    report, status = doctor_json("--fail-on", "warning")
+    assert findings(report) == []
+    assert status == 0
+
+
+def test_rows_too_long_or_colliding_after_truncation():
+    long_a, long_b = "é" * 32 + "a", "é" * 32 + "b"
+    for name in (long_a, long_b):
+        sql(
+            "INSERT INTO customers_client (schema_name, name, created_on) VALUES (%s, %s, now())",
+            [name, "x"],
+        )
+
+    report, status = doctor_json()
+
+    assert status == 1
+    assert sorted(findings(report, "error")) == [
+        ("invalid-schema-name", long_a),
+        ("invalid-schema-name", long_b),
+        ("schema-name-collision", "é" * 31),
+    ]
+    invalid = next(f for f in report["findings"] if f["kind"] == "invalid-schema-name")
+    assert "it is 65 bytes in UTF-8 (33 characters)" in invalid["message"]
