@@ -235,6 +235,34 @@ def test_a_stopped_lease_holder_loses_the_tenant_to_the_other_run(reference):
         assert (counts["current"], counts["migrated"], counts["failed"]) == (4, 0, 0)
 
 
+def test_a_lease_holder_that_is_only_slow_keeps_its_tenant(reference):
+    # The counterpart of the test above: alive and held for three lease times, A renews its
+    # lease, so the waiting run does not take r2 over.
+    names = ["r1", "r2", "r3"]
+    lease = 2
+    short = {"TESTPROJECT_LOCK_LEASE_SECONDS": str(lease)}
+    with (
+        tenant_database(names) as url,
+        faults.runs() as start,
+        faults.hold("post_migrate", "r2") as held_a,
+        faults.hold("post_migrate", "r1") as held_b,
+    ):
+        a = start(url, "migrate_schemas_safe", "--schema", "r2", env=env(short, held_a.env))
+        held_a.wait(a)
+        b = start(url, *MIGRATE, env=env(short, held_b.env))
+        held_b.wait(b)
+        held_b.release()  # B's next tenant is r2, whose lease A holds
+        time.sleep(3 * lease)
+        assert b.running(), b.stdout[-2000:]
+        assert "standard:r2]" not in b.stdout
+        assert "standard:r3]" not in b.stdout, "B went past r2 while A held it"
+        held_a.release()
+        assert a.wait(120) == 0, a.stderr[-3000:]
+        assert b.wait(120) == 0, b.stderr[-3000:]
+        assert not re.search(r"standard:r2\] +Applying", b.stdout)
+        assert incomplete(url, names, reference) == []
+
+
 def test_the_lease_holders_backend_terminated_in_a_race_fails_that_tenant_only(reference):
     # Issue 10, case 1: the backend of the run holding the tenant's lock is terminated (a DBA
     # script killing "idle in transaction" sessions) while another run waits for the tenant.
@@ -656,12 +684,15 @@ def test_max_failures_stops_a_deploy_that_fails_everywhere():
             lines[0],
         ), lines[0]
 
-        fast = manage(url, *MIGRATE, "--fail-fast", env=failing)
+        fast = manage(url, *MIGRATE, "--fail-fast", "--traceback", env=failing)
         assert fast.returncode == 1
         counts = summary(fast.stdout)
         assert (counts["failed"], counts["not_attempted"]) == (1, 39)
         [(who, error)] = failures(fast.stderr).items()
         assert error == f"RuntimeError: seeding failed on purpose in {who}"
+        # Asked for, the traceback is there.
+        assert "Traceback (most recent call last)" in fast.stderr
+        assert "in seed" in fast.stderr
 
 
 # -- 12: names by bytes ---------------------------------------------------------------------
