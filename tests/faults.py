@@ -346,6 +346,21 @@ def lock_waiters(url: str, relation: str) -> list[int]:
     return [int(row[0]) for row in rows]
 
 
+def named(url: str, application_name: str) -> str:
+    """``url`` whose connections carry ``application_name``, to find them in pg_stat_activity."""
+    parts = urlsplit(url)
+    return parts._replace(query=f"application_name={application_name}").geturl()
+
+
+def backends(url: str, application_name: str) -> list[int]:
+    with connect(with_dbname(url, "postgres")) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s ORDER BY pid",
+            [application_name],
+        ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
 def terminate(url: str, pid: int) -> bool:
     with connect(with_dbname(url, "postgres")) as conn:
         return bool(conn.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone()[0])
