@@ -21,14 +21,9 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _with_dbname(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+from bench._db import server
+from testproject.dbtools import ROOT, with_dbname
 
 
 @contextlib.contextmanager
@@ -36,11 +31,11 @@ def _database(url: str) -> Iterator[str]:
     import psycopg
 
     name = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = _with_dbname(url, "postgres")
+    admin = with_dbname(url, "postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        target = _with_dbname(url, name)
+        target = with_dbname(url, name)
         _run(
             [sys.executable, "-m", "testproject.manage", "migrate_schemas", "--shared", "-v0"],
             target,
@@ -95,13 +90,8 @@ def main(argv: list[str]) -> int:
     if ns.phase:
         print(json.dumps(_phase(ns.phase, ns.tenants)))
         return 0
-    if not os.environ.get("DATABASE_URL"):
-        sys.path.insert(0, str(ROOT))
-        from testproject.cluster import throwaway_cluster
-
-        with throwaway_cluster(quiet=True):
-            return _compare(os.environ["DATABASE_URL"], ns.tenants, ns.rounds)
-    return _compare(os.environ["DATABASE_URL"], ns.tenants, ns.rounds)
+    with server():
+        return _compare(os.environ["DATABASE_URL"], ns.tenants, ns.rounds)
 
 
 def _compare(url: str, count: int, rounds: int) -> int:

@@ -26,7 +26,13 @@ def main() -> None:
     env = {"TESTPROJECT_POOLER_SAFE": "1"} if ns.pooled else {}
 
     with server():
-        from tests.dbtools import direct_url, fresh_database, manage, register_tenants, with_dbname
+        from testproject.dbtools import (
+            direct_url,
+            fresh_database,
+            manage,
+            register_tenants,
+            with_dbname,
+        )
 
         names = [f"bench{n:03d}" for n in range(ns.tenants)]
         ratios = []

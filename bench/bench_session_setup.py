@@ -23,9 +23,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench._db import server
+from testproject.dbtools import ROOT, with_dbname
 
 COMMON = """
 import json, os, time
@@ -81,10 +81,6 @@ def test_tenants(tenants, db, n):
 """
 
 
-def _with_dbname(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + name))
-
-
 def _side(side: str, url: str, *, reuse: bool = False) -> tuple[list[float], float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
@@ -99,7 +95,7 @@ def _side(side: str, url: str, *, reuse: bool = False) -> tuple[list[float], flo
         (path / "test_bench.py").write_text(TESTS)
         out = path / "setup.jsonl"
         name = f"bench_{uuid.uuid4().hex[:8]}"
-        env = {**os.environ, "DATABASE_URL": _with_dbname(url, name), "BENCH_OUT": str(out)}
+        env = {**os.environ, "DATABASE_URL": with_dbname(url, name), "BENCH_OUT": str(out)}
         cmd = [sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider"]
         cmd += ["-p", "no:benchmark", "-p", "no:randomly"]
         if side == "plain":
@@ -129,7 +125,7 @@ def _pytest(cmd: list[str], path: Path, env: dict[str, str], side: str) -> None:
 def _drop(url: str, name: str) -> None:
     import psycopg
 
-    with psycopg.connect(_with_dbname(url, "postgres"), autocommit=True) as conn:
+    with psycopg.connect(with_dbname(url, "postgres"), autocommit=True) as conn:
         for worker in ("gw0", "gw1"):
             conn.execute(f'DROP DATABASE IF EXISTS "test_{name}_{worker}" WITH (FORCE)')
 
@@ -138,13 +134,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
     ns = parser.parse_args(argv)
-    if not os.environ.get("DATABASE_URL"):
-        sys.path.insert(0, str(ROOT))
-        from testproject.cluster import throwaway_cluster
-
-        with throwaway_cluster(quiet=True):
-            return _compare(os.environ["DATABASE_URL"], ns.rounds)
-    return _compare(os.environ["DATABASE_URL"], ns.rounds)
+    with server():
+        return _compare(os.environ["DATABASE_URL"], ns.rounds)
 
 
 def _compare(url: str, rounds: int) -> int:

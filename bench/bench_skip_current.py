@@ -42,15 +42,15 @@ def psql(url: str, script: str) -> None:
 
 
 def run(url: str, *args: str) -> str:
-    from tests.dbtools import manage
+    from testproject.dbtools import manage
 
     result = manage(url, *args, timeout=1800)
     assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-2000:])
-    return result.stdout
+    return str(result.stdout)
 
 
 def add_rows(url: str, names: list[str]) -> None:
-    from tests.dbtools import connect
+    from testproject.dbtools import connect
 
     with connect(url) as conn:
         conn.execute(
@@ -62,7 +62,7 @@ def add_rows(url: str, names: list[str]) -> None:
 
 def prepare(url: str, names: list[str], *, full: bool) -> None:
     """Public migrated, a migrated template schema, and ``names`` as current tenants."""
-    from tests.dbtools import register_tenants
+    from testproject.dbtools import register_tenants
 
     run(url, "migrate_schemas", "--shared", "-v0")
     register_tenants(url, [TEMPLATE])
@@ -99,7 +99,7 @@ def prepare(url: str, names: list[str], *, full: bool) -> None:
 
 @contextlib.contextmanager
 def copy_of(golden: str, prefix: str) -> Iterator[str]:
-    from tests.dbtools import connect, direct_url, fresh_database, with_dbname
+    from testproject.dbtools import connect, direct_url, fresh_database, with_dbname
 
     with fresh_database(prefix) as name, connect(with_dbname(direct_url(), "postgres")) as conn:
         conn.execute(f'DROP DATABASE "{name}"')
@@ -108,7 +108,13 @@ def copy_of(golden: str, prefix: str) -> Iterator[str]:
 
 
 def ratio_rounds(current: int, rounds: int) -> float:
-    from tests.dbtools import direct_url, fingerprint, fresh_database, register_tenants, with_dbname
+    from testproject.dbtools import (
+        direct_url,
+        fingerprint,
+        fresh_database,
+        register_tenants,
+        with_dbname,
+    )
 
     names = [f"cur{n:04d}" for n in range(current)]
     ratios = []
@@ -150,7 +156,7 @@ def measured(url: str, *args: str) -> tuple[float, str, float]:
     import sys
     import time
 
-    from tests.dbtools import ROOT
+    from testproject.dbtools import ROOT
 
     code = (
         "import resource, sys\n"
@@ -175,7 +181,7 @@ def measured(url: str, *args: str) -> tuple[float, str, float]:
 
 
 def many(count: int, *, full: bool) -> None:
-    from tests.dbtools import direct_url, fresh_database, with_dbname
+    from testproject.dbtools import direct_url, fresh_database, with_dbname
 
     names = [f"many{n:05d}" for n in range(count)]
     with fresh_database("bmany") as db:

@@ -84,7 +84,7 @@ def default_schema_names() -> list[str]:
 def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any) -> Any:
     """The tenant with ``schema_name``, created with a migrated schema if it does not exist.
 
-    See the README ("Testing") for the contract: idempotent, ``_skip_auto_migrate`` set,
+    See the docs (docs/testing.md) for the contract: idempotent, ``_skip_auto_migrate`` set,
     serialized across processes, schemas provisioned from a template of the migration.
     """
     schemas.validate(schema_name, owner="create_tenant")

@@ -7,9 +7,10 @@ import pytest
 
 @pytest.fixture
 def drop_tenant_schemas(transactional_db: None) -> Iterator[None]:
-    """Tenant schemas outlive a transactional test's flush; drop them afterwards."""
+    """Tenant schemas (and the lease rows of runs on them) outlive a transactional test's
+    flush; drop them afterwards."""
     yield
-    from django.db import connection
+    from tests.dbtools import connection
 
     connection.set_schema_to_public()
     with connection.cursor() as cursor:
@@ -19,3 +20,6 @@ def drop_tenant_schemas(transactional_db: None) -> Iterator[None]:
         )
         for (name,) in cursor.fetchall():
             cursor.execute('DROP SCHEMA "%s" CASCADE' % name.replace('"', '""'))
+        cursor.execute("SELECT to_regclass('public.tenantsafe_lease')")
+        if cursor.fetchone()[0] is not None:
+            cursor.execute("DELETE FROM public.tenantsafe_lease")

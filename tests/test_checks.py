@@ -22,11 +22,11 @@ from tests.dbtools import direct_url, manage, pooled_url
 NO_ISSUES = "System check identified no issues (0 silenced)."
 
 
-class ProjectRouter(TenantSyncRouter):
+class ProjectRouter(TenantSyncRouter):  # type: ignore[misc]
     pass
 
 
-def issues(databases: list[str] | None = None) -> list[tuple[str, str, str]]:
+def issues(databases: list[str] | None = None) -> list[tuple[str | None, str, str]]:
     return [
         (m.id, m.msg, m.hint or "")
         for m in checks.run_checks(databases=databases)
@@ -34,7 +34,7 @@ def issues(databases: list[str] | None = None) -> list[tuple[str, str, str]]:
     ]
 
 
-def ids(databases: list[str] | None = None) -> list[str]:
+def ids(databases: list[str] | None = None) -> list[str | None]:
     return [i for i, _, _ in issues(databases)]
 
 
@@ -196,7 +196,7 @@ def test_w001_app_with_models_in_no_list():
 
 
 def test_multi_type_app_lists():
-    types = {
+    types: dict[str, dict[str, Any]] = {
         "public": {"APPS": list(settings.SHARED_APPS), "URLCONF": "testproject.urls_public"},
         "shop": {"APPS": list(settings.TENANT_APPS), "URLCONF": "testproject.urls"},
     }

@@ -9,28 +9,23 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from tenantsafe import doctor
 from testproject.notes.models import Note
 from tests.dbtools import (
     add_tenant,
+    connection,
     direct_url,
     fresh_database,
     manage,
     pooled_url,
     register_tenants,
+    sql,
     with_dbname,
 )
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
-
-
-def sql(statement: str, params: list[Any] | None = None) -> None:
-    connection.set_schema_to_public()
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params or [])
 
 
 def migrated(*names: str) -> None:
@@ -257,7 +252,8 @@ def test_tenants_whose_post_migrate_did_not_finish():
     # The run that completes them: content types back, the lease row gone, "left" current.
     call_command("migrate_schemas_safe", tenant=True, verbosity=0, no_skip=True)
     sql(
-        'DELETE FROM "doubled".django_migrations WHERE id NOT IN (SELECT min(id) FROM "doubled".django_migrations GROUP BY app, name)'
+        'DELETE FROM "doubled".django_migrations WHERE id NOT IN '
+        '(SELECT min(id) FROM "doubled".django_migrations GROUP BY app, name)'
     )
     report, status = doctor_json("--fail-on", "warning")
     assert findings(report) == []

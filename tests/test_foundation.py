@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from django.db import connection, connections
+from django.db import connections
 from django_tenants.postgresql_backend.base import DatabaseWrapper
 
 from testproject.customers.models import Client, Domain
@@ -20,6 +20,7 @@ from testproject.shop.models import Product
 from tests.dbtools import (
     ROOT,
     connect,
+    connection,
     direct_url,
     fresh_database,
     pool_load,

@@ -2,68 +2,33 @@
 
 from __future__ import annotations
 
-import io
 import logging
-from typing import Any
 
 import pytest
-from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
 
 from testproject.customers.models import Client
-from tests.dbtools import add_tenant
+from tests.dbtools import add_tenant, last_output, migrate, recorded, scalar, tables
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
-
-
-def run(*args: str, **options: Any) -> tuple[str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        call_command("migrate_schemas_safe", *args, stdout=out, stderr=err, **options)
-    finally:
-        run.last = (out.getvalue(), err.getvalue())  # type: ignore[attr-defined]
-    return out.getvalue(), err.getvalue()
-
-
-def last_output() -> tuple[str, str]:
-    return run.last  # type: ignore[attr-defined,no-any-return]
-
-
-def tables(schema: str) -> set[str]:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema])
-        return {row[0] for row in cursor.fetchall()}
-
-
-def scalar(sql: str, params: list[Any] | None = None) -> Any:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params or [])
-        return cursor.fetchone()[0]
-
-
-def recorded(schema: str) -> set[str]:
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT app || '.' || name FROM \"{schema}\".django_migrations")
-        return {row[0] for row in cursor.fetchall()}
 
 
 def test_migrates_every_tenant_and_summarises():
     for name in ("alpha", "beta"):
         add_tenant(name)
 
-    out, err = run(tenant=True)
+    out, err = migrate(tenant=True)
 
     assert "migrate_schemas_safe: 2 tenant(s): 2 migrated, 0 already current, 0 failed" in out
     assert err == ""
     for name in ("alpha", "beta"):
         assert {"shop_product", "notes_note", "django_content_type"} <= tables(name)
         assert scalar(f'SELECT count(*) FROM "{name}".shop_category') == 3
-        assert "search.0002_term_index_concurrently" in recorded(name)
+        assert ("search", "0002_term_index_concurrently") in recorded(name)
     # Nothing of the tenants' apps landed in public.
     assert not {"shop_product", "notes_note", "search_searchentry"} & tables("public")
 
-    out, _ = run(tenant=True)
+    out, _ = migrate(tenant=True)
     assert "2 tenant(s): 0 migrated, 2 already current, 0 failed" in out
 
 
@@ -74,7 +39,7 @@ def test_missing_schema_fails_alone_and_names_the_fix(executor):
     add_tenant("last")
 
     with pytest.raises(CommandError, match="1 of 3 schema"):
-        run(tenant=True, executor=executor)
+        migrate(tenant=True, executor=executor)
     out, err = last_output()
 
     assert "3 tenant(s): 2 migrated, 0 already current, 1 failed" in out
@@ -87,7 +52,7 @@ def test_missing_schema_fails_alone_and_names_the_fix(executor):
     assert "shop_product" in tables("last")
     assert scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'gone'") == 0
 
-    out, err = run(tenant=True, create_missing=True, executor=executor)
+    out, err = migrate(tenant=True, create_missing=True, executor=executor)
     assert "3 tenant(s): 1 migrated, 2 already current, 0 failed" in out
     assert scalar('SELECT count(*) FROM "gone".shop_category') == 3
 
@@ -95,7 +60,7 @@ def test_missing_schema_fails_alone_and_names_the_fix(executor):
 def test_traceback_option_shows_the_traceback():
     add_tenant("gone", with_schema=False)
     with pytest.raises(CommandError):
-        run(tenant=True, traceback=True)
+        migrate(tenant=True, traceback=True)
     _, err = last_output()
     assert "Traceback (most recent call last)" in err
     assert "SchemaMissingError" in err
@@ -107,26 +72,26 @@ def test_failing_data_migration_leaves_nothing_half_applied(monkeypatch):
         add_tenant(name)
 
     with pytest.raises(CommandError):
-        run(tenant=True)
+        migrate(tenant=True)
     out, err = last_output()
 
     assert "3 tenant(s): 2 migrated, 0 already current, 1 failed" in out
     assert "FAILED broken: RuntimeError: seeding failed on purpose in broken" in err
     for name in ("before", "after"):
         assert scalar(f'SELECT count(*) FROM "{name}".shop_category') == 3
-        assert "shop.0003_product_sku" in recorded(name)
+        assert ("shop", "0003_product_sku") in recorded(name)
     # The atomic data migration rolled back whole: table from 0001, no rows, not recorded.
     assert "shop_category" in tables("broken")
     assert scalar('SELECT count(*) FROM "broken".shop_category') == 0
-    assert "shop.0001_initial" in recorded("broken")
-    assert "shop.0002_seed_categories" not in recorded("broken")
+    assert ("shop", "0001_initial") in recorded("broken")
+    assert ("shop", "0002_seed_categories") not in recorded("broken")
 
 
 def test_debug_log_names_each_tenant_in_current_schema_and_search_path(caplog):
     for name in ("alpha", "beta"):
         add_tenant(name)
     with caplog.at_level(logging.DEBUG, logger="tenantsafe"):
-        run(tenant=True, verbosity=0)
+        migrate(tenant=True, verbosity=0)
 
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("tenantsafe")]
     for name in ("alpha", "beta"):
@@ -151,7 +116,7 @@ def test_malicious_schema_names_in_rows_never_reach_sql(bad):
     add_tenant(bad, with_schema=False)
 
     with pytest.raises(CommandError):
-        run(tenant=True)
+        migrate(tenant=True)
     out, err = last_output()
 
     assert "2 tenant(s): 1 migrated, 0 already current, 1 failed" in out
@@ -164,7 +129,7 @@ def test_malicious_schema_names_in_rows_never_reach_sql(bad):
 def test_malicious_schema_option_is_refused_before_anything_runs():
     add_tenant("good")
     with pytest.raises(CommandError, match=r"'a;b' \(--schema\) is not a valid schema name"):
-        run(schema_name="a;b")
+        migrate(schema_name="a;b")
     assert "shop_product" not in tables("good")
 
 
@@ -172,7 +137,7 @@ def test_tenant_run_reports_tables_that_appear_in_public(monkeypatch):
     monkeypatch.setenv("TESTPROJECT_LEAK_PUBLIC", "leaky")
     add_tenant("leaky")
     with pytest.raises(CommandError):
-        run(tenant=True)
+        migrate(tenant=True)
     _, err = last_output()
     assert "FAILED public: public gained tables while tenants were migrated: shop_leaked" in err
 
@@ -181,38 +146,38 @@ def test_check_and_plan_change_nothing():
     add_tenant("alpha")
 
     with pytest.raises(CommandError, match="1 schema\\(s\\) have unapplied migrations"):
-        run(tenant=True, check_unapplied=True)
-    out, _ = run(tenant=True, plan=True)
+        migrate(tenant=True, check_unapplied=True)
+    out, _ = migrate(tenant=True, plan=True)
     assert "1 tenant(s): 0 migrated, 0 already current, 1 with a plan shown, 0 failed" in out
     assert "Planned operations:" in out
     assert "shop.0001_initial" in out
     assert tables("alpha") <= {"django_migrations"}
 
-    run(tenant=True, verbosity=0)
-    out, _ = run(tenant=True, check_unapplied=True)
+    migrate(tenant=True, verbosity=0)
+    out, _ = migrate(tenant=True, check_unapplied=True)
     assert "1 tenant(s): 0 migrated, 1 already current, 0 failed" in out
 
 
 def test_fake_records_without_creating_tables():
     add_tenant("alpha")
-    out, _ = run(tenant=True, fake=True)
+    out, _ = migrate(tenant=True, fake=True)
     assert "1 migrated" in out
-    assert "shop.0003_product_sku" in recorded("alpha")
+    assert ("shop", "0003_product_sku") in recorded("alpha")
     assert "shop_product" not in tables("alpha")
 
 
 def test_app_label_and_migration_name_target():
     add_tenant("alpha")
-    run("shop", "0001", tenant=True, verbosity=0)
-    assert recorded("alpha") >= {"shop.0001_initial"}
-    assert "shop.0002_seed_categories" not in recorded("alpha")
+    migrate("shop", "0001", tenant=True, verbosity=0)
+    assert recorded("alpha") >= {("shop", "0001_initial")}
+    assert ("shop", "0002_seed_categories") not in recorded("alpha")
     assert "notes_note" not in tables("alpha")
 
 
 def test_schema_option_migrates_only_that_tenant():
     add_tenant("alpha")
     add_tenant("beta")
-    out, _ = run(schema_name="beta")
+    out, _ = migrate(schema_name="beta")
     assert "1 tenant(s): 1 migrated" in out
     assert "shop_product" in tables("beta")
     assert "shop_product" not in tables("alpha")
@@ -220,7 +185,7 @@ def test_schema_option_migrates_only_that_tenant():
 
 def test_schema_option_for_a_missing_schema_names_the_fix():
     with pytest.raises(CommandError):
-        run(schema_name="nowhere")
+        migrate(schema_name="nowhere")
     _, err = last_output()
     assert (
         'FAILED nowhere: Schema "nowhere" does not exist: run migrate_schemas_safe '
@@ -231,40 +196,40 @@ def test_schema_option_for_a_missing_schema_names_the_fix():
 def test_unguardable_executor_is_refused():
     add_tenant("alpha")
     with pytest.raises(CommandError, match="cannot guard the 'subprocess' executor"):
-        run(tenant=True, executor="subprocess")
+        migrate(tenant=True, executor="subprocess")
     assert "shop_product" not in tables("alpha")
 
 
 def test_verbosity_zero_prints_nothing_on_success():
     add_tenant("alpha")
-    out, err = run(tenant=True, verbosity=0)
+    out, err = migrate(tenant=True, verbosity=0)
     assert (out, err) == ("", "")
     assert "shop_product" in tables("alpha")
 
 
 def test_shared_migrates_public_only():
     add_tenant("alpha")
-    out, _ = run(shared=True)
+    out, _ = migrate(shared=True)
     assert "0 tenant(s)" in out
     assert tables("alpha") == set()
 
 
 def test_tenant_model_rows_are_untouched():
     add_tenant("alpha")
-    run(tenant=True, verbosity=0)
+    migrate(tenant=True, verbosity=0)
     assert list(Client.objects.values_list("schema_name", flat=True)) == ["alpha"]
 
 
 def test_create_missing_never_invents_a_tenant_schema():
     with pytest.raises(CommandError, match='No tenant row has schema "typo"'):
-        run(schema_name="typo", create_missing=True)
+        migrate(schema_name="typo", create_missing=True)
     assert scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'typo'") == 0
 
 
 def test_a_full_run_reports_public_apart_from_the_tenants():
     add_tenant("alpha")
     add_tenant("beta")
-    out, _ = run()
+    out, _ = migrate()
     assert "migrate_schemas_safe: public current; 2 tenant(s): 2 migrated, 0 already current" in (
         out
     )

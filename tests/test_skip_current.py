@@ -14,48 +14,33 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.core.management.commands.migrate import Command as DjangoMigrate
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.test import override_settings
 from django_tenants.signals import schema_pre_migration
 
 from tenantsafe import plan
 from tenantsafe.progress import Progress
-from tests.dbtools import add_tenant, connect, direct_url, with_dbname
+from tests.dbtools import (
+    add_tenant,
+    connect,
+    connection,
+    direct_url,
+    has_table,
+    last_output,
+    migrate,
+    recorded,
+    sql,
+    with_dbname,
+)
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
 
 SHOP_LEAF = ("shop", "0003_product_sku")
 
 
-def sql(statement: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-    connection.set_schema_to_public()
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params or [])
-        return cursor.fetchall() if cursor.description else []
-
-
-def recorded(schema: str) -> set[tuple[str, str]]:
-    return {(a, n) for a, n in sql(f'SELECT app, name FROM "{schema}".django_migrations')}
-
-
-def has_table(schema: str, table: str) -> bool:
-    return bool(
-        sql("SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = %s", [schema, table])
-    )
-
-
 def other_client() -> Any:
     return connect(with_dbname(direct_url(), connection.settings_dict["NAME"]))
-
-
-def run(*args: str, **options: Any) -> tuple[str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        call_command("migrate_schemas_safe", *args, stdout=out, stderr=err, **options)
-    finally:
-        run.last = out.getvalue(), err.getvalue()  # type: ignore[attr-defined]
-    return out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
@@ -74,14 +59,14 @@ def migrated() -> Iterator[list[str]]:
 def current_tenants(*names: str) -> None:
     for name in names:
         add_tenant(name)
-    run(tenant=True, verbosity=0)
+    migrate(tenant=True, verbosity=0)
 
 
 def test_current_tenants_are_skipped_and_counted(migrated):
     current_tenants("alpha", "beta", "gamma")
     migrated.clear()
 
-    out, err = run(tenant=True)
+    out, err = migrate(tenant=True)
 
     assert migrated == []
     assert "read django_migrations of 3 tenant(s): 3 already current (skipped), 0 to migrate" in out
@@ -93,7 +78,7 @@ def test_no_skip_runs_migrate_in_every_tenant(migrated):
     current_tenants("alpha", "beta")
     migrated.clear()
 
-    out, _ = run(tenant=True, no_skip=True)
+    out, _ = migrate(tenant=True, no_skip=True)
 
     assert migrated == ["alpha", "beta"]
     assert "read django_migrations" not in out
@@ -106,7 +91,7 @@ def test_one_migration_missing_in_one_tenant(migrated):
     sql('ALTER TABLE "beta".shop_product DROP COLUMN sku')
     migrated.clear()
 
-    out, _ = run(tenant=True)
+    out, _ = migrate(tenant=True)
 
     assert migrated == ["beta"]
     assert "3 tenant(s): 1 migrated, 2 already current, 0 failed" in out
@@ -124,8 +109,8 @@ def test_missing_table_or_schema_is_never_current(migrated):
     migrated.clear()
 
     with pytest.raises(CommandError, match="1 of 3 schema"):
-        run(tenant=True)
-    out, err = run.last  # type: ignore[attr-defined]
+        migrate(tenant=True)
+    out, err = last_output()
 
     assert migrated == ["fresh"]
     assert "3 tenant(s): 1 migrated, 1 already current, 1 failed" in out
@@ -137,14 +122,14 @@ def test_half_created_tenant_is_migrated(migrated):
     """A tenant whose creation stopped mid-way: some rows recorded, the rest not."""
     current_tenants("alpha")
     add_tenant("half")
-    run("contenttypes", tenant=True, verbosity=0)  # only contenttypes in every tenant
+    migrate("contenttypes", tenant=True, verbosity=0)  # only contenttypes in every tenant
     assert recorded("half") == {
         ("contenttypes", "0001_initial"),
         ("contenttypes", "0002_remove_content_type_name"),
     }
     migrated.clear()
 
-    out, _ = run(tenant=True)
+    out, _ = migrate(tenant=True)
 
     assert migrated == ["half"]
     assert "2 tenant(s): 1 migrated, 1 already current" in out
@@ -170,7 +155,7 @@ def test_tenant_added_during_a_run_is_migrated_by_the_next(migrated):
     migrated.clear()
     schema_pre_migration.connect(signup, dispatch_uid="test_signup")
     try:
-        out, _ = run(tenant=True)
+        out, _ = migrate(tenant=True)
     finally:
         schema_pre_migration.disconnect(dispatch_uid="test_signup")
     assert migrated == ["beta"]
@@ -178,7 +163,7 @@ def test_tenant_added_during_a_run_is_migrated_by_the_next(migrated):
     assert not has_table("late", "django_migrations")
 
     migrated.clear()
-    out, _ = run(tenant=True)
+    out, _ = migrate(tenant=True)
     assert migrated == ["late"]
     assert "3 tenant(s): 1 migrated, 2 already current" in out
     assert has_table("late", "shop_product")
@@ -190,11 +175,11 @@ def test_app_label_target_skips_tenants_current_for_that_app(migrated):
     sql('TRUNCATE "beta".notes_note, "beta".notes_tag CASCADE')
     migrated.clear()
 
-    out, _ = run("shop", tenant=True)
+    out, _ = migrate("shop", tenant=True)
     assert migrated == []
     assert "2 tenant(s): 0 migrated, 2 already current" in out
 
-    out, _ = run("notes", tenant=True)
+    out, _ = migrate("notes", tenant=True)
     assert migrated == ["beta"]
     assert "2 tenant(s): 1 migrated, 1 already current" in out
     assert sql('SELECT title FROM "beta".notes_note') == [("Welcome",)]
@@ -202,8 +187,8 @@ def test_app_label_target_skips_tenants_current_for_that_app(migrated):
     # A target behind the schemas means unapplying: work in every tenant.
     migrated.clear()
     with pytest.raises(CommandError, match="2 schema\\(s\\) have unapplied migrations"):
-        run("shop", "0002", tenant=True, check_unapplied=True, verbosity=2)
-    out, _ = run.last  # type: ignore[attr-defined]
+        migrate("shop", "0002", tenant=True, check_unapplied=True, verbosity=2)
+    out, _ = last_output()
     assert "PENDING alpha: unapplied migrations: shop: 0003_product_sku (unapply)" in out
     assert migrated == []
 
@@ -211,8 +196,8 @@ def test_app_label_target_skips_tenants_current_for_that_app(migrated):
 def test_unknown_app_label_is_reported_by_migrate_as_before():
     current_tenants("alpha")
     with pytest.raises(CommandError, match="1 of 1 schema"):
-        run("nosuchapp", tenant=True)
-    _, err = run.last  # type: ignore[attr-defined]
+        migrate("nosuchapp", tenant=True)
+    _, err = last_output()
     assert "No installed app with label 'nosuchapp'" in err
 
 
@@ -236,8 +221,8 @@ def test_check_agrees_with_plain_migrate_check_per_tenant(migrated):
     migrated.clear()
 
     with pytest.raises(CommandError, match="2 schema\\(s\\) have unapplied migrations"):
-        run(tenant=True, check_unapplied=True, verbosity=2)
-    out, _ = run.last  # type: ignore[attr-defined]
+        migrate(tenant=True, check_unapplied=True, verbosity=2)
+    out, _ = last_output()
 
     pending = {
         line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("PENDING ")
@@ -253,7 +238,7 @@ def test_check_agrees_with_plain_migrate_check_per_tenant(migrated):
     sql('DELETE FROM "beta".django_migrations')
     sql('DELETE FROM "gamma".django_migrations')
     with pytest.raises(CommandError, match="3 schema"):
-        run(tenant=True, check_unapplied=True, verbosity=0)
+        migrate(tenant=True, check_unapplied=True, verbosity=0)
 
 
 def test_history_migrate_refuses_is_left_to_migrate(migrated):
@@ -266,8 +251,8 @@ def test_history_migrate_refuses_is_left_to_migrate(migrated):
 
     for options in ({"check_unapplied": True}, {}):
         with pytest.raises(CommandError, match="1 of 2 schema"):
-            run(tenant=True, **options)
-        out, err = run.last  # type: ignore[attr-defined]
+            migrate(tenant=True, **options)
+        out, err = last_output()
         assert "2 tenant(s): 0 migrated, 1 already current" in out
         assert "FAILED beta: InconsistentMigrationHistory: Migration shop.0003_product_sku is " in (
             err
@@ -280,7 +265,7 @@ def test_plan_shows_the_work_of_tenants_behind_only(capsys):
     sql('DELETE FROM "beta".django_migrations WHERE app = %s AND name = %s', list(SHOP_LEAF))
     sql('ALTER TABLE "beta".shop_product DROP COLUMN sku')
 
-    out, _ = run(tenant=True, plan=True)
+    out, _ = migrate(tenant=True, plan=True)
 
     shown = out + capsys.readouterr().out
     assert "Planned operations:" in shown
@@ -293,13 +278,13 @@ def test_plan_shows_the_work_of_tenants_behind_only(capsys):
 def test_verbosity_zero_prints_nothing():
     current_tenants("alpha")
     add_tenant("beta")
-    assert run(tenant=True, verbosity=0) == ("", "")
+    assert migrate(tenant=True, verbosity=0) == ("", "")
 
 
 def test_multiprocessing_executor_skips_too(migrated):
     current_tenants("alpha", "beta")
     add_tenant("fresh")
-    out, _ = run(tenant=True, executor="multiprocessing")
+    out, _ = migrate(tenant=True, executor="multiprocessing")
     assert "3 tenant(s): 1 migrated, 2 already current, 0 failed" in out
     assert has_table("fresh", "shop_product")
 
@@ -419,13 +404,13 @@ def test_squash_row_written_by_migrate_then_skipped(squashed_notes, migrated):
     migrated.clear()
 
     # Everything the squash replaces is recorded, its own row is not: migrate writes it.
-    out, _ = run(tenant=True)
+    out, _ = migrate(tenant=True)
     assert migrated == ["alpha", "beta"]
     assert SQUASH in recorded("alpha")
     assert SQUASH in recorded("beta")
 
     migrated.clear()
-    out, _ = run(tenant=True)
+    out, _ = migrate(tenant=True)
     assert migrated == []
     assert "2 tenant(s): 0 migrated, 2 already current" in out
 

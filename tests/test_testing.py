@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.test.utils import CaptureQueriesContext, override_settings
 from django_tenants.signals import post_schema_sync, schema_pre_migration
 
@@ -25,6 +24,7 @@ from testproject.customers.models import Client, Domain
 from tests.dbtools import (
     ROOT,
     connect,
+    connection,
     direct_url,
     fingerprint,
     fresh_database,
