@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -332,6 +333,56 @@ class OpenRead:
         self.release()
         with contextlib.suppress(Exception):
             self.conn.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def open_read(url: str, table: str) -> Iterator[OpenRead]:
+    holder = OpenRead(url, table)
+    try:
+        yield holder
+    finally:
+        holder.close()
+
+
+class Reader(threading.Thread):
+    """Another client of ``table``, reading it again and again: how long does each read wait?"""
+
+    def __init__(self, url: str, table: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.table = table
+        self.stop = threading.Event()
+        self.times: list[float] = []
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            with connect(self.url) as conn:
+                while not self.stop.is_set():
+                    started = time.monotonic()
+                    conn.execute(f"SELECT count(*) FROM {self.table}").fetchall()
+                    self.times.append(time.monotonic() - started)
+                    time.sleep(0.05)
+        except BaseException as exc:  # pragma: no cover - asserted in longest
+            self.errors.append(exc)
+
+    @property
+    def longest(self) -> float:
+        assert not self.errors, self.errors
+        assert self.times, "the reader never got an answer"
+        return max(self.times)
+
+
+@contextlib.contextmanager
+def reading(url: str, table: str) -> Iterator[Reader]:
+    """A Reader, not started (the test starts it when it wants); stopped when the block ends."""
+    reader = Reader(url, table)
+    try:
+        yield reader
+    finally:
+        reader.stop.set()
+        if reader.is_alive():
+            reader.join(30)
 
 
 def lock_waiters(url: str, relation: str) -> list[int]:

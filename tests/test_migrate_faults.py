@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -343,6 +342,8 @@ def test_a_backend_terminated_in_post_migrate_leaves_the_tenant_for_the_next_run
         assert again.returncode == 0, again.stderr[-3000:]
         assert incomplete(url, names, reference) == []
         assert not any(kinds_for(doctor(url), name) & LAGGING for name in names)
+        check = manage(url, *MIGRATE, "--check", env=POOLER_SAFE)
+        assert check.returncode == 0, check.stdout[-2000:]
 
 
 def test_a_run_killed_in_post_migrate_does_not_block_the_next_one(reference):
@@ -396,13 +397,14 @@ def test_multiprocessing_with_as_many_processes_as_the_pool(reference):
         faults.bouncer(direct, pool_size=2, query_wait_timeout=20) as bouncer,
     ):
         pooled = bouncer.url(dbname(direct))
-        result = manage(
-            pooled,
-            *MIGRATE,
-            "--executor=multiprocessing",
-            env=env({"TESTPROJECT_MAX_PROCESSES": "2"}),
-            timeout=150,
-        )
+        with busy(pooled, names, clients=1):
+            result = manage(
+                pooled,
+                *MIGRATE,
+                "--executor=multiprocessing",
+                env=env({"TESTPROJECT_MAX_PROCESSES": "2"}),
+                timeout=150,
+            )
         assert result.returncode == 0, result.stderr[-3000:]
         assert summary(result.stdout)["migrated"] == 4
         assert incomplete(direct, names, reference) == []
@@ -465,34 +467,15 @@ def test_pgbouncer_pause_does_not_wait_for_a_run_in_flight(reference):
 # -- 8: lock timeout ------------------------------------------------------------------------
 
 
-class Reader(threading.Thread):
-    """Another client of the table, reading it again and again: how long does it wait?"""
+PRODUCTS = '"l1".shop_product'
 
-    def __init__(self, url: str, table: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.table = table
-        self.stop = threading.Event()
-        self.times: list[float] = []
-        self.errors: list[BaseException] = []
 
-    def run(self) -> None:
-        try:
-            with connect(self.url) as conn:
-                while not self.stop.is_set():
-                    started = time.monotonic()
-                    conn.execute(f"SELECT count(*) FROM {self.table}").fetchall()
-                    self.times.append(time.monotonic() - started)
-                    time.sleep(0.05)
-        except BaseException as exc:  # pragma: no cover - asserted below
-            self.errors.append(exc)
-
-    def finish(self) -> float:
-        self.stop.set()
-        self.join(30)
-        assert not self.errors, self.errors
-        assert self.times, "the reader never got an answer"
-        return max(self.times)
+def wait_for_the_alter(url: str, run: faults.Run) -> None:
+    faults.wait_for(
+        "the ALTER of l1.shop_product to wait for the reader's lock",
+        lambda: faults.lock_waiters(url, "l1.shop_product") or not run.running(),
+        timeout=60,
+    )
 
 
 @contextlib.contextmanager
@@ -520,26 +503,23 @@ def test_a_lock_held_by_a_reader_for_a_while_times_out_and_the_retry_succeeds(re
     names = ["l1", "l2", "l3"]
     with behind_on_sku(names) as direct, faults.runs() as start:
         pooled = with_dbname(pooled_url(), dbname(direct))
-        holder = faults.OpenRead(direct, '"l1".shop_product')
-        reader = Reader(direct, '"l1".shop_product')
-        try:
+        # Other clients on the pool: the run's transactions land on one server connection after
+        # another, so a lock_timeout set for the session would not hold.
+        with (
+            busy(pooled, names, clients=4),
+            faults.open_read(direct, PRODUCTS) as holder,
+            faults.reading(direct, PRODUCTS) as reader,
+        ):
             run = start(pooled, *MIGRATE, "--lock-timeout", "1s", "--lock-retries", "3", env=env())
-            faults.wait_for(
-                "the ALTER of l1.shop_product to wait for the reader",
-                lambda: faults.lock_waiters(direct, "l1.shop_product") or not run.running(),
-                timeout=60,
-            )
+            wait_for_the_alter(direct, run)
             reader.start()
             # Longer than the lock timeout, shorter than its retries.
             time.sleep(2.5)
             holder.release()
             assert run.wait(120) == 0, run.stderr[-3000:]
-        finally:
-            holder.close()
-            longest = reader.finish()
         # Queued behind the waiting ALTER for at most the lock timeout, not until the reader
         # holding ACCESS SHARE was done.
-        assert 0.3 < longest < 2.0, reader.times
+        assert 0.3 < reader.longest < 2.0, reader.times
         assert failures(run.stderr) == {}
         assert all(has_sku(direct, name) for name in names)
         assert incomplete(direct, names, reference) == []
@@ -550,24 +530,19 @@ def test_a_lock_held_by_a_reader_for_good_fails_that_tenant_clearly(reference):
     names = ["l1", "l2", "l3"]
     with behind_on_sku(names) as direct, faults.runs() as start:
         pooled = with_dbname(pooled_url(), dbname(direct))
-        holder = faults.OpenRead(direct, '"l1".shop_product')
-        reader = Reader(direct, '"l1".shop_product')
-        try:
+        with (
+            busy(pooled, names, clients=4),
+            faults.open_read(direct, PRODUCTS) as holder,
+            faults.reading(direct, PRODUCTS) as reader,
+        ):
             run = start(pooled, *MIGRATE, "--lock-timeout", "1s", "--lock-retries", "2", env=env())
-            faults.wait_for(
-                "the ALTER of l1.shop_product to wait for the reader",
-                lambda: faults.lock_waiters(direct, "l1.shop_product") or not run.running(),
-                timeout=60,
-            )
+            wait_for_the_alter(direct, run)
             reader.start()
             code = run.wait(120)
             # Still held: the run gave up on l1 on its own.
             assert faults.lock_waiters(direct, "l1.shop_product") == []
-        finally:
-            holder.close()
-            longest = reader.finish()
         assert code == 1, run.stderr[-3000:]
-        assert longest < 2.0, reader.times
+        assert reader.longest < 2.0, reader.times
         failed = failures(run.stderr)
         assert list(failed) == ["l1"], run.stderr[-3000:]
         assert "lock timeout" in failed["l1"]
