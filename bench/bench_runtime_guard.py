@@ -13,9 +13,13 @@ Prepares one database with a migrated tenant, then measures, directly and throug
   as for named cursors, and as the guard ran every statement before the merged check), to show
   what the default strategy saves.
 
+Workloads: ``orm get``, ``raw cursor``, ``atomic x5`` (queries per second) and ``iterator``
+(``QuerySet.iterator(chunk_size=2000)`` over 20,000 rows in autocommit, rows per second; through
+pgbouncer the guard reads it in a transaction of its own, see ``tenantsafe.guard``).
+
 Variants run interleaved, ``--rounds`` times, and each reports its median. Round trips per
-query are counted separately through a small TCP relay that counts request bursts (the client
-sending after it has received), so they are measured, not assumed.
+query (per call for ``iterator``) are counted separately through a small TCP relay that counts
+request bursts (the client sending after it has received), so they are measured, not assumed.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from typing import Any
 from bench._db import median, server
 
 VARIANTS = ["default", "guard", "guard+limit", "guard/pipeline", "guard/steps"]
-WORKLOADS = ["orm get", "raw cursor", "atomic x5"]
+WORKLOADS = ["orm get", "raw cursor", "atomic x5", "iterator"]
+ITERATOR_ROWS = 20_000
 POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
 
 
@@ -83,10 +88,11 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
 
     django.setup()
     from django.conf import settings
-    from django.db import connection, transaction
+    from django.db import connection, connections, transaction
 
     from tenantsafe import guard
     from testproject.customers.models import Client
+    from testproject.notes.models import Note
     from testproject.shop.models import Product
 
     tenant = Client.objects.get(schema_name="bench")
@@ -108,10 +114,18 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
             for j in range(5):
                 Product.objects.get(pk=ids[(i + j) % len(ids)])
 
+    notes = Note.objects.count()
+
+    def iterator(i: int) -> None:
+        # A server-side cursor, as management commands and exports stream.
+        count = sum(1 for _ in Note.objects.iterator(chunk_size=2000))
+        assert count == notes, count
+
     workloads: dict[str, tuple[Callable[[int], None], int]] = {
         "orm get": (orm_get, 1),
         "raw cursor": (raw_cursor, 1),
         "atomic x5": (atomic_x5, 5),
+        "iterator": (iterator, ITERATOR_ROWS),
     }
 
     @contextlib.contextmanager
@@ -132,7 +146,7 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
     for round_no in range(rounds):
         order = VARIANTS if round_no % 2 == 0 else VARIANTS[::-1]
         for workload, (fn, per_call) in workloads.items():
-            calls = max(1, queries // per_call)
+            calls = max(2, queries // per_call)
             for name in order:
                 with variant(name):
                     for i in range(min(50, calls)):
@@ -143,6 +157,31 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
                     elapsed = time.perf_counter() - started
                 rates[workload][name].append(calls * per_call / elapsed)
 
+    # Through pgbouncer: iterator() guarded against unguarded over a direct connection (the
+    # "direct" alias), back to back in each round, so the ratio is paired too.
+    against_direct: list[float] = []
+    if "direct" in connections:
+        direct = connections["direct"]
+        direct.set_tenant(tenant)  # type: ignore[attr-defined]
+
+        def direct_iterator(i: int) -> None:
+            count = sum(1 for _ in Note.objects.using("direct").iterator(chunk_size=2000))
+            assert count == notes, count
+
+        for round_no in range(rounds):
+            pair: dict[str, float] = {}
+            order = ["pooled", "direct"] if round_no % 2 == 0 else ["direct", "pooled"]
+            for side in order:
+                settings.TENANTSAFE_RUNTIME_GUARD = side == "pooled"
+                fn = iterator if side == "pooled" else direct_iterator
+                fn(0)
+                started = time.perf_counter()
+                for i in range(2):
+                    fn(i)
+                pair[side] = 2 * ITERATOR_ROWS / (time.perf_counter() - started)
+            against_direct.append(pair["pooled"] / pair["direct"])
+        direct.close()
+
     # Round trips: the same calls through the relay, after warming the connection up.
     relay = RoundTripRelay(
         connection.settings_dict["HOST"] or "127.0.0.1", int(connection.settings_dict["PORT"])
@@ -151,13 +190,15 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
     connection.settings_dict["HOST"], connection.settings_dict["PORT"] = "127.0.0.1", relay.port
     trips: dict[str, dict[str, float]] = {w: {} for w in workloads}
     for workload, (fn, per_call) in workloads.items():
+        # The iterator is counted per call (10 chunks of 2,000 rows), the others per query.
+        calls, per = (3, 1) if workload == "iterator" else (100, per_call)
         for name in VARIANTS:
             with variant(name):
                 fn(0)
                 before = relay.bursts
-                for i in range(100):
+                for i in range(calls):
                     fn(i)
-                trips[workload][name] = (relay.bursts - before) / (100 * per_call)
+                trips[workload][name] = (relay.bursts - before) / (calls * per)
     connection.close()
     return {
         "qps": {w: {v: median(r) for v, r in by.items()} for w, by in rates.items()},
@@ -171,11 +212,12 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
             for w, by in rates.items()
         },
         "round_trips": trips,
+        "iterator_against_direct": median(against_direct) if against_direct else None,
     }
 
 
 def prepare(url: str) -> None:
-    from tests.dbtools import connect, manage, register_tenants
+    from testproject.dbtools import connect, manage, register_tenants
 
     result = manage(url, "migrate_schemas_safe", "--shared", "-v0", env=POOLER_SAFE)
     assert result.returncode == 0, result.stderr
@@ -188,10 +230,17 @@ def prepare(url: str) -> None:
                 "INSERT INTO bench.shop_product (name, sku, price_cents) VALUES (%s, '', %s)",
                 [f"product {n}", n],
             )
+        conn.execute(
+            "INSERT INTO bench.notes_note (title, body, pinned) "
+            "SELECT 'note ' || n, repeat('x', 100), n % 2 = 0 "
+            f"FROM generate_series(1, {ITERATOR_ROWS}) n"
+        )
 
 
-def run_worker(url: str, queries: int, rounds: int) -> dict[str, Any]:
+def run_worker(url: str, queries: int, rounds: int, direct: str | None = None) -> dict[str, Any]:
     env = {**os.environ, **POOLER_SAFE, "DATABASE_URL": url}
+    if direct:
+        env["DATABASE_DIRECT_URL"] = direct
     args = ["--worker", "--queries", str(queries), "--rounds", str(rounds)]
     result = subprocess.run(
         [sys.executable, "-m", "bench.bench_runtime_guard", *args],
@@ -206,7 +255,10 @@ def run_worker(url: str, queries: int, rounds: int) -> dict[str, Any]:
 
 
 def report(endpoint: str, data: dict[str, Any]) -> None:
-    print(f"\n{endpoint}: queries per second (median), ratio to default, round trips per query")
+    print(
+        f"\n{endpoint}: queries (iterator: rows) per second (median), ratio to default, "
+        "round trips per query (iterator: per call)"
+    )
     header = f"  {'workload':<11}" + "".join(f"{v:>22}" for v in VARIANTS)
     print(header)
     for workload in WORKLOADS:
@@ -227,7 +279,7 @@ def main() -> None:
         return
 
     with server():
-        from tests.dbtools import direct_url, fresh_database, with_dbname
+        from testproject.dbtools import direct_url, fresh_database, with_dbname
 
         with fresh_database("bguard") as name:
             direct = with_dbname(direct_url(), name)
@@ -236,12 +288,21 @@ def main() -> None:
             if os.environ.get("PGBOUNCER_URL"):
                 endpoints["pgbouncer"] = with_dbname(os.environ["PGBOUNCER_URL"], name)
             results = {
-                label: run_worker(url, ns.queries, ns.rounds) for label, url in endpoints.items()
+                label: run_worker(
+                    url, ns.queries, ns.rounds, direct if label == "pgbouncer" else None
+                )
+                for label, url in endpoints.items()
             }
         for label, data in results.items():
             report(label, data)
         ratio = results["direct"]["ratio"]["orm get"]["guard"]
         print(f"\nguard / default, ORM autocommit queries, direct: {ratio:.2f} (target >= 0.80)")
+        if "pgbouncer" in results:
+            paired = results["pgbouncer"]["iterator_against_direct"]
+            print(
+                f"iterator(), guard through pgbouncer / default direct: {paired:.2f} "
+                "(paired in one process; target >= 0.80)"
+            )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ class TenantsafeConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import pre_save
 
-        from tenantsafe import autoschema, checks, guard
+        from tenantsafe import autoschema, checks, guard, provisioning
 
         guard.install()
         # Checks report misconfiguration; ready() itself never raises for it.
@@ -20,3 +20,5 @@ class TenantsafeConfig(AppConfig):
         pre_save.connect(
             autoschema.honour_skip_auto_migrate, dispatch_uid="tenantsafe.skip_auto_migrate"
         )
+        # After it, so that a tenant whose schema is left alone is not provisioned either.
+        pre_save.connect(provisioning.arm_on_save, dispatch_uid="tenantsafe.provisioning")

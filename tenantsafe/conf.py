@@ -34,3 +34,9 @@ def lock_timeout() -> str:
 
 def lock_retries() -> int:
     return int(getattr(settings, "TENANTSAFE_LOCK_RETRIES", 3))
+
+
+def provisioning() -> str:
+    """How tenant.save() provisions a new tenant's schema: "migrate" (django-tenants') or
+    "replay"."""
+    return str(getattr(settings, "TENANTSAFE_PROVISIONING", None) or "migrate")

@@ -28,6 +28,21 @@ How a statement is pinned, cheapest first:
 The check raises inside PostgreSQL when ``current_schema()`` is not the tenant's schema, so the
 transaction is aborted before the statement runs; the error is re-raised as
 :class:`SearchPathError`.
+
+What execute wrappers do not see, the guard's cursor wrapper class (:class:`_GuardedCursor`, put
+on every cursor by the connection's ``make_cursor``/``make_debug_cursor``) covers:
+
+* ``copy()`` and ``stream()`` (psycopg 3), ``copy_expert``/``copy_from``/``copy_to`` (psycopg2)
+  and ``callproc`` run pinned: in autocommit inside ``BEGIN; <check>`` ... ``COMMIT`` of their
+  own.
+* A server-side cursor opened in autocommit through a pooler cannot live in the session (its
+  FETCHes would reach other server connections), so its DECLARE runs in a transaction the guard
+  opens and pins (a *stream*), kept open while the cursor is read. It ends (CLOSE, COMMIT) when
+  the cursor is closed, read to the end or garbage-collected (then at the connection's next
+  use), or when the connection runs anything else: a live cursor's remaining rows are then
+  fetched into memory first, so it reads on correctly without holding the transaction.
+* With ``DEBUG``, ``connection.queries`` records the statement the code ran: the connection's
+  ``ops.last_executed_query`` leaves the merged check out.
 """
 
 from __future__ import annotations
@@ -37,14 +52,16 @@ import contextlib
 import functools
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.db.backends.signals import connection_created
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
 from tenantsafe import conf, pooler, schemas
 from tenantsafe.errors import (
@@ -87,9 +104,21 @@ class Terms:
 
 
 @dataclass
+class _Stream:
+    """A transaction the guard holds open for server-side cursors (by name) through a pooler."""
+
+    path: tuple[str, ...]
+    cursors: dict[str, weakref.ref[_GuardedCursor]] = field(default_factory=dict)
+
+
+@dataclass
 class _State:
     pinned: tuple[str, ...] | None = None
     terms: Terms | None = None
+    stream: _Stream | None = None
+    # The check merged into the last statement (and whether it was %-escaped): left out of
+    # connection.queries.
+    merged: tuple[str, bool] | None = None
 
 
 def _state(connection: Any) -> _State:
@@ -197,7 +226,7 @@ def _terms_sql(terms: Terms) -> str:
 def _fence_exists(fence: Fence) -> str:
     return (
         f"EXISTS (SELECT 1 FROM {fence.table} WHERE schema_name = "  # noqa: S608
-        f"{schemas.literal(fence.schema)} AND token = {schemas.literal(fence.token)} "
+        f"{schemas.literal(fence.key)} AND token = {schemas.literal(fence.token)} "
         "FOR KEY SHARE)"
     )
 
@@ -267,9 +296,13 @@ def _guard(
     context: dict[str, Any],
 ) -> Any:
     connection = context["connection"]
+    state = _state(connection)
+    if state.stream is not None:
+        # Any other statement ends the stream: the pooler's server connection is not kept
+        # for the statements around a cursor being read.
+        _end_stream(connection)
     if not is_active(connection) or not hasattr(connection, "_get_cursor_search_paths"):
         return execute(sql, params, many, context)
-    state = _state(connection)
     text = sql if isinstance(sql, str) else None
     if text is not None:
         if TRANSACTION_CONTROL.match(text):
@@ -294,15 +327,8 @@ def _guard(
         return execute(sql, params, many, context)
     own = status == _IDLE and connection.get_autocommit()
     if named and own and is_pooled(connection):
-        raise PooledStatementError(
-            f'Schema "{path[0]}": server-side cursor {raw_cursor.name} would be used outside '
-            "a transaction, where it lives in the session and a transaction pooler sends its "
-            "FETCHes to other server connections. Set DISABLE_SERVER_SIDE_CURSORS = True in this "
-            "DATABASES entry (Django's advice for transaction pooling) or iterate inside "
-            "transaction.atomic() (or set TENANTSAFE_TRANSACTION_POOLER = False if no pooler is "
-            "in between).",
-            schema=path[0],
-        )
+        with connection.wrap_database_errors:
+            return _streamed(connection, raw, path, execute, sql, params, many, context)
 
     if text and not many and not named and _merges(raw, raw_cursor):
         return _merged(connection, raw, raw_cursor, path, execute, text, params, context)
@@ -370,6 +396,7 @@ def _merged(
         # psycopg2 keeps the last result only; the check raised if it did not hold.
         _log_pin(path, path[0])
     state.pinned = tuple(path) if raw.info.transaction_status == _INTRANS else None
+    state.merged = (check, params is not None)
     return result
 
 
@@ -476,6 +503,321 @@ def _outside_transaction(
     return execute(sql, params, many, context)
 
 
+def _begin_pinned(connection: Any, cursor: Any, path: list[str]) -> None:
+    """``BEGIN`` and the check in one simple query: an explicit transaction pinned to ``path``."""
+    state = _state(connection)
+    try:
+        cursor.execute(f"BEGIN;\n{_check_sql(tuple(path), False, state.terms)}")
+    except Exception as exc:
+        state.pinned = None
+        with contextlib.suppress(Exception):
+            cursor.execute("ROLLBACK")
+        failure = _check_failure(exc, path, state.terms)
+        if failure is None:
+            raise
+        raise failure from exc
+    _log_pin(path, path[0])
+    state.pinned = tuple(path)
+
+
+def _streamed(
+    connection: Any,
+    raw: Any,
+    path: list[str],
+    execute: Callable[..., Any],
+    sql: Any,
+    params: Any,
+    many: bool,
+    context: dict[str, Any],
+) -> Any:
+    # Django declares the cursor WITH HOLD in autocommit, to outlive its transaction in the
+    # session; through a pooler it must stay inside one instead. It is closed before COMMIT,
+    # which would otherwise materialize its remaining rows and leave it on the server
+    # connection for whichever client comes next.
+    wrapper: _GuardedCursor = context["cursor"]
+    state = _state(connection)
+    with contextlib.closing(raw.cursor()) as helper:
+        _begin_pinned(connection, helper, path)
+        try:
+            result = execute(sql, params, many, context)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                helper.execute("ROLLBACK")
+            state.pinned = None
+            raise
+    stream = _Stream(tuple(path))
+    stream.cursors[wrapper.cursor.name] = weakref.ref(wrapper)
+    state.stream = stream
+    wrapper._tenantsafe_stream = stream
+    wrapper._tenantsafe_rows = None
+    return result
+
+
+def _end_stream(connection: Any, *, keep_rows: bool = True) -> None:
+    """End the stream's transaction; a cursor still open reads its remaining rows from memory.
+
+    Never from a finalizer: a garbage-collected cursor is closed here, by name, at the
+    connection's next use (the driver's connection may be busy, or owned by another thread,
+    while the collector runs).
+    """
+    state = _state(connection)
+    stream = state.stream
+    if stream is None:
+        return
+    state.stream = None
+    state.pinned = None
+    raw = connection.connection
+    if raw is None or raw.closed:
+        return
+    status = raw.info.transaction_status
+    with contextlib.closing(raw.cursor()) as helper:
+        for name, ref in stream.cursors.items():
+            wrapper = ref()
+            if wrapper is not None:
+                wrapper._tenantsafe_detach(keep_rows and status == _INTRANS)
+            elif status == _INTRANS:
+                helper.execute(f"CLOSE {connection.ops.quote_name(name)}")
+        if status == _INTRANS:
+            helper.execute("COMMIT")
+        elif status == _INERROR:
+            helper.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def _pinned(wrapper: CursorWrapper) -> Iterator[None]:
+    """Pin the path around one driver call that execute wrappers do not see (COPY, callproc)."""
+    connection: Any = wrapper.db
+    _end_stream(connection)
+    if not is_active(connection) or not hasattr(connection, "_get_cursor_search_paths"):
+        yield
+        return
+    path = search_path(connection)
+    state = _state(connection)
+    raw = connection.connection
+    status = raw.info.transaction_status
+    if status == _INERROR or (status == _INTRANS and state.pinned == tuple(path)):
+        yield
+        return
+    own = status == _IDLE and connection.get_autocommit()
+    with contextlib.closing(raw.cursor()) as helper:
+        with connection.wrap_database_errors:
+            if own:
+                _begin_pinned(connection, helper, path)
+            else:
+                pin(connection, helper, path)
+        if not own:
+            yield
+            return
+        # COPY and callproc are transactions of their own in autocommit: give them an
+        # explicit one, as _in_own_transaction does for statements.
+        try:
+            yield
+        except BaseException:
+            state.pinned = None
+            with contextlib.suppress(Exception):
+                helper.execute("ROLLBACK")
+            raise
+        state.pinned = None
+        with connection.wrap_database_errors:
+            helper.execute("COMMIT")
+
+
+class _GuardedCursor(CursorWrapper):
+    """Django's cursor wrapper with the calls execute wrappers do not see pinned too.
+
+    Mixed in front of whatever class the connection's ``make_cursor``/``make_debug_cursor``
+    returns (Django's, a backend's, a debug toolbar's base).
+    """
+
+    # The stream this (server-side) cursor is read in; rows once it was detached from it.
+    _tenantsafe_stream: _Stream | None = None
+    _tenantsafe_rows: collections.deque[Any] | None = None
+
+    def callproc(self, procname: Any, params: Any = None, kparams: Any = None) -> Any:
+        with _pinned(self):
+            return super().callproc(procname, params, kparams)
+
+    @contextlib.contextmanager
+    def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
+        debug = (
+            self.debug_sql(statement)
+            if isinstance(self, CursorDebugWrapper)
+            else contextlib.nullcontext()
+        )
+        with debug, _pinned(self), self.cursor.copy(statement, params, **kwargs) as copy:
+            yield copy
+
+    def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
+        # psycopg 3's single-row mode: pinned from the first row to the last.
+        with _pinned(self):
+            yield from self.cursor.stream(query, params, **kwargs)
+
+    def copy_expert(self, sql: Any, file: Any, *args: Any, **kwargs: Any) -> Any:
+        with _pinned(self):
+            return self._tenantsafe_inner("copy_expert")(sql, file, *args, **kwargs)
+
+    def copy_from(self, file: Any, table: str, *args: Any, **kwargs: Any) -> Any:
+        with _pinned(self):
+            return self._tenantsafe_inner("copy_from")(file, table, *args, **kwargs)
+
+    def copy_to(self, file: Any, table: str, *args: Any, **kwargs: Any) -> Any:
+        with _pinned(self):
+            return self._tenantsafe_inner("copy_to")(file, table, *args, **kwargs)
+
+    def _tenantsafe_inner(self, name: str) -> Any:
+        # The backend's debug wrapper records psycopg2's COPY methods; the plain one has none.
+        try:
+            return getattr(super(), name)
+        except AttributeError:
+            return getattr(self.cursor, name)
+
+    # Not streaming (almost always): as Django's wrapper, one attribute check more.
+    def fetchone(self) -> Any:
+        if self._tenantsafe_stream is None and self._tenantsafe_rows is None:
+            with self.db.wrap_database_errors:
+                return self.cursor.fetchone()
+        if self._tenantsafe_rows is not None:
+            return self._tenantsafe_rows.popleft() if self._tenantsafe_rows else None
+        return self._tenantsafe_read(self.cursor.fetchone, lambda row: row is None)
+
+    def fetchmany(self, size: int | None = None) -> Any:
+        if self._tenantsafe_stream is None and self._tenantsafe_rows is None:
+            with self.db.wrap_database_errors:
+                return self.cursor.fetchmany(size) if size else self.cursor.fetchmany()
+        size = size or self.cursor.arraysize
+        if self._tenantsafe_rows is not None:
+            rows = self._tenantsafe_rows
+            return [rows.popleft() for _ in range(min(size, len(rows)))]
+        return self._tenantsafe_read(
+            lambda: self.cursor.fetchmany(size), lambda rows: len(rows) < size
+        )
+
+    def fetchall(self) -> Any:
+        if self._tenantsafe_stream is None and self._tenantsafe_rows is None:
+            with self.db.wrap_database_errors:
+                return self.cursor.fetchall()
+        if self._tenantsafe_rows is not None:
+            rows = list(self._tenantsafe_rows)
+            self._tenantsafe_rows.clear()
+            return rows
+        return self._tenantsafe_read(self.cursor.fetchall, lambda rows: True)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._tenantsafe_stream is None and self._tenantsafe_rows is None:
+            yield from super().__iter__()
+            return
+        size = getattr(self.cursor, "itersize", 100)
+        while rows := self.fetchmany(size):
+            yield from rows
+
+    def close(self) -> None:
+        if self._tenantsafe_stream is not None:
+            self._tenantsafe_release()
+            self._tenantsafe_rows = None
+        self.cursor.close()
+
+    def _tenantsafe_read(self, fetch: Callable[[], Any], done: Callable[[Any], bool]) -> Any:
+        try:
+            with self.db.wrap_database_errors:
+                result = fetch()
+        except BaseException:
+            # The transaction is aborted (or the connection broken): do not leave it so.
+            with contextlib.suppress(Exception):
+                _end_stream(self.db, keep_rows=False)
+            raise
+        if done(result):
+            self._tenantsafe_release()
+            # Read to the end: later reads find nothing, as on an open cursor.
+            self._tenantsafe_rows = collections.deque()
+        return result
+
+    def _tenantsafe_release(self) -> None:
+        """This cursor is done: close it; the last one of the stream ends the transaction."""
+        stream = self._tenantsafe_stream
+        assert stream is not None
+        self._tenantsafe_stream = None
+        stream.cursors.pop(self.cursor.name, None)
+        self.cursor.close()
+        if not stream.cursors and _state(self.db).stream is stream:
+            _end_stream(self.db)
+
+    def _tenantsafe_detach(self, keep_rows: bool) -> None:
+        stream = self._tenantsafe_stream
+        assert stream is not None
+        self._tenantsafe_stream = None
+        rows = self.cursor.fetchall() if keep_rows else []
+        if rows:
+            logger.warning(
+                "schema %s: server-side cursor %s was still open when the connection ran "
+                "another statement; through a transaction pooler it cannot stay open across "
+                "that, so its remaining %d rows were fetched into memory. Run the loop inside "
+                "transaction.atomic() to keep streaming.",
+                stream.path[0],
+                self.cursor.name,
+                len(rows),
+            )
+        self._tenantsafe_rows = collections.deque(rows) if keep_rows else None
+        self.cursor.close()
+
+
+_guarded_classes: dict[type[CursorWrapper], type[CursorWrapper]] = {}
+
+
+def _guarded_class(base: type[CursorWrapper]) -> type[CursorWrapper]:
+    guarded = _guarded_classes.get(base)
+    if guarded is None:
+        if issubclass(base, _GuardedCursor):
+            guarded = base
+        elif base is CursorWrapper:
+            guarded = _GuardedCursor
+        else:
+            guarded = type(f"Guarded{base.__name__}", (_GuardedCursor, base), {})
+        _guarded_classes[base] = guarded
+    return guarded
+
+
+def _guarding_cursors(make: Callable[[Any], CursorWrapper]) -> Callable[[Any], CursorWrapper]:
+    def wrapper(cursor: Any) -> CursorWrapper:
+        wrapped = make(cursor)
+        wrapped.__class__ = _guarded_class(type(wrapped))
+        return wrapped
+
+    return wrapper
+
+
+def _user_query(connection: Any, last_executed_query: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(cursor: Any, sql: Any, params: Any) -> Any:
+        query = last_executed_query(cursor, sql, params)
+        merged = _state(connection).merged
+        if isinstance(query, str) and merged is not None:
+            check, escaped = merged
+            prefix = f"{check.replace('%%', '%') if escaped else check};\n"
+            if query.startswith(prefix):
+                return query[len(prefix) :]
+        return query
+
+    return wrapper
+
+
+def _ending_stream(
+    method: Callable[..., Any], connection: Any, *, keep_rows: bool = True, cleanup: bool = False
+) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _state(connection).stream is not None:
+            if not cleanup:
+                _end_stream(connection, keep_rows=keep_rows)
+            else:
+                try:
+                    _end_stream(connection, keep_rows=keep_rows)
+                except Exception:
+                    # Closing or checking the connection anyway: one that could not end the
+                    # transaction is unusable, and Django closes it.
+                    connection.errors_occurred = True
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
 def _resetting(method: Callable[..., Any], state: _State) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -499,9 +841,25 @@ def install(connection: BaseDatabaseWrapper | None = None, **kwargs: Any) -> Non
         return
     state = _state(connection)
     connection.execute_wrappers.append(_guard)
+    # Calls execute wrappers do not see (COPY, callproc, a server-side cursor's fetches).
+    for name in ("make_cursor", "make_debug_cursor"):
+        setattr(connection, name, _guarding_cursors(getattr(connection, name)))
+    connection.ops.last_executed_query = _user_query(  # type: ignore[method-assign]
+        connection, connection.ops.last_executed_query
+    )
     # The pinned path is gone with the transaction; these end it without a statement.
     for name in ("commit", "rollback", "savepoint_rollback", "close"):
         setattr(connection, name, _resetting(getattr(connection, name), state))
+    # A stream's transaction must end before Django starts or ends one of its own, and at
+    # request boundaries (the connection may sit unused until the next request).
+    for name in ("commit", "rollback", "set_autocommit"):
+        setattr(connection, name, _ending_stream(getattr(connection, name), connection))
+    connection.close_if_unusable_or_obsolete = _ending_stream(  # type: ignore[method-assign]
+        connection.close_if_unusable_or_obsolete, connection, cleanup=True
+    )
+    connection.close = _ending_stream(  # type: ignore[method-assign]
+        connection.close, connection, keep_rows=False, cleanup=True
+    )
     connection._tenantsafe_installed = True  # type: ignore[attr-defined]
 
 

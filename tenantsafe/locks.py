@@ -44,8 +44,7 @@ logger = logging.getLogger("tenantsafe.locks")
 
 TABLE = "tenantsafe_lease"
 
-# First key of the two-int advisory locks: (namespace, hashtext(lower(schema))).
-CREATE_TENANT = 0x7454
+# The advisory lock that serializes creating the lease table.
 _CREATE_TABLE = 0x7455
 
 _HOST = socket.gethostname()
@@ -59,27 +58,14 @@ def pauses() -> Iterator[float]:
         pause = min(pause * 1.5, 0.2)
 
 
-def try_lock(connection: Any, namespace: int, schema: str) -> bool:
-    """Take a transaction-level advisory lock in ``connection``'s current transaction, if free.
-
-    lower(): schemas differing only in case, which django-tenants treats as one, wait for
-    each other.
-    """
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pg_try_advisory_xact_lock(%s, hashtext(lower(%s)))", [namespace, schema]
-        )
-        return bool(cursor.fetchone()[0])
-
-
 def table() -> str:
     return f"{schemas.ident(get_public_schema_name())}.{TABLE}"
 
 
 def ensure_table(alias: str) -> None:
     """Create the lease table on first use, as Django's MigrationRecorder does its own."""
-    key = (alias, str(connections[alias].settings_dict.get("NAME")))
-    if key in _tables:
+    seen = (alias, str(connections[alias].settings_dict.get("NAME")))
+    if seen in _tables:
         return
     connection: Any = connections[alias]
     connection.set_schema_to_public()
@@ -92,7 +78,12 @@ def ensure_table(alias: str) -> None:
             "host text NOT NULL, pid integer NOT NULL, acquired_at timestamptz NOT NULL, "
             "expires_at timestamptz NOT NULL)"
         )
-    _tables.add(key)
+    _tables.add(seen)
+
+
+def key(schema: str) -> str:
+    # Schemas differing only in case, which django-tenants treats as one, share a lease.
+    return schema.lower()
 
 
 @dataclass(frozen=True)
@@ -103,12 +94,18 @@ class Fence:
     schema: str
     token: str
 
+    @property
+    def key(self) -> str:
+        return key(self.schema)
+
 
 class Lease:
-    def __init__(self, alias: str, schema: str, token: str) -> None:
+    def __init__(self, alias: str, schema: str, token: str, *, took_over: bool) -> None:
         self.alias = alias
         self.schema = schema
         self.token = token
+        # Taken over from a holder that did not finish: the schema is not known to be complete.
+        self.took_over = took_over
         self.fence = Fence(table(), schema, token)
         self.completed = False
         self._stop = threading.Event()
@@ -166,14 +163,14 @@ class Lease:
             if self.completed:
                 cursor.execute(
                     f"DELETE FROM {table()} WHERE schema_name = %s AND token = %s",  # noqa: S608
-                    [self.schema, self.token],
+                    [key(self.schema), self.token],
                 )
             else:
                 # Unfinished: left for the next run, which may take it over at once.
                 cursor.execute(
                     f"UPDATE {table()} SET expires_at = now() "  # noqa: S608
                     "WHERE schema_name = %s AND token = %s",
-                    [self.schema, self.token],
+                    [key(self.schema), self.token],
                 )
 
 
@@ -182,7 +179,7 @@ def _renew(connection: Any, lease: Lease, seconds: float) -> bool:
         cursor.execute(
             f"UPDATE {table()} SET expires_at = now() + make_interval(secs => %s) "  # noqa: S608
             "WHERE schema_name = %s AND token = %s RETURNING 1",
-            [seconds, lease.schema, lease.token],
+            [seconds, key(lease.schema), lease.token],
         )
         return cursor.fetchone() is not None
 
@@ -199,11 +196,13 @@ def _holder_gone(host: str, pid: int) -> bool:
     return False
 
 
-def _try_acquire(alias: str, schema: str, token: str, holder: str) -> bool:
+def _try_acquire(alias: str, schema: str, token: str, holder: str) -> str:
+    """ "new" or "taken over" when the lease is now ``token``'s; empty when it is not."""
     seconds = conf.lock_lease_seconds()
     connection: Any = connections[alias]
     connection.set_schema_to_public()
     values = [token, holder, _HOST, os.getpid(), seconds]
+    schema = key(schema)
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {table()} AS l (schema_name, token, holder, host, pid, "  # noqa: S608
@@ -213,7 +212,7 @@ def _try_acquire(alias: str, schema: str, token: str, holder: str) -> bool:
             [schema, *values],
         )
         if cursor.fetchone() is not None:
-            return True
+            return "new"
         cursor.execute(
             f"SELECT token, host, pid, expires_at < now() FROM {table()} "  # noqa: S608
             "WHERE schema_name = %s",
@@ -221,10 +220,10 @@ def _try_acquire(alias: str, schema: str, token: str, holder: str) -> bool:
         )
         row = cursor.fetchone()
         if row is None:
-            return False  # released meanwhile: the next try inserts
+            return ""  # released meanwhile: the next try inserts
         previous, host, pid, expired = row
         if not (expired or _holder_gone(host, pid)):
-            return False
+            return ""
         # Only between two of the holder's transactions (SKIP LOCKED: its fence locks the
         # row for each one), and only if nobody renewed or took it since the read above.
         cursor.execute(
@@ -238,7 +237,7 @@ def _try_acquire(alias: str, schema: str, token: str, holder: str) -> bool:
         taken = cursor.fetchone() is not None
     if taken:
         logger.info("schema %s: took over the lock left by %s", schema, previous)
-    return taken
+    return "taken over" if taken else ""
 
 
 @contextlib.contextmanager
@@ -248,10 +247,11 @@ def leased(alias: str, schema: str, *, purpose: str = "migrate_schemas_safe") ->
     token = str(uuid.uuid4())
     holder = f"{purpose} (pid {os.getpid()} on {_HOST})"
     for pause in pauses():
-        if _try_acquire(alias, schema, token, holder):
+        how = _try_acquire(alias, schema, token, holder)
+        if how:
             break
         time.sleep(pause)
-    lease = Lease(alias, schema, token)
+    lease = Lease(alias, schema, token, took_over=how == "taken over")
     lease._heart.start()
     try:
         yield lease
@@ -259,19 +259,26 @@ def leased(alias: str, schema: str, *, purpose: str = "migrate_schemas_safe") ->
         lease._release()
 
 
-def unfinished(alias: str, names: list[str]) -> dict[str, str]:
-    """The schemas of ``names`` that have a lease row (a run holds them or did not finish)."""
+def unfinished(alias: str, names: list[str], *, mine: Lease | None = None) -> dict[str, str]:
+    """The schemas of ``names`` that have a lease row (a run holds them or did not finish).
+
+    ``mine``, a lease this process holds and took fresh, does not count: it is the caller's.
+    """
     connection: Any = connections[alias]
-    key = (alias, str(connection.settings_dict.get("NAME")))
+    seen = (alias, str(connection.settings_dict.get("NAME")))
     with connection.cursor() as cursor:
-        if key not in _tables:
+        if seen not in _tables:
             cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [table()])
             if not cursor.fetchone()[0]:
                 return {}
-            _tables.add(key)
+            _tables.add(seen)
         cursor.execute(
             f"SELECT schema_name, holder FROM {table()} "  # noqa: S608
-            "WHERE schema_name = ANY(%s)",
-            [names],
+            "WHERE schema_name = ANY(%s) AND token IS DISTINCT FROM %s",
+            [
+                sorted({key(name) for name in names}),
+                mine.token if mine is not None and not mine.took_over else None,
+            ],
         )
-        return dict(cursor.fetchall())
+        held = dict(cursor.fetchall())
+    return {name: held[key(name)] for name in names if key(name) in held}

@@ -274,12 +274,13 @@ def plan_schemas(
     tenants: Sequence[TenantRef] | Sequence[tuple[str, str]],
     *,
     planner: Planner | None = None,
+    lease: locks.Lease | None = None,
 ) -> list[SchemaPlan]:
     planner = planner or Planner()
     names = [schema for schema, _ in tenants]
     twice: dict[str, list[Key]] = {}
     applied = read_applied(alias, names, duplicates=twice)
-    leased = locks.unfinished(alias, names)
+    leased = locks.unfinished(alias, names, mine=lease)
     return [
         SchemaPlan(
             schema,
@@ -309,7 +310,10 @@ def routed_apps(alias: str, schema: str, tenant_type: str = "") -> set[str]:
         connection.set_tenant(*previous)
 
 
-def is_current(alias: str, schema: str, tenant_type: str = "") -> bool:
-    """Whether ``schema`` has every migration applied, as ``migrate --check`` decides."""
-    (entry,) = plan_schemas(alias, [TenantRef(schema, tenant_type)])
+def is_current(
+    alias: str, schema: str, tenant_type: str = "", *, lease: locks.Lease | None = None
+) -> bool:
+    """Whether ``schema`` has every migration applied, as ``migrate --check`` decides, and its
+    last run finished (``lease``: the caller's own, which does not count against it)."""
+    (entry,) = plan_schemas(alias, [TenantRef(schema, tenant_type)], lease=lease)
     return entry.current

@@ -11,12 +11,11 @@ import contextlib
 import functools
 import logging
 import re
-import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models import Model
 from django.test import TestCase
 from django.test.utils import override_settings
@@ -25,15 +24,12 @@ from django_tenants.signals import post_schema_sync
 from django_tenants.test.client import TenantClient
 from django_tenants.utils import (
     get_public_schema_name,
-    get_tenant_base_migrate_command_class,
     get_tenant_database_alias,
     get_tenant_domain_model,
     get_tenant_model,
 )
 
-from tenantsafe import _template, conf, guard, locks, migrate, plan, schemas, tenants
-from tenantsafe.options import RunOptions
-from tenantsafe.results import FAILED, TenantRef
+from tenantsafe import conf, guard, locks, plan, provisioning, replay, schemas, tenants
 
 logger = logging.getLogger("tenantsafe.testing")
 
@@ -97,19 +93,18 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
     model = get_tenant_model()
     alias = get_tenant_database_alias()
     # Guarded throughout: behind a transaction pooler even the row lookups need their path.
-    with guard.guarding(alias), _own_connection(alias):
+    with guard.guarding(alias), replay.sharing_files(), _own_connection(alias):
         tenant = _ready(model, alias, schema_name, domain)
-        for pause in locks.pauses() if tenant is None else ():
-            with transaction.atomic(using=alias):
-                if locks.try_lock(connections[alias], locks.CREATE_TENANT, schema_name):
-                    tenant = _without_migrating(model, alias, schema_name, domain, fields)
-                    break
-            time.sleep(pause)
         if tenant is None:
-            # Migrating commits as it goes: the tenant's lease (what migrate_schemas_safe
-            # takes too) keeps other processes out meanwhile.
+            _wait_for_recording(model, alias, schema_name, fields)
+        if tenant is None:
+            # The tenant's lease (what migrate_schemas_safe takes too) keeps other processes
+            # out, also while migrating commits as it goes.
             with locks.leased(alias, schema_name, purpose="create_tenant") as lease:
-                tenant = _migrating(model, alias, schema_name, domain, fields, lease)
+                with transaction.atomic(using=alias):
+                    tenant = _without_migrating(model, alias, schema_name, domain, fields, lease)
+                if tenant is None:
+                    tenant = _migrating(model, alias, schema_name, domain, fields, lease)
                 lease.complete()
     tenant._skip_auto_migrate = True
     return tenant
@@ -151,8 +146,22 @@ def _ready(model: type[Model], alias: str, schema: str, domain: str | None) -> A
     return tenant
 
 
+def _wait_for_recording(
+    model: type[Model], alias: str, schema: str, fields: dict[str, Any]
+) -> None:
+    # Outside any transaction: while another xdist worker records the migration state, this
+    # waits for its recording (holding no snapshot or lock the recorder could wait for).
+    row = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
+    replay.recording_for(alias, tenants.tenant_type(row or _unsaved(model, schema, fields)))
+
+
 def _without_migrating(
-    model: type[Model], alias: str, schema: str, domain: str | None, fields: dict[str, Any]
+    model: type[Model],
+    alias: str,
+    schema: str,
+    domain: str | None,
+    fields: dict[str, Any],
+    lease: locks.Lease,
 ) -> Any:
     """Under the lock, in one transaction: the tenant, if it needs no migration; else None."""
     tenant = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
@@ -172,7 +181,8 @@ def _without_migrating(
         if schemas.exists(alias, schema):
             # Another process finished it while we waited for the lock, or only the domain
             # was missing; otherwise the schema is behind.
-            return tenant if plan.is_current(alias, schema, tenants.tenant_type(tenant)) else None
+            current = plan.is_current(alias, schema, tenants.tenant_type(tenant), lease=lease)
+            return tenant if current else None
         if not _replayed(tenant, alias):
             return None
     transaction.on_commit(functools.partial(_schema_synced, tenant), using=alias)
@@ -192,7 +202,7 @@ def _migrating(
     if tenant is not None:
         _ensure_domain(tenant, alias, domain)
         if schemas.exists(alias, schema):
-            if not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
+            if not plan.is_current(alias, schema, tenants.tenant_type(tenant), lease=lease):
                 logger.info("tenantsafe: schema %s is behind its migrations; migrating", schema)
                 _migrate(tenant, alias, lease, record=False)
             return tenant
@@ -206,7 +216,7 @@ def _migrating(
     tenant.save(verbosity=0, using=alias)
     try:
         _ensure_domain(tenant, alias, domain)
-        if fresh or not plan.is_current(alias, schema, tenants.tenant_type(tenant)):
+        if fresh or not plan.is_current(alias, schema, tenants.tenant_type(tenant), lease=lease):
             _migrate(tenant, alias, lease, record=fresh)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -242,72 +252,14 @@ def _unsaved(model: type[Model], schema: str, fields: dict[str, Any]) -> Any:
 
 
 def _replayed(tenant: Any, alias: str) -> bool:
-    """Provision the tenant's schema from the template for its migration state, if usable."""
-    key = _template.state_key(alias, tenants.tenant_type(tenant))
-    template = _template.get(key)
-    if template is None or template.problem:
-        return False
-    try:
-        _template.replay(alias, tenant.schema_name, template, tenants.tenant_type(tenant))
-    except DatabaseError as exc:
-        # Something in the recording depends on more than the schema (a row a data
-        # migration read in public, say): stop trusting it and migrate instead.
-        _template.discard(key, f"replaying it into {tenant.schema_name} failed: {exc}")
-        return False
-    return True
+    return replay.replay(alias, tenant)
 
 
 def _migrate(tenant: Any, alias: str, lease: locks.Lease, *, record: bool) -> None:
-    schema = tenant.schema_name
-    connection = connections[alias]
-    key = _template.state_key(alias, tenants.tenant_type(tenant))
-    recorder = _template.Recorder(schema) if record and _template.get(key) is None else None
-    if recorder is not None:
-        # First in the list is outermost: the recorder sees each statement as the migration
-        # sent it, before the guard adds its search_path check to it.
-        connection.execute_wrappers.insert(0, recorder)
     try:
-        result = migrate.migrate_tenant(
-            _migrate_options(alias), TenantRef(schema, tenants.tenant_type(tenant)), lease=lease
-        )
-    finally:
-        if recorder is not None:
-            connection.execute_wrappers.remove(recorder)
-    if result.status == FAILED:
-        raise TenantProvisionError(schema, result.error, result.traceback)
-    if recorder is not None:
-        _template.build(key, recorder, _identifying(tenant, alias))
-
-
-def _identifying(tenant: Any, alias: str) -> list[str]:
-    # What a data migration could copy from the tenant it runs for: its schema name, domains
-    # and (longer) text fields. A recording naming any of them is specific to that tenant.
-    values = [tenant.schema_name]
-    domain_model = get_tenant_domain_model()
-    values += list(
-        domain_model._default_manager.db_manager(alias)
-        .filter(tenant=tenant)
-        .values_list("domain", flat=True)
-    )
-    for field in tenant._meta.concrete_fields:
-        value = getattr(tenant, field.attname, None)
-        if isinstance(value, str) and len(value) >= 3:
-            values.append(value)
-    return values
-
-
-@functools.lru_cache(maxsize=8)
-def _default_migrate_options(command_path: str) -> tuple[tuple[str, Any], ...]:
-    command = get_tenant_base_migrate_command_class()()
-    parser = command.create_parser("manage.py", "migrate")
-    return tuple(sorted(vars(parser.parse_args([])).items()))
-
-
-def _migrate_options(alias: str) -> RunOptions:
-    path = str(getattr(settings, "TENANT_BASE_MIGRATE_COMMAND", ""))
-    options = dict(_default_migrate_options(path))
-    options.update(database=alias, verbosity=0, interactive=False, skip_checks=True)
-    return RunOptions(database=alias, migrate=options, verbosity=0, create_missing=True)
+        provisioning.migrate_schema(tenant, alias, lease, record=record)
+    except provisioning.ProvisionError as exc:
+        raise TenantProvisionError(tenant.schema_name, exc.error, exc.traceback) from None
 
 
 def _has_domain(tenant: Any, alias: str, domain: str | None) -> bool:

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import connection, connections, transaction
+from django.db import DatabaseError, connections, transaction
+from django.db.backends.postgresql.psycopg_any import is_psycopg3
+from django.test.utils import CaptureQueriesContext
 
 from tenantsafe import guard
 from testproject.customers.models import Client, Domain
@@ -29,6 +33,7 @@ from testproject.shop.models import Category, Product
 from tests.dbtools import (
     ROOT,
     connect,
+    connection,
     direct_url,
     fresh_database,
     manage,
@@ -340,26 +345,321 @@ def test_non_transactional_statement_is_refused_when_pooled(tenants, settings):
         assert cursor.fetchone() == ("alpha",)
 
 
-@pytest.mark.usefixtures("runtime_guard")
-def test_server_side_cursor_outside_a_transaction_is_refused_when_pooled(tenants, settings):
-    connection.set_tenant(tenants["alpha"])
+IDLE, INTRANS = 0, 2
+
+
+def transaction_status() -> int:
+    return int(connection.connection.info.transaction_status)
+
+
+def open_cursors() -> list[str]:
+    # Itself a statement: a stream still open ends before it runs.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM pg_cursors ORDER BY name")
+        return [row[0] for row in cursor.fetchall()]
+
+
+def on_server_connection(schema: str) -> None:
+    """What a pooler does before a driver call that no execute wrapper sees (COPY, callproc):
+    hand over a server connection whose session path is another tenant's."""
+    with connection.connection.cursor() as cursor:
+        cursor.execute(f'SET search_path = "{schema}", public')
+
+
+@pytest.fixture
+def pooled(settings: Any) -> None:
+    # The in-process tests connect directly; the guard then acts as it does through a pooler.
     settings.TENANTSAFE_TRANSACTION_POOLER = True
-    with pytest.raises(guard.PooledStatementError, match="DISABLE_SERVER_SIDE_CURSORS"):
-        list(Product.objects.iterator(chunk_size=1))
-    # Inside a transaction its FETCHes stay on the transaction's server connection.
-    with transaction.atomic():
-        assert sorted(p.name for p in Product.objects.iterator(chunk_size=1)) == PRODUCTS["alpha"]
+
+
+@pytest.mark.usefixtures("runtime_guard", "pooled")
+def test_server_side_cursor_in_autocommit_streams_inside_a_pinned_transaction(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with foreign_server_path("beta"):
+        rows = Product.objects.order_by("name").iterator(chunk_size=1)
+        first = next(rows)
+        # Declared inside a transaction that stays open while the cursor is read, so every
+        # FETCH reaches the server connection that ran the check.
+        assert transaction_status() == INTRANS
+        assert [first.name, *(p.name for p in rows)] == PRODUCTS["alpha"]
+        # Read to the end: the transaction ended with it.
+        assert transaction_status() == IDLE
+        assert open_cursors() == []
+        connection.set_tenant(tenants["beta"])
+        assert sorted(p.name for p in Product.objects.iterator(chunk_size=2)) == PRODUCTS["beta"]
+        assert transaction_status() == IDLE
+
+
+@pytest.mark.usefixtures("runtime_guard", "pooled")
+def test_server_side_cursor_inside_atomic_is_left_to_the_transaction(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with foreign_server_path("beta"), transaction.atomic():
+        rows = Product.objects.iterator(chunk_size=1)
+        assert next(rows).name.startswith("alpha-")
+        Product.objects.create(name="alpha-new")
+        assert sorted(p.name for p in rows) != []
+        assert guard._state(connection).stream is None
+    assert "alpha-new" in names("alpha")
+
+
+@pytest.mark.usefixtures("runtime_guard", "pooled")
+def test_server_side_cursor_abandoned_half_way_ends_its_transaction(tenants):
+    connection.set_tenant(tenants["alpha"])
+    # Dropped half-way: Django's iterator closes its cursor, the transaction ends at once.
+    rows = Product.objects.iterator(chunk_size=1)
+    next(rows)
+    assert transaction_status() == INTRANS
+    del rows
+    assert transaction_status() == IDLE
+
+    # A cursor collected without being closed: nothing may run from a finalizer, so its
+    # transaction ends, and the cursor (WITH HOLD, as Django declares it in autocommit) is
+    # closed rather than left on the server connection, at the connection's next use.
+    cursor = connection.chunked_cursor()
+    cursor.execute("SELECT name FROM shop_product ORDER BY name")
+    assert cursor.fetchmany(1) == [("alpha-0",)]
+    del cursor
+    assert transaction_status() == INTRANS
+    assert Product.objects.count() == len(PRODUCTS["alpha"])
+    assert transaction_status() == IDLE
+    assert open_cursors() == []
+
+
+@pytest.mark.usefixtures("runtime_guard", "pooled")
+def test_server_side_cursor_still_read_when_the_connection_is_used_reads_on_from_memory(
+    tenants, caplog
+):
+    connection.set_tenant(tenants["alpha"])
+    seen = []
+    with foreign_server_path("beta"):
+        for product in Product.objects.order_by("name").iterator(chunk_size=1):
+            seen.append(product.name)
+            # Another statement, and a transaction of Django's, while the cursor is open.
+            Product.objects.filter(pk=product.pk).update(price_cents=1)
+            with transaction.atomic():
+                Product.objects.create(name=f"new-{product.name}")
+            assert transaction_status() == IDLE
+    assert seen == PRODUCTS["alpha"]
+    assert "remaining 1 rows were fetched into memory" in caplog.text
+    assert open_cursors() == []
+    assert names("alpha") == sorted(PRODUCTS["alpha"] + [f"new-{n}" for n in PRODUCTS["alpha"]])
+    assert names("beta") == PRODUCTS["beta"]
+
+
+@pytest.mark.usefixtures("runtime_guard", "pooled")
+def test_raw_server_side_cursor_read_to_the_end_or_closed_ends_its_transaction(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with foreign_server_path("beta"):
+        cursor = connection.chunked_cursor()
+        cursor.execute("SELECT name FROM shop_product ORDER BY name")
+        assert cursor.fetchall() == [(name,) for name in PRODUCTS["alpha"]]
+        assert transaction_status() == IDLE
+        assert (cursor.fetchone(), cursor.fetchmany(5), cursor.fetchall()) == (None, [], [])
+        cursor.close()
+
+        with connection.chunked_cursor() as cursor:
+            cursor.execute("SELECT name FROM shop_product ORDER BY name")
+            assert [row[0] for row in cursor] == PRODUCTS["alpha"]
+        assert transaction_status() == IDLE
+
+        with connection.chunked_cursor() as cursor:
+            cursor.execute("SELECT name FROM shop_product ORDER BY name")
+            assert cursor.fetchone() == ("alpha-0",)
+        assert transaction_status() == IDLE
+        assert open_cursors() == []
+
+        # A failing FETCH leaves no aborted transaction behind.
+        cursor = connection.chunked_cursor()
+        cursor.execute("SELECT 1 / (count(*) OVER () - 2) FROM shop_product")
+        with pytest.raises(DatabaseError, match="division by zero"):
+            cursor.fetchone()
+        assert transaction_status() == IDLE
+        cursor.close()
+        assert Product.objects.count() == len(PRODUCTS["alpha"])
+
+
+@pytest.mark.usefixtures("runtime_guard", "pooled")
+def test_server_side_cursor_ends_with_the_connection(tenants):
+    connection.set_tenant(tenants["alpha"])
+    rows = Product.objects.iterator(chunk_size=1)
+    next(rows)
+    raw = connection.connection
+    connection.close()
+    assert raw.closed
+    assert guard._state(connection).stream is None
+    connection.set_tenant(tenants["alpha"])
+    assert Product.objects.count() == len(PRODUCTS["alpha"])
+
+
+@pytest.mark.usefixtures("runtime_guard", "pooled")
+def test_iterator_streams_in_bounded_memory(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO shop_product (name, sku, price_cents) "
+            "SELECT 'bulk-' || n, repeat('x', 32), n FROM generate_series(1, 100000) n"
+        )
+    tracemalloc.start()
+    try:
+        count = 0
+        for _ in Product.objects.iterator(chunk_size=2000):
+            if count == 0:
+                assert guard._state(connection).stream is not None
+            count += 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 100000 + len(PRODUCTS["alpha"])
+    # 2,000 rows at a time; the whole result as model instances takes well over 50 MB.
+    assert peak < 8_000_000, peak
+    assert transaction_status() == IDLE
+
+
+@pytest.mark.usefixtures("runtime_guard")
+@pytest.mark.parametrize("pooler", [True, False], ids=["pooled", "direct"])
+def test_copy_lands_in_and_reads_only_the_tenants_schema(tenants, settings, pooler):
+    settings.TENANTSAFE_TRANSACTION_POOLER = pooler
+    connection.set_tenant(tenants["alpha"])
+    with connection.cursor() as cursor:
+        if is_psycopg3:
+            on_server_connection("beta")
+            with cursor.copy("COPY shop_product (name, sku, price_cents) FROM STDIN") as copy:
+                copy.write_row(("copied-1", "", 0))
+            on_server_connection("beta")
+            with cursor.copy("COPY shop_product (name) TO STDOUT") as copy:
+                copied = sorted(row[0] for row in copy.rows())
+        else:
+            on_server_connection("beta")
+            cursor.copy_expert(
+                "COPY shop_product (name, sku, price_cents) FROM STDIN",
+                io.StringIO("copied-1\t\t0\n"),
+            )
+            on_server_connection("beta")
+            copy_in(cursor, ["name", "sku", "price_cents"], ("copied-2", "", "0"))
+            out = io.StringIO()
+            on_server_connection("beta")
+            cursor.copy_to(out, "shop_product", columns=["name"])
+            copied = sorted(out.getvalue().split())
+            out = io.StringIO()
+            on_server_connection("beta")
+            cursor.copy_expert("COPY shop_product (name) TO STDOUT", out)
+            assert sorted(out.getvalue().split()) == copied
+    expected = sorted([*PRODUCTS["alpha"], "copied-1", *([] if is_psycopg3 else ["copied-2"])])
+    assert copied == expected
+    assert names("alpha") == expected
+    assert names("beta") == PRODUCTS["beta"]
+    assert transaction_status() == IDLE
+
+
+def copy_in(cursor: Any, columns: list[str], row: tuple[str, ...]) -> None:
+    if is_psycopg3:
+        with cursor.copy(f"COPY shop_product ({', '.join(columns)}) FROM STDIN") as copy:
+            copy.write_row(row)
+    else:
+        cursor.copy_from(io.StringIO("\t".join(row) + "\n"), "shop_product", columns=columns)
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_copy_inside_atomic_and_after_a_failed_copy(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with transaction.atomic(), connection.cursor() as cursor:
+        on_server_connection("beta")
+        copy_in(cursor, ["name", "sku", "price_cents"], ("in-atomic", "", "0"))
+    with transaction.atomic(), connection.cursor() as cursor:
+        on_server_connection("beta")
+        # Pinned by the statement before it, in the same transaction.
+        assert Product.objects.count() == len(PRODUCTS["alpha"]) + 1
+        copy_in(cursor, ["name", "sku", "price_cents"], ("after-a-statement", "", "0"))
+    with connection.cursor() as cursor, pytest.raises(Exception, match="nosuchcolumn"):
+        copy_in(cursor, ["nosuchcolumn"], ("x",))
+    # The COPY's own transaction was rolled back, not left aborted.
+    assert transaction_status() == IDLE
+    assert names("alpha") == sorted([*PRODUCTS["alpha"], "in-atomic", "after-a-statement"])
+
+
+def test_without_the_guard_cursors_behave_as_django_makes_them(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM shop_product ORDER BY name")
+        assert [row[0] for row in cursor] == PRODUCTS["alpha"]
+        copy_in(cursor, ["name", "sku", "price_cents"], ("plain", "", "0"))
+    assert sorted(p.name for p in Product.objects.iterator(chunk_size=1)) == sorted(
+        [*PRODUCTS["alpha"], "plain"]
+    )
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_stream_runs_with_the_tenants_path(tenants):
+    if not is_psycopg3:
+        pytest.skip("cursor.stream() is psycopg 3's")
+    connection.set_tenant(tenants["alpha"])
+    query = "SELECT current_schema(), name FROM shop_product ORDER BY name"
+    with connection.cursor() as cursor:
+        on_server_connection("beta")
+        assert list(cursor.stream(query)) == [("alpha", name) for name in PRODUCTS["alpha"]]
+        assert transaction_status() == IDLE
+        on_server_connection("beta")
+        rows = cursor.stream(query)
+        assert next(rows) == ("alpha", "alpha-0")
+        rows.close()
+        assert transaction_status() == IDLE
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_callproc_runs_with_the_tenants_path(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION public.tenantsafe_schema() RETURNS text "
+            "LANGUAGE sql AS 'SELECT current_schema()::text'"
+        )
+    try:
+        for schema in ("alpha", "beta"):
+            connection.set_tenant(tenants[schema])
+            other = "beta" if schema == "alpha" else "alpha"
+            with connection.cursor() as cursor:
+                on_server_connection(other)
+                cursor.callproc("tenantsafe_schema")
+                assert cursor.fetchone() == (schema,)
+            with transaction.atomic(), connection.cursor() as cursor:
+                on_server_connection(other)
+                cursor.callproc("tenantsafe_schema")
+                assert cursor.fetchone() == (schema,)
+            assert transaction_status() == IDLE
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP FUNCTION public.tenantsafe_schema()")
+
+
+@pytest.mark.usefixtures("runtime_guard")
+def test_connection_queries_hold_the_statement_the_code_ran(tenants):
+    connection.set_tenant(tenants["alpha"])
+    with CaptureQueriesContext(connection) as queries:
+        assert Product.objects.filter(name__startswith="alpha").count() == 2
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM shop_product WHERE name LIKE %s", ["%-%"])
+            if is_psycopg3:
+                with cursor.copy("COPY shop_product (name) TO STDOUT") as copy:
+                    assert len(list(copy.rows())) == 2
+            else:
+                cursor.copy_expert("COPY shop_product (name) TO STDOUT", io.StringIO())
+    # django-tenants' own SET search_path when a cursor opens, and the three statements.
+    statements = [q["sql"] for q in queries.captured_queries if not q["sql"].startswith("SET ")]
+    assert statements == [
+        'SELECT COUNT(*) AS "__count" FROM "shop_product" WHERE "shop_product"."name"::text '
+        "LIKE 'alpha%'",
+        "SELECT count(*) FROM shop_product WHERE name LIKE '%-%'",
+        "COPY shop_product (name) TO STDOUT",
+    ]
 
 
 @pytest.mark.usefixtures("runtime_guard")
 def test_server_side_binding_cursors_are_pinned_too(tenants):
-    from django.db.backends.postgresql.psycopg_any import is_psycopg3
-
     if not is_psycopg3:
         pytest.skip("server_side_binding is a psycopg 3 option")
     settings_dict = copy.deepcopy(connection.settings_dict)
     settings_dict["OPTIONS"]["server_side_binding"] = True
-    other = type(connections["default"])(settings_dict, alias="default")
+    other: Any = type(connections["default"])(settings_dict, alias="default")
     try:
         other.set_tenant(tenants["alpha"])
         with other.cursor() as cursor:
@@ -613,3 +913,144 @@ def test_non_transactional_statement_through_pgbouncer_names_the_fix(pooled_site
         'PooledStatementError: Schema "w0": "VACUUM shop_product" cannot run inside a '
         "transaction block" in result.stderr
     )
+
+
+# Server-side cursors, COPY and callproc: the calls execute wrappers do not see, and the one a
+# pooler cannot carry across transactions.
+STREAM_WORKER = textwrap.dedent(
+    """
+    import io, json, sys, threading
+    import django
+    django.setup()
+    from django.conf import settings
+    from django.db import connection
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+    from testproject.customers.models import Client
+    from testproject.shop.models import Product
+
+    settings.TENANTSAFE_RUNTIME_GUARD = True
+    rounds = int(sys.argv[1])
+    seeded = json.loads(sys.argv[2])
+    results = {}
+
+    def work(schema):
+        counts = {"reads": 0, "wrong": 0, "errors": 0, "left_open": 0, "copied": 0}
+        samples = []
+
+        def check(what, got, expected):
+            counts["reads"] += 1
+            if got != expected:
+                counts["wrong"] += 1
+                samples.append(f"{what}: {got!r} != {expected!r}")
+
+        connection.set_schema_to_public()
+        tenant = Client.objects.get(schema_name=schema)
+        own = [f"{schema}-{n}" for n in range(seeded[schema])]
+        for i in range(rounds):
+            try:
+                connection.set_tenant(tenant)
+                # One FETCH per row, each a chance for a pooler to switch server connections.
+                check("iterator", sorted(p.name for p in Product.objects.iterator(chunk_size=1)),
+                      own)
+                with connection.chunked_cursor() as cursor:
+                    cursor.execute("SELECT current_schema(), name FROM shop_product")
+                    check("fetchmany", sorted(cursor.fetchmany(2) + cursor.fetchall()),
+                          [(schema, name) for name in own])
+
+                # Abandoned half-way, never closed: its transaction ends at the next use.
+                cursor = connection.chunked_cursor()
+                cursor.execute("SELECT name FROM shop_product ORDER BY name")
+                check("abandoned", cursor.fetchone(), (own[0],))
+                del cursor
+                check("next use", Product.objects.count(), len(own))
+                if connection.connection.info.transaction_status != 0:
+                    counts["left_open"] += 1
+
+                with connection.cursor() as cursor:
+                    title = f"{schema}:{i}:copy"
+                    if is_psycopg3:
+                        with cursor.copy(
+                            "COPY notes_note (title, body, pinned) FROM STDIN"
+                        ) as copy:
+                            copy.write_row((title, "", False))
+                    else:
+                        cursor.copy_from(io.StringIO(f"{title}\\t\\tf\\n"), "notes_note",
+                                         columns=["title", "body", "pinned"])
+                    counts["copied"] += 1
+                    if is_psycopg3:
+                        with cursor.copy("COPY notes_note (title) TO STDOUT") as copy:
+                            titles = [row[0] for row in copy.rows()]
+                    else:
+                        out = io.StringIO()
+                        cursor.copy_expert("COPY notes_note (title) TO STDOUT", out)
+                        titles = out.getvalue().split()
+                    check("copy to", (len(titles), all(t.startswith(schema + ":")
+                          for t in titles)), (counts["copied"], True))
+
+                    cursor.callproc("tenantsafe_schema")
+                    check("callproc", cursor.fetchone(), (schema,))
+            except Exception as exc:
+                counts["errors"] += 1
+                samples.append(f"{type(exc).__name__}: {exc}"[:200])
+        connection.close()
+        results[schema] = {**counts, "samples": samples[:5]}
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in sys.argv[3:]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(json.dumps(results))
+    """
+)
+
+
+@pytest.mark.pooler
+@pytest.mark.slow
+def test_server_side_cursors_copy_and_callproc_through_pgbouncer_stay_in_their_tenant(
+    pooled_site,
+):
+    direct, pooled = pooled_site
+    clear_notes(direct)
+    with connect(direct) as conn:
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION public.tenantsafe_schema() RETURNS text "
+            "LANGUAGE sql AS 'SELECT current_schema()::text'"
+        )
+    env = {**os.environ, **POOLER_SAFE, "DATABASE_URL": pooled}
+    rounds = 25
+    busy = [f'"{schema}", public' for schema in WORKER_TENANTS] + ["public"]
+    with pool_load(pooled, busy, clients=3):
+        # Two processes, three threads each: six tenants interleaved on a pool of eight.
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", STREAM_WORKER, str(rounds), json.dumps(SEEDED), *group],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for group in (WORKER_TENANTS[:3], WORKER_TENANTS[3:])
+        ]
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+        # No server connection was left inside a transaction.
+        with connect(direct) as conn:
+            stuck = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+            ).fetchone()[0]
+    results: dict[str, dict[str, Any]] = {}
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        results.update(json.loads(out.strip().splitlines()[-1]))
+
+    assert stuck == 0
+    for schema, result in results.items():
+        assert (result["wrong"], result["errors"], result["left_open"]) == (0, 0, 0), (
+            schema,
+            result["samples"],
+        )
+        assert result["reads"] == rounds * 6
+    for schema, titles in notes_by_schema(direct).items():
+        assert sorted(titles) == sorted(f"{schema}:{i}:copy" for i in range(rounds))

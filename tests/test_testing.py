@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from django_tenants.signals import post_schema_sync, schema_pre_migration
 from tenantsafe import schemas
 from tenantsafe.testing import MissingTenantFields, create_tenant, default_domain
 from testproject.customers.models import Client, Domain
+from tests import test_plugin
 from tests.dbtools import (
     ROOT,
     connect,
@@ -31,10 +33,29 @@ from tests.dbtools import (
     manage,
     pool_load,
     pooled_url,
+    scalar,
+    schemas_named,
+    sql,
     with_dbname,
 )
 
-pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
+pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
+
+
+@pytest.fixture
+def fresh_recordings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No recording left by an earlier test, in the database or in the file xdist workers
+    share (this process's and its subprocesses' temporary directory is the test's own)."""
+
+    def forget() -> None:
+        if scalar("SELECT to_regclass('public.tenantsafe_recording') IS NOT NULL"):
+            sql("DELETE FROM public.tenantsafe_recording")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    forget()
+    yield
+    forget()
 
 
 def url() -> str:
@@ -43,12 +64,6 @@ def url() -> str:
 
 def exists(schema: str) -> bool:
     return schemas.exists("default", schema)
-
-
-def sql(statement: str) -> None:
-    connection.set_schema_to_public()
-    with connection.cursor() as cursor:
-        cursor.execute(statement)
 
 
 @pytest.fixture
@@ -439,9 +454,6 @@ def _wait_for(condition: Any, procs: list[subprocess.Popen[str]], timeout: float
 
 
 def test_a_migration_that_reads_the_tenant_row_is_never_replayed(monkeypatch, migrations_run):
-    from tenantsafe import _template
-
-    monkeypatch.setattr(_template, "_templates", {})
     monkeypatch.setenv("TESTPROJECT_NOTE_TENANT_PK", "1")
     first = create_tenant("first", name="First")
     second = create_tenant("second", name="Second")
@@ -453,3 +465,60 @@ def test_a_migration_that_reads_the_tenant_row_is_never_replayed(monkeypatch, mi
             for schema in ("first", "second")
         ]
     assert bodies == [f"tenant {first.pk}", f"tenant {second.pk}"]
+
+
+# An xdist session: the plugin's project, each worker on a test database of its own.
+base_url = test_plugin.base_url
+
+COUNT_MIGRATIONS = """
+
+def pytest_sessionstart(session):
+    import os
+    from django_tenants.signals import schema_pre_migration
+
+    def count(sender, schema_name, **kwargs):
+        if schema_name != "public":
+            with open(os.environ["TS_MIGRATIONS_LOG"], "a") as log:
+                log.write(os.environ.get("PYTEST_XDIST_WORKER", "-") + " " + schema_name + "\\n")
+
+    schema_pre_migration.connect(count, weak=False)
+"""
+
+
+@pytest.mark.slow
+def test_the_workers_of_a_session_record_once_in_total(pytester, base_url, tmp_path, monkeypatch):
+    log = tmp_path / "migrations.log"
+    log.touch()
+    monkeypatch.setenv("TS_MIGRATIONS_LOG", str(log))
+    test_plugin.project(pytester)
+    pytester.makeconftest(test_plugin.CONFTEST + COUNT_MIGRATIONS)
+
+    # --reuse-db keeps the workers' databases for a look (base_url drops them).
+    test_plugin.run(pytester, "--reuse-db").assert_outcomes(**test_plugin.OUTCOMES)
+
+    # Two workers, two session tenants each, and one migration: the others replayed it.
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1, lines
+    for worker in ("gw0", "gw1"):
+        target = with_dbname(direct_url(), f"test_{base_url}_{worker}")
+        assert {"alpha", "beta"} <= set(schemas_named(target, ["alpha", "beta"]))
+        # (The tests' rolled-back inserts moved sequences on: compare what they leave alone.)
+        for schema in ("alpha", "beta"):
+            assert ("shop", "0003_product_sku") in fingerprint(target, schema)["migrations"]
+
+
+def test_a_recording_file_others_may_write_is_ignored(tmp_path):
+    from tenantsafe import replay
+
+    state = replay.state_key("default")
+    planted = replay._file(state, "")
+    planted.parent.mkdir()
+    planted.parent.chmod(0o777)
+    planted.write_text(
+        json.dumps({"state": state, "tenant_type": "", "sql": "SELECT 1", "fingerprint": "planted"})
+    )
+
+    create_tenant("alpha", name="Alpha")
+
+    # Migrated and recorded; the planted file was never tried (it would have been refused).
+    assert sql("SELECT problem, statements <> '' FROM public.tenantsafe_recording") == [("", True)]

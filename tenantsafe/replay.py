@@ -1,0 +1,625 @@
+"""Provisioning tenant schemas from a recording of the statements their migration ran.
+
+Migrating a schema mostly costs Python: loading the graph, rendering model states, running
+post_migrate handlers. The SQL it sends is small and, for a fresh schema, the same every time.
+So the first schema for a given migration state is migrated while an execute wrapper records
+every statement that changed something; later schemas replay that recording in one
+transaction with the search_path pinned, which leaves the same tables, rows and sequence
+values.
+
+Recordings live in ``public.tenantsafe_recording`` (created on first use), one row per
+migration state and tenant type, so every process sharing the database replays what the first
+one recorded. A row is looked up by the current state's digest: after a deploy that changes a
+migration, the old row is never used, and the next recording deletes it.
+
+A recording is only trusted when nothing in it is specific to the schema it was taken from
+(its name, its tenant's domain or field values, a read of its tenant's row) and when it can
+run inside one transaction; otherwise the row says why, and every schema is migrated. A replay
+commits only if the new schema's catalog fingerprint equals the recorded one.
+
+The interface: :func:`record` around a fresh schema's migration, :func:`replay` for the next
+schemas, :func:`recording_for` to look.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import DatabaseError, connections, transaction
+from django.db.backends.postgresql.psycopg_any import is_psycopg3
+from django.db.migrations.loader import MigrationLoader
+from django_tenants.utils import (
+    get_public_schema_name,
+    get_tenant_domain_model,
+    get_tenant_model,
+)
+
+from tenantsafe import guard, schemas, statements, tenants
+
+if is_psycopg3:
+    import psycopg
+
+logger = logging.getLogger("tenantsafe.replay")
+
+TABLE = "tenantsafe_recording"
+# First key of the two-int advisory locks (tenantsafe.locks uses 0x7454 and 0x7455).
+_WRITE = 0x7456
+
+_tables: set[tuple[str, str]] = set()
+
+
+@dataclass(frozen=True)
+class Recording:
+    state: str
+    tenant_type: str
+    # The statements, parameters bound, as one multi-statement string.
+    sql: str
+    # The catalog fingerprint (a digest) of the schema the statements were recorded from.
+    fingerprint: str
+    # Why the recording cannot be replayed; empty when it can.
+    problem: str = ""
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def state_key(alias: str, tenant_type: str = "") -> str:
+    """A digest of everything a fresh schema's migration depends on.
+
+    Every migration the loader finds on disk (so a new, removed or edited migration file
+    changes it), which apps migrate into tenant schemas, and the routers. Not the database's
+    name: xdist workers' test databases share it.
+    """
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    digest = hashlib.sha256()
+    for part in (
+        alias,
+        tenant_type,
+        repr(list(getattr(settings, "TENANT_APPS", []))),
+        repr(getattr(settings, "TENANT_TYPES", None)),
+        repr(list(getattr(settings, "DATABASE_ROUTERS", []))),
+    ):
+        digest.update(part.encode() + b"\0")
+    for key in sorted(loader.disk_migrations):
+        migration = loader.disk_migrations[key]
+        digest.update(repr(key).encode() + b"\0")
+        digest.update(_source(type(migration).__module__) + b"\0")
+    return digest.hexdigest()
+
+
+def _source(module_name: str) -> bytes:
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    if not path:
+        return module_name.encode()
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return module_name.encode()
+
+
+# Where recordings live.
+
+
+def table() -> str:
+    return f"{schemas.ident(get_public_schema_name())}.{TABLE}"
+
+
+def ensure_table(alias: str) -> None:
+    """Create the recordings table on first use, as tenantsafe.locks does the lease table."""
+    key = (alias, str(connections[alias].settings_dict.get("NAME")))
+    if key in _tables:
+        return
+    connection: Any = connections[alias]
+    connection.set_schema_to_public()
+    with transaction.atomic(using=alias), connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, 0)", [_WRITE])
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {table()} ("
+            "state text NOT NULL, tenant_type text NOT NULL, statements text NOT NULL, "
+            "fingerprint text NOT NULL, problem text NOT NULL, "
+            "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (state, tenant_type))"
+        )
+    _tables.add(key)
+
+
+def recording_for(
+    alias: str, tenant_type: str = "", *, state: str | None = None
+) -> Recording | None:
+    """The recording for the current migration state (usable or saying why not), if any."""
+    state = state or state_key(alias, tenant_type)
+    ensure_table(alias)
+    connection: Any = connections[alias]
+    connection.set_schema_to_public()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT statements, fingerprint, problem FROM {table()} "  # noqa: S608
+            "WHERE state = %s AND tenant_type = %s",
+            [state, tenant_type],
+        )
+        row = cursor.fetchone()
+    if row is not None:
+        return Recording(state, tenant_type, row[0], row[1], row[2])
+    shared = _from_file(state, tenant_type)
+    if shared is not None:
+        _store(alias, shared)
+    return shared
+
+
+def _store(alias: str, recording: Recording) -> None:
+    """Keep ``recording`` unless one for its state is there already (a refusal replaces it);
+    drop older states' recordings."""
+    ensure_table(alias)
+    connection: Any = connections[alias]
+    connection.set_schema_to_public()
+    with transaction.atomic(using=alias), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [_WRITE, recording.tenant_type]
+        )
+        cursor.execute(
+            f"DELETE FROM {table()} WHERE tenant_type = %s AND state <> %s",  # noqa: S608
+            [recording.tenant_type, recording.state],
+        )
+        cursor.execute(
+            f"INSERT INTO {table()} AS r (state, tenant_type, statements, "  # noqa: S608
+            "fingerprint, problem) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (state, tenant_type) "
+            "DO UPDATE SET statements = '', fingerprint = '', problem = excluded.problem "
+            "WHERE excluded.problem <> '' AND r.problem = ''",
+            [
+                recording.state,
+                recording.tenant_type,
+                recording.sql,
+                recording.fingerprint,
+                recording.problem,
+            ],
+        )
+
+
+def discard(alias: str, state: str, tenant_type: str, problem: str) -> None:
+    """Stop replaying for ``state``: its schemas are migrated one by one from now on."""
+    logger.warning("tenantsafe: new tenant schemas will be migrated, not replayed: %s", problem)
+    _remove_file(state, tenant_type)
+    _store(alias, Recording(state, tenant_type, "", "", problem))
+
+
+# The file xdist workers of one test session share (each has a database of its own). Only
+# create_tenant turns it on: a production process has one database and needs none. A worker
+# that finds no file takes the file's lock and keeps it until it has recorded (or gave up), so
+# the others wait for its recording instead of migrating too.
+
+_share_files = False
+_file_locks: dict[Path, Any] = {}
+# How long a worker waits for another one's recording before it migrates itself.
+_FILE_WAIT = 600.0
+
+
+@contextlib.contextmanager
+def sharing_files() -> Iterator[None]:
+    global _share_files
+    previous, _share_files = _share_files, True
+    try:
+        yield
+    finally:
+        _share_files = previous
+        if not previous:
+            for path in list(_file_locks):
+                _unlock(path)
+
+
+def _file(state: str, tenant_type: str) -> Path:
+    name = hashlib.sha256(f"{state}\0{tenant_type}".encode()).hexdigest()[:32]
+    return Path(tempfile.gettempdir()) / f"tenantsafe-recordings-{os.getuid()}" / f"{name}.json"
+
+
+def _own_directory(path: Path) -> bool:
+    """Create the directory if needed; True only if it is ours and nobody else may write in
+    it (what it holds is run as SQL)."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _read_file(path: Path, state: str, tenant_type: str) -> Recording | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("state") != state or data.get("tenant_type") != tenant_type:
+        return None
+    return Recording(state, tenant_type, str(data["sql"]), str(data["fingerprint"]))
+
+
+def _from_file(state: str, tenant_type: str) -> Recording | None:
+    """The shared file's recording; without one, this process is to record it (it takes the
+    file's lock, waiting while another process holds it) and None."""
+    if not _share_files:
+        return None
+    path = _file(state, tenant_type)
+    if path in _file_locks or not _own_directory(path.parent):
+        return None
+    found = _read_file(path, state, tenant_type)
+    if found is not None:
+        return found
+    handle = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - kept while recording
+    deadline = time.monotonic() + _FILE_WAIT
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                return None
+            time.sleep(0.05)
+    found = _read_file(path, state, tenant_type)
+    if found is not None:
+        handle.close()
+        return found
+    _file_locks[path] = handle
+    return None
+
+
+def _unlock(path: Path) -> None:
+    handle = _file_locks.pop(path, None)
+    if handle is not None:
+        handle.close()
+
+
+def _to_file(recording: Recording) -> None:
+    if not _share_files:
+        return
+    path = _file(recording.state, recording.tenant_type)
+    try:
+        if not recording.problem and _own_directory(path.parent):
+            temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            temporary.write_text(
+                json.dumps(
+                    {
+                        "state": recording.state,
+                        "tenant_type": recording.tenant_type,
+                        "sql": recording.sql,
+                        "fingerprint": recording.fingerprint,
+                    }
+                )
+            )
+            # Atomic: a worker reads the whole recording or none.
+            temporary.replace(path)
+    finally:
+        _unlock(path)
+
+
+def _remove_file(state: str, tenant_type: str) -> None:
+    if _share_files:
+        with contextlib.suppress(OSError):
+            _file(state, tenant_type).unlink()
+
+
+# Recording.
+
+
+@dataclass(frozen=True)
+class _Statement:
+    sql: Any
+    params: Any
+    many: bool
+
+
+class Recorder:
+    """An execute wrapper keeping every statement that changed ``schema`` and succeeded."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        self.statements: list[_Statement] = []
+        # A migration that reads the tenant's own row may write what it read (its pk, a
+        # date) where no identifying string shows: such a recording is never replayed.
+        self._tenant_tables = re.compile(
+            "|".join(
+                rf"\b{re.escape(model._meta.db_table)}\b"
+                for model in (get_tenant_model(), get_tenant_domain_model())
+            ),
+            re.IGNORECASE,
+        )
+        self.read_tenant_row = ""
+
+    def __call__(
+        self,
+        execute: Callable[..., Any],
+        sql: Any,
+        params: Any,
+        many: bool,
+        context: dict[str, Any],
+    ) -> Any:
+        if many and params is not None and not isinstance(params, (list, tuple)):
+            # An iterator would be used up by the driver; keep a list we can replay.
+            params = list(params)
+        connection = context["connection"]
+        ours = getattr(connection, "schema_name", None) == self.schema and not _sets_own_path(
+            sql, connection, self.schema
+        )
+        result = execute(sql, params, many, context)
+        if not ours:
+            return result
+        if isinstance(sql, str) and statements.is_read(sql):
+            if not self.read_tenant_row and self._tenant_tables.search(sql):
+                self.read_tenant_row = sql
+        else:
+            self.statements.append(_Statement(sql, params, many))
+        return result
+
+
+def _sets_own_path(sql: Any, connection: Any, schema: str) -> bool:
+    # django-tenants sets the path to the schema (and back) when it opens a cursor and around
+    # introspection; that is not part of the migration, and the replay pins the path itself.
+    match = isinstance(sql, str) and statements.SET_SEARCH_PATH.match(sql)
+    if not match:
+        return False
+    names = {part.strip().strip('"') for part in match.group(1).split(",")}
+    return names <= {schema, "$user", *connection._get_cursor_search_paths()}
+
+
+@contextlib.contextmanager
+def record(alias: str, tenant: Any) -> Iterator[None]:
+    """Record the block's statements in ``tenant``'s (new) schema, and keep them if it ends
+    without an exception and nothing is recorded for this migration state yet."""
+    tenant_type = tenants.tenant_type(tenant)
+    state = state_key(alias, tenant_type)
+    if recording_for(alias, tenant_type, state=state) is not None:
+        yield
+        return
+    connection: Any = connections[alias]
+    recorder = Recorder(tenant.schema_name)
+    # First in the list is outermost: the recorder sees each statement as the migration sent
+    # it, before the guard adds its search_path check to it.
+    connection.execute_wrappers.insert(0, recorder)
+    try:
+        yield
+    finally:
+        connection.execute_wrappers.remove(recorder)
+    recording = _built(alias, state, tenant_type, recorder, _identifying(tenant, alias))
+    if recording.problem:
+        discard(alias, state, tenant_type, recording.problem)
+    else:
+        _store(alias, recording)
+    # Releases the shared file's lock either way: the other workers go on (and migrate, when
+    # it was refused).
+    _to_file(recording)
+
+
+def _built(
+    alias: str, state: str, tenant_type: str, recorder: Recorder, identifying: Iterable[str]
+) -> Recording:
+    """The recording (usable, or with the reason it is not)."""
+    kept: list[_Statement] = []
+    words = sorted({w for w in identifying if w}, key=len, reverse=True)
+    pattern = (
+        re.compile("|".join(rf"(?<![\w$]){re.escape(w)}(?![\w$])" for w in words), re.IGNORECASE)
+        if words
+        else None
+    )
+    problem = ""
+    if recorder.read_tenant_row:
+        problem = f"{_short(recorder.read_tenant_row)!r} reads the tenant's own row"
+    for statement in () if problem else recorder.statements:
+        sql = statement.sql
+        if isinstance(sql, str):
+            sql = statements.CONCURRENTLY.sub(r"\1", sql)
+            if statements.NON_TRANSACTIONAL.match(sql):
+                problem = f"{_short(sql)!r} cannot run inside a transaction"
+            elif statements.ENDS_TRANSACTION.search(sql):
+                problem = f"{_short(sql)!r} controls the transaction"
+        if not problem and pattern is not None:
+            found = pattern.search(sql if isinstance(sql, str) else repr(sql))
+            found = found or next(
+                (m for m in map(pattern.search, _strings(statement.params)) if m), None
+            )
+            if found:
+                problem = (
+                    f"{_short(str(sql))!r} names {found.group(0)!r}, which belongs to the "
+                    f'tenant of schema "{recorder.schema}"'
+                )
+        if problem:
+            break
+        kept.append(_Statement(sql, statement.params, statement.many))
+    if problem:
+        return Recording(state, tenant_type, "", "", problem)
+    connection: Any = connections[alias]
+    connection.ensure_connection()
+    sql = _batch(connection.connection, kept)
+    path = _path(connection, recorder.schema, tenant_type)
+    with (
+        transaction.atomic(using=alias),
+        connection.wrap_database_errors,
+        connection.connection.cursor() as cursor,
+    ):
+        guard.pin(connection, cursor, path)
+        print_ = fingerprint(cursor, recorder.schema)
+    return Recording(state, tenant_type, sql, print_)
+
+
+def _identifying(tenant: Any, alias: str) -> list[str]:
+    # What a data migration could copy from the tenant it runs for: its schema name, domains
+    # and (longer) text fields. A recording naming any of them is specific to that tenant.
+    values = [tenant.schema_name]
+    if tenant.pk is not None:
+        values += list(
+            get_tenant_domain_model()
+            ._default_manager.db_manager(alias)
+            .filter(tenant=tenant)
+            .values_list("domain", flat=True)
+        )
+    for field in tenant._meta.concrete_fields:
+        value = getattr(tenant, field.attname, None)
+        if isinstance(value, str) and len(value) >= 3:
+            values.append(value)
+    return values
+
+
+def _strings(params: Any) -> Iterable[str]:
+    if isinstance(params, str):
+        yield params
+    elif isinstance(params, dict):
+        for value in params.values():
+            yield from _strings(value)
+    elif isinstance(params, (list, tuple)):
+        for value in params:
+            yield from _strings(value)
+
+
+def _short(sql: str) -> str:
+    return " ".join(sql.split())[:100]
+
+
+def _batch(raw: Any, kept: list[_Statement]) -> str:
+    with _binder(raw) as bind:
+        parts: list[str] = []
+        for statement in kept:
+            if statement.many:
+                parts.extend(bind(statement.sql, params) for params in statement.params)
+            elif statement.params is None:
+                parts.append(statement.sql)
+            else:
+                parts.append(bind(statement.sql, statement.params))
+    # A newline before each ';' so that a statement ending in a -- comment still ends.
+    return "\n;\n".join(parts)
+
+
+@contextlib.contextmanager
+def _binder(raw: Any) -> Iterator[Callable[[str, Any], str]]:
+    if is_psycopg3:
+        with contextlib.closing(psycopg.ClientCursor(raw)) as client:
+            yield lambda sql, params: str(client.mogrify(sql, params))
+        return
+    encoding = raw.encoding
+    with contextlib.closing(raw.cursor()) as cursor:
+
+        def bind(sql: str, params: Any) -> str:
+            value = cursor.mogrify(sql, params)
+            return value.decode(encoding) if isinstance(value, bytes) else str(value)
+
+        yield bind
+
+
+# The catalog fingerprint: what the schema holds, with its name factored out. Run with the
+# schema first on the search_path, so its own objects print unqualified.
+_FINGERPRINT = """
+WITH ns AS (SELECT oid, quote_ident(nspname) || '.' AS prefix FROM pg_namespace
+            WHERE nspname = %(schema)s)
+SELECT 'relation', c.relname, c.relkind::text, c.relpersistence::text, ''
+  FROM pg_class c, ns WHERE c.relnamespace = ns.oid AND c.relkind NOT IN ('i', 'I')
+UNION ALL
+SELECT 'column', c.relname, a.attname,
+       format_type(a.atttypid, a.atttypmod) || CASE WHEN a.attnotnull THEN ' not null' ELSE ''
+       END || ' ' || a.attidentity::text || a.attgenerated::text,
+       coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN ns ON c.relnamespace = ns.oid
+  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+  WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind NOT IN ('i', 'I', 'S')
+UNION ALL
+SELECT 'constraint', con.conrelid::regclass::text, con.conname, con.contype::text,
+       pg_get_constraintdef(con.oid)
+  FROM pg_constraint con, ns WHERE con.connamespace = ns.oid
+UNION ALL
+SELECT 'index', i.indrelid::regclass::text, c.relname, '',
+       replace(pg_get_indexdef(i.indexrelid), ' ON ' || ns.prefix, ' ON ')
+  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid, ns WHERE c.relnamespace = ns.oid
+UNION ALL
+SELECT 'sequence', c.relname, format_type(s.seqtypid, NULL),
+       concat_ws(' ', s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcycle),
+       coalesce(pg_sequence_last_value(c.oid)::text, '')
+  FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid, ns WHERE c.relnamespace = ns.oid
+ORDER BY 1, 2, 3
+"""
+
+
+def fingerprint(cursor: Any, schema: str) -> str:
+    """A digest of ``schema``'s tables, columns, constraints, indexes and sequences."""
+    cursor.execute(_FINGERPRINT, {"schema": schema})
+    digest = hashlib.sha256()
+    for row in cursor.fetchall():
+        digest.update("\0".join(str(value) for value in row).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _path(connection: Any, schema: str, tenant_type: str) -> list[str]:
+    # The path the migration ran with: the schema, then public and any extra paths.
+    connection.set_schema(schema, tenant_type=tenant_type or None)
+    try:
+        return guard.search_path(connection)
+    finally:
+        connection.set_schema_to_public()
+
+
+# Replaying.
+
+
+def replay(alias: str, tenant: Any) -> bool:
+    """Create ``tenant``'s schema from the recording for the current state, if there is a
+    usable one, in one transaction (a savepoint inside the caller's). False when there is
+    none, or when replaying it failed or left a schema unlike the recorded one: then nothing
+    of it is kept, the recording is discarded, and the schema is to be migrated."""
+    schema = tenant.schema_name
+    tenant_type = tenants.tenant_type(tenant)
+    recording = recording_for(alias, tenant_type)
+    if recording is None or recording.problem:
+        return False
+    connection: Any = connections[alias]
+    started = time.perf_counter()
+    path = _path(connection, schema, tenant_type)
+    try:
+        with transaction.atomic(using=alias), connection.wrap_database_errors:
+            connection.ensure_connection()
+            with connection.connection.cursor() as cursor:
+                cursor.execute("CREATE SCHEMA %s" % schemas.quote(schema))
+                # Pinned for this transaction only and checked, as the guard does: through a
+                # transaction pooler the batch below runs on this same server connection.
+                guard.pin(connection, cursor, path)
+                # One round trip: the statements as one multi-statement query.
+                cursor.execute(recording.sql)
+                if fingerprint(cursor, schema) != recording.fingerprint:
+                    raise _Mismatch
+    except _Mismatch:
+        discard(
+            alias,
+            recording.state,
+            tenant_type,
+            f"replaying it into {schema} left a schema unlike the recorded one",
+        )
+        return False
+    except DatabaseError as exc:
+        if _sqlstate(exc) == "42P06":
+            # The schema appeared meanwhile (another process provisioned it): not the
+            # recording's fault.
+            return False
+        # Something in the recording depends on more than the schema (a row a data
+        # migration read in public, say): stop trusting it and migrate instead.
+        discard(alias, recording.state, tenant_type, f"replaying it into {schema} failed: {exc}")
+        return False
+    logger.debug(
+        "schema %s: replayed %d characters of SQL in %.1f ms",
+        schema,
+        len(recording.sql),
+        (time.perf_counter() - started) * 1000,
+    )
+    return True
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    cause = exc.__cause__ or exc
+    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)

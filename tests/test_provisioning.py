@@ -1,0 +1,352 @@
+"""tenantsafe.provisioning: new tenants' schemas by replay, through save() and provision()."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import transaction
+from django.test.utils import override_settings
+from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
+
+from tenantsafe import schemas
+from tenantsafe.provisioning import ProvisionError, ensure_recording, provision
+from testproject.customers.models import Client, Domain
+from tests import test_testing
+from tests.dbtools import (
+    connect,
+    direct_url,
+    fingerprint,
+    fresh_database,
+    manage,
+    pool_load,
+    pooled_url,
+    scalar,
+    sql,
+    with_dbname,
+)
+
+# create_tenant's fixtures, shared (they would live in conftest.py).
+url = test_testing.url
+extra_migration = test_testing.extra_migration
+fresh_recordings = test_testing.fresh_recordings
+migrations_run = test_testing.migrations_run
+reference = test_testing.reference
+
+pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
+
+replaying = override_settings(TENANTSAFE_PROVISIONING="replay")
+
+
+def exists(schema: str) -> bool:
+    return schemas.exists("default", schema)
+
+
+def recordings() -> list[tuple[str, str, bool]]:
+    """(state, problem, has statements) of every stored recording."""
+    return [
+        (state, problem, bool(body))
+        for state, problem, body in sql(
+            "SELECT state, problem, statements FROM public.tenantsafe_recording ORDER BY 1"
+        )
+    ]
+
+
+@pytest.fixture
+def synced() -> Iterator[list[tuple[str, str]]]:
+    """(signal, schema) for django-tenants' post_schema_sync and schema_needs_to_be_sync."""
+    seen: list[tuple[str, str]] = []
+
+    def on_sync(sender: Any, tenant: Any, **kwargs: Any) -> None:
+        seen.append(("post_schema_sync", tenant.schema_name))
+
+    def on_needs(sender: Any, tenant: Any, **kwargs: Any) -> None:
+        seen.append(("schema_needs_to_be_sync", tenant.schema_name))
+
+    post_schema_sync.connect(on_sync)
+    schema_needs_to_be_sync.connect(on_needs)
+    yield seen
+    post_schema_sync.disconnect(on_sync)
+    schema_needs_to_be_sync.disconnect(on_needs)
+
+
+@replaying
+def test_save_replays_every_tenant_after_the_first(reference, migrations_run, synced):
+    migrations_run.clear()
+    for name in ("first", "second", "third"):
+        Client(schema_name=name, name=name.title()).save()
+
+    # The first one is migrated and recorded, the others replay it.
+    assert migrations_run == ["first"]
+    for name in ("first", "second", "third"):
+        assert fingerprint(url(), name) == reference, name
+    assert synced == [
+        ("post_schema_sync", "first"),
+        ("post_schema_sync", "second"),
+        ("post_schema_sync", "third"),
+    ]
+    assert [problem for _, problem, _ in recordings()] == [""]
+
+
+def test_without_the_setting_save_migrates_every_tenant(migrations_run):
+    migrations_run.clear()
+    Client(schema_name="first", name="First").save(verbosity=0)
+    Client(schema_name="second", name="Second").save(verbosity=0)
+
+    assert migrations_run == ["first", "second"]
+
+
+def test_provision_says_how_and_works_without_the_setting(reference, migrations_run, synced):
+    migrations_run.clear()
+    synced.clear()
+    assert provision(Client(schema_name="first", name="First")) == "migrated"
+    assert provision(Client(schema_name="second", name="Second")) == "replayed"
+    # A saved tenant without a schema gets one.
+    saved = Client(schema_name="third", name="Third")
+    saved.auto_create_schema = False
+    saved.save()
+    assert not exists("third")
+    assert provision(saved) == "replayed"
+
+    assert migrations_run == ["first"]
+    assert synced == [
+        ("post_schema_sync", "first"),
+        ("post_schema_sync", "second"),
+        ("schema_needs_to_be_sync", "third"),
+        ("post_schema_sync", "third"),
+    ]
+    for name in ("first", "second", "third"):
+        assert fingerprint(url(), name) == reference, name
+    with pytest.raises(ValueError, match='schema "third" exists already'):
+        provision(saved)
+    sql('CREATE SCHEMA "fourth"')
+    with pytest.raises(ValueError, match='schema "fourth" exists already; nothing was saved'):
+        provision(Client(schema_name="fourth", name="Fourth"))
+    assert not Client.objects.filter(schema_name="fourth").exists()
+
+
+SECOND_PROCESS = textwrap.dedent("""
+    import json
+    from django_tenants.signals import schema_pre_migration
+    from tenantsafe.provisioning import provision
+    from testproject.customers.models import Client
+    seen = []
+    schema_pre_migration.connect(
+        lambda sender, schema_name, **kw: seen.append(schema_name), weak=False
+    )
+    how = provision(Client(schema_name="other", name="Other"))
+    print(json.dumps({"how": how, "migrated": seen}))
+""")
+
+
+def test_another_process_replays_the_stored_recording(reference):
+    assert provision(Client(schema_name="first", name="First")) == "migrated"
+
+    result = manage(url(), "shell", "-c", SECOND_PROCESS)
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"how": "replayed", "migrated": []}
+    assert fingerprint(url(), "other") == reference
+
+
+def test_a_recording_of_an_older_migration_state_is_not_used(extra_migration, migrations_run):
+    provision(Client(schema_name="old", name="Old"))
+    (before,) = recordings()
+
+    with override_settings(MIGRATION_MODULES={"notes": extra_migration}):
+        migrations_run.clear()
+        assert provision(Client(schema_name="new1", name="New one")) == "migrated"
+        assert provision(Client(schema_name="new2", name="New two")) == "replayed"
+
+    assert migrations_run == ["new1"]
+    for schema in ("new1", "new2"):
+        assert sql(f"SELECT label FROM {schema}.notes_extra") == [("added",)]
+    # The old state's recording is gone, the new one kept.
+    (after,) = recordings()
+    assert after[0] != before[0]
+    assert after[1:] == ("", True)
+
+
+CORRUPT = (
+    "UPDATE public.tenantsafe_recording SET statements = statements || "
+    "E'\\n;\\nCREATE TABLE public.ts_leftover (id integer)\\n;\\nSELECT 1 / 0'"
+)
+
+
+@replaying
+def test_a_failing_replay_keeps_nothing_and_the_tenant_is_migrated(reference, migrations_run):
+    Client(schema_name="first", name="First").save()
+    sql(CORRUPT)
+    migrations_run.clear()
+
+    Client(schema_name="second", name="Second").save()
+
+    assert migrations_run == ["second"]
+    assert fingerprint(url(), "second") == reference
+    assert scalar("SELECT to_regclass('public.ts_leftover')") is None
+    # The recording is not tried again for this state.
+    [(_, problem, has_statements)] = recordings()
+    assert "replaying it into second failed" in problem
+    assert not has_statements
+    migrations_run.clear()
+    assert provision(Client(schema_name="third", name="Third")) == "migrated"
+    assert migrations_run == ["third"]
+
+
+@replaying
+def test_when_replaying_and_then_migrating_fail_nothing_is_left(monkeypatch):
+    Client(schema_name="first", name="First").save()
+    sql(CORRUPT)
+    monkeypatch.setenv("TESTPROJECT_FAIL_SEED", "failing")
+
+    with pytest.raises(ProvisionError, match="seeding failed on purpose in failing"):
+        Client(schema_name="failing", name="Failing").save()
+
+    assert not Client.objects.filter(schema_name="failing").exists()
+    assert not Domain.objects.filter(tenant__schema_name="failing").exists()
+    assert not exists("failing")
+    assert scalar("SELECT to_regclass('public.ts_leftover')") is None
+
+
+def test_a_schema_unlike_the_recorded_one_is_migrated_instead(reference, migrations_run):
+    provision(Client(schema_name="first", name="First"))
+    sql("UPDATE public.tenantsafe_recording SET fingerprint = 'tampered'")
+    migrations_run.clear()
+
+    assert provision(Client(schema_name="second", name="Second")) == "migrated"
+
+    assert migrations_run == ["second"]
+    assert fingerprint(url(), "second") == reference
+    [(_, problem, _)] = recordings()
+    assert problem == "replaying it into second left a schema unlike the recorded one"
+
+
+def test_a_recording_that_names_its_tenant_is_never_replayed(monkeypatch, migrations_run):
+    monkeypatch.setenv("TESTPROJECT_NOTE_TENANT_PK", "1")
+    migrations_run.clear()
+
+    first, second = (
+        Client(schema_name="first", name="First"),
+        Client(schema_name="second", name="Second"),
+    )
+    assert provision(first) == "migrated"
+    assert provision(second) == "migrated"
+
+    assert migrations_run == ["first", "second"]
+    with connect(url()) as conn:
+        bodies = [
+            conn.execute(f"SELECT body FROM {schema}.notes_note").fetchone()[0]
+            for schema in ("first", "second")
+        ]
+    assert bodies == [f"tenant {first.pk}", f"tenant {second.pk}"]
+    [(_, problem, _)] = recordings()
+    assert "reads the tenant's own row" in problem
+
+
+@replaying
+def test_inside_a_transaction_the_replayed_schema_commits_with_the_row(reference):
+    Client(schema_name="first", name="First").save()
+
+    with transaction.atomic():
+        Client(schema_name="kept", name="Kept").save()
+    with transaction.atomic():
+        Client(schema_name="dropped", name="Dropped").save()
+        assert exists("dropped")
+        transaction.set_rollback(True)
+
+    assert fingerprint(url(), "kept") == reference
+    assert not exists("dropped")
+    assert not Client.objects.filter(schema_name="dropped").exists()
+
+
+def scratch_schemas() -> list[tuple[Any, ...]]:
+    return sql("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenantsafe\\_scratch%%'")
+
+
+def leases() -> int:
+    return int(scalar("SELECT count(*) FROM public.tenantsafe_lease"))
+
+
+def test_ensure_recording_makes_the_first_signup_a_replay(reference, migrations_run):
+    migrations_run.clear()
+
+    assert ensure_recording() is True
+    assert ensure_recording() is True
+
+    # One scratch schema was migrated, and dropped.
+    assert len(migrations_run) == 1
+    assert migrations_run[0].startswith("tenantsafe_scratch_")
+    assert scratch_schemas() == []
+    assert leases() == 0
+    assert provision(Client(schema_name="first", name="First")) == "replayed"
+    assert len(migrations_run) == 1
+    assert fingerprint(url(), "first") == reference
+
+
+def test_ensure_recording_leaves_nothing_when_a_migration_needs_its_tenant(
+    monkeypatch, migrations_run
+):
+    monkeypatch.setenv("TESTPROJECT_NOTE_TENANT_PK", "1")
+
+    assert ensure_recording() is False
+
+    assert scratch_schemas() == []
+    assert leases() == 0
+    assert recordings() == []
+    migrations_run.clear()
+    first = Client(schema_name="first", name="First")
+    assert provision(first) == "migrated"
+    assert sql("SELECT body FROM first.notes_note") == [(f"tenant {first.pk}",)]
+
+
+POOLED = textwrap.dedent("""
+    import json
+    from django_tenants.signals import schema_pre_migration
+    from tenantsafe.provisioning import provision
+    from testproject.customers.models import Client
+    seen = []
+    schema_pre_migration.connect(
+        lambda sender, schema_name, **kw: seen.append(schema_name), weak=False
+    )
+    hows = [provision(Client(schema_name=f"t{n}", name=f"T {n}")) for n in range(3)]
+    print(json.dumps({"hows": hows, "migrated": seen}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.pooler
+def test_through_pgbouncer_with_other_clients_on_the_pool():
+    # The project without its non-atomic migration, as a pooled deploy must.
+    env = {"TESTPROJECT_POOLER_SAFE": "1"}
+    with fresh_database("tsprov") as name:
+        target = with_dbname(direct_url(), name)
+        pooled = with_dbname(pooled_url(), name)
+        migrated = manage(target, "migrate_schemas_safe", "--shared", "-v", "0", env=env)
+        assert migrated.returncode == 0, migrated.stderr
+        with connect(target) as conn:
+            conn.execute("CREATE SCHEMA decoy")
+        with pool_load(pooled, ["decoy"]):
+            result = manage(pooled, "shell", "-c", POOLED, env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+            "hows": ["migrated", "replayed", "replayed"],
+            "migrated": ["t0"],
+        }
+        with connect(target) as conn:
+            assert conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'decoy'"
+            ).fetchone() == (0,)
+        reference = manage(
+            target,
+            "shell",
+            "-c",
+            "from testproject.customers.models import Client; "
+            "Client(schema_name='reference', name='R').save(verbosity=0)",
+            env=env,
+        )
+        assert reference.returncode == 0, reference.stderr
+        for schema in ("t0", "t1", "t2"):
+            assert fingerprint(target, schema) == fingerprint(target, "reference"), schema
