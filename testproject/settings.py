@@ -43,6 +43,12 @@ if os.environ.get("TESTPROJECT_POOLER_SAFE") != "1":
 
 INSTALLED_APPS = list(SHARED_APPS) + [app for app in TENANT_APPS if app not in SHARED_APPS]
 
+# For the fault tests: a short lock lease, and as many migrating processes as a pool has.
+if os.environ.get("TESTPROJECT_LOCK_LEASE_SECONDS"):
+    TENANTSAFE_LOCK_LEASE_SECONDS = int(os.environ["TESTPROJECT_LOCK_LEASE_SECONDS"])
+if os.environ.get("TESTPROJECT_MAX_PROCESSES"):
+    TENANT_MULTIPROCESSING_MAX_PROCESSES = int(os.environ["TESTPROJECT_MAX_PROCESSES"])
+
 TENANT_MODEL = "customers.Client"
 TENANT_DOMAIN_MODEL = "customers.Domain"
 
