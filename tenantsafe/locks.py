@@ -154,8 +154,13 @@ class Lease:
                 connection.close()
             try:
                 self._write_release(connection)
-            except DatabaseError:
-                logger.warning("could not release the lock on %s", self.schema, exc_info=True)
+            except DatabaseError as exc:
+                # The run goes on (or reports the outage); the row expires on its own.
+                logger.warning(
+                    "could not release the lock on %s (it expires by itself): %s",
+                    self.schema,
+                    " ".join(str(exc).split()),
+                )
 
     def _write_release(self, connection: Any) -> None:
         connection.set_schema_to_public()

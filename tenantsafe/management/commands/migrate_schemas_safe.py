@@ -16,7 +16,7 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, migrate, provisioning, schemas, tenants
+from tenantsafe import conf, guard, migrate, provisioning, schemas, tenants
 from tenantsafe.options import RunOptions, duration_ms
 from tenantsafe.results import PENDING, TenantRef
 
@@ -77,8 +77,10 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             lock_timeout=conf.lock_timeout(),
             lock_retries=conf.lock_retries(),
         )
-        refs = self._tenants(opts.database) if self.sync_tenant else []
-        with _migrating_through(opts.database):
+        # Guarded from the first read: behind a transaction pooler the tenant rows need their
+        # path as much as the migrations do.
+        with guard.guarding(opts.database), _migrating_through(opts.database):
+            refs = self._tenants(opts.database) if self.sync_tenant else []
             summary = migrate.run(opts, public=bool(self.sync_public), tenants=refs)
         migrate.report(
             summary,
