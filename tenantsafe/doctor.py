@@ -23,7 +23,7 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, plan, pooler, schemas, tenants
+from tenantsafe import conf, guard, plan, pooler, schemas, tenants
 from tenantsafe.results import TenantRef
 
 ERROR = "error"
@@ -70,13 +70,21 @@ def quoted(name: str) -> str:
 
 
 def diagnose(alias: str) -> Report:
+    # The checks first, as `manage.py check` sees the project (W003 reports an unguarded
+    # pooler); the reads after them under the guard, which behind a pooler they need.
+    checked = _check_messages(alias)
+    with guard.guarding(alias):
+        return _diagnose(alias, checked)
+
+
+def _diagnose(alias: str, checked: list[Finding]) -> Report:
     started = time.monotonic()
     report = Report(database=alias)
     connection: Any = connections[alias]
     connection.set_schema_to_public()
     public = get_public_schema_name()
 
-    report.findings.extend(_check_messages(alias))
+    report.findings.extend(checked)
     rows = tenants.refs(alias)
     report.tenants = len(rows)
     named = {ref.schema for ref in rows}

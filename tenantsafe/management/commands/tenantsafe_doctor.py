@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.migrations.exceptions import NodeNotFoundError
 
-from tenantsafe import doctor, guard
+from tenantsafe import doctor
 
 
 class Command(BaseCommand):
@@ -43,9 +43,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         alias = options["database"]
         try:
-            # Behind a transaction pooler its reads need their path pinned too.
-            with guard.guarding(alias):
-                report = doctor.diagnose(alias)
+            report = doctor.diagnose(alias)
         except DatabaseError as exc:
             raise CommandError(
                 f"tenantsafe_doctor could not read database {alias!r}: "
