@@ -18,6 +18,7 @@ from tests.dbtools import (
     fingerprint,
     fresh_database,
     manage,
+    schemas_named,
     with_dbname,
 )
 
@@ -256,3 +257,42 @@ def test_the_plugin_imports_without_django_configured():
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# create_tenant's recordings, shared by the workers of an xdist session through a file, each
+# worker on a test database of its own.
+COUNT_MIGRATIONS = """
+
+def pytest_sessionstart(session):
+    import os
+    from django_tenants.signals import schema_pre_migration
+
+    def count(sender, schema_name, **kwargs):
+        if schema_name != "public":
+            with open(os.environ["TS_MIGRATIONS_LOG"], "a") as log:
+                log.write(os.environ.get("PYTEST_XDIST_WORKER", "-") + " " + schema_name + "\\n")
+
+    schema_pre_migration.connect(count, weak=False)
+"""
+
+
+@pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
+def test_the_workers_of_a_session_record_once_in_total(pytester, base_url, tmp_path, monkeypatch):
+    log = tmp_path / "migrations.log"
+    log.touch()
+    monkeypatch.setenv("TS_MIGRATIONS_LOG", str(log))
+    project(pytester)
+    pytester.makeconftest(CONFTEST + COUNT_MIGRATIONS)
+
+    # --reuse-db keeps the workers' databases for a look (base_url drops them).
+    run(pytester, "--reuse-db").assert_outcomes(**OUTCOMES)
+
+    # Two workers, two session tenants each, and one migration: the others replayed it.
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1, lines
+    for worker in ("gw0", "gw1"):
+        target = with_dbname(direct_url(), f"test_{base_url}_{worker}")
+        assert {"alpha", "beta"} <= set(schemas_named(target, ["alpha", "beta"]))
+        # (The tests' rolled-back inserts moved sequences on: compare what they leave alone.)
+        for schema in ("alpha", "beta"):
+            assert ("shop", "0003_product_sku") in fingerprint(target, schema)["migrations"]

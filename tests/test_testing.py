@@ -16,7 +16,6 @@ from django_tenants.signals import post_schema_sync
 from tenantsafe import schemas
 from tenantsafe.testing import MissingTenantFields, create_tenant, default_domain
 from testproject.customers.models import Client, Domain
-from tests import test_plugin
 from tests.dbtools import (
     ROOT,
     connect,
@@ -28,7 +27,6 @@ from tests.dbtools import (
     manage,
     pool_load,
     pooled_url,
-    schemas_named,
     sql,
     with_dbname,
 )
@@ -388,46 +386,6 @@ def test_a_migration_that_reads_the_tenant_row_is_never_replayed(monkeypatch, mi
             for schema in ("first", "second")
         ]
     assert bodies == [f"tenant {first.pk}", f"tenant {second.pk}"]
-
-
-# An xdist session: the plugin's project, each worker on a test database of its own.
-base_url = test_plugin.base_url
-
-COUNT_MIGRATIONS = """
-
-def pytest_sessionstart(session):
-    import os
-    from django_tenants.signals import schema_pre_migration
-
-    def count(sender, schema_name, **kwargs):
-        if schema_name != "public":
-            with open(os.environ["TS_MIGRATIONS_LOG"], "a") as log:
-                log.write(os.environ.get("PYTEST_XDIST_WORKER", "-") + " " + schema_name + "\\n")
-
-    schema_pre_migration.connect(count, weak=False)
-"""
-
-
-@pytest.mark.slow
-def test_the_workers_of_a_session_record_once_in_total(pytester, base_url, tmp_path, monkeypatch):
-    log = tmp_path / "migrations.log"
-    log.touch()
-    monkeypatch.setenv("TS_MIGRATIONS_LOG", str(log))
-    test_plugin.project(pytester)
-    pytester.makeconftest(test_plugin.CONFTEST + COUNT_MIGRATIONS)
-
-    # --reuse-db keeps the workers' databases for a look (base_url drops them).
-    test_plugin.run(pytester, "--reuse-db").assert_outcomes(**test_plugin.OUTCOMES)
-
-    # Two workers, two session tenants each, and one migration: the others replayed it.
-    lines = log.read_text().splitlines()
-    assert len(lines) == 1, lines
-    for worker in ("gw0", "gw1"):
-        target = with_dbname(direct_url(), f"test_{base_url}_{worker}")
-        assert {"alpha", "beta"} <= set(schemas_named(target, ["alpha", "beta"]))
-        # (The tests' rolled-back inserts moved sequences on: compare what they leave alone.)
-        for schema in ("alpha", "beta"):
-            assert ("shop", "0003_product_sku") in fingerprint(target, schema)["migrations"]
 
 
 def test_a_recording_file_others_may_write_is_ignored(tmp_path):
