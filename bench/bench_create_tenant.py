@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -47,8 +48,11 @@ def _database(url: str) -> Iterator[str]:
 
 
 def _run(cmd: list[str], url: str) -> str:
-    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    # A temporary directory of its own: create_tenant shares recordings through a file there,
+    # and one left by an earlier run would make the first tenant a replay.
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT), "TMPDIR": tmp}
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
