@@ -35,20 +35,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import DatabaseError, connections, transaction
-from django_tenants.utils import get_public_schema_name
+from django.db import DatabaseError, connections
 
-from tenantsafe import conf, schemas
+from tenantsafe import conf, own_tables
 
 logger = logging.getLogger("tenantsafe.locks")
 
 TABLE = "tenantsafe_lease"
 
-# The advisory lock that serializes creating the lease table.
-_CREATE_TABLE = 0x7455
 
 _HOST = socket.gethostname()
-_tables: set[tuple[str, str]] = set()
 
 
 def pauses() -> Iterator[float]:
@@ -59,26 +55,17 @@ def pauses() -> Iterator[float]:
 
 
 def table() -> str:
-    return f"{schemas.ident(get_public_schema_name())}.{TABLE}"
+    return own_tables.qualified(TABLE)
 
 
 def ensure_table(alias: str) -> None:
-    """Create the lease table on first use, as Django's MigrationRecorder does its own."""
-    seen = (alias, str(connections[alias].settings_dict.get("NAME")))
-    if seen in _tables:
-        return
-    connection: Any = connections[alias]
-    connection.set_schema_to_public()
-    with transaction.atomic(using=alias), connection.cursor() as cursor:
-        # Two first runs at once would both try to create it.
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, 0)", [_CREATE_TABLE])
-        cursor.execute(
-            f"CREATE TABLE IF NOT EXISTS {table()} ("
-            "schema_name text PRIMARY KEY, token uuid NOT NULL, holder text NOT NULL, "
-            "host text NOT NULL, pid integer NOT NULL, acquired_at timestamptz NOT NULL, "
-            "expires_at timestamptz NOT NULL)"
-        )
-    _tables.add(seen)
+    own_tables.ensure(
+        alias,
+        TABLE,
+        "schema_name text PRIMARY KEY, token uuid NOT NULL, holder text NOT NULL, "
+        "host text NOT NULL, pid integer NOT NULL, acquired_at timestamptz NOT NULL, "
+        "expires_at timestamptz NOT NULL",
+    )
 
 
 def key(schema: str) -> str:
@@ -269,14 +256,10 @@ def unfinished(alias: str, names: list[str], *, mine: Lease | None = None) -> di
 
     ``mine``, a lease this process holds and took fresh, does not count: it is the caller's.
     """
+    if not own_tables.exists(alias, TABLE):
+        return {}
     connection: Any = connections[alias]
-    seen = (alias, str(connection.settings_dict.get("NAME")))
     with connection.cursor() as cursor:
-        if seen not in _tables:
-            cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [table()])
-            if not cursor.fetchone()[0]:
-                return {}
-            _tables.add(seen)
         cursor.execute(
             f"SELECT schema_name, holder FROM {table()} "  # noqa: S608
             "WHERE schema_name = ANY(%s) AND token IS DISTINCT FROM %s",

@@ -44,12 +44,11 @@ from django.db import DatabaseError, connections, transaction
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.db.migrations.loader import MigrationLoader
 from django_tenants.utils import (
-    get_public_schema_name,
     get_tenant_domain_model,
     get_tenant_model,
 )
 
-from tenantsafe import guard, schemas, statements, tenants
+from tenantsafe import guard, own_tables, schemas, statements, tenants
 
 if is_psycopg3:
     import psycopg
@@ -59,8 +58,6 @@ logger = logging.getLogger("tenantsafe.replay")
 TABLE = "tenantsafe_recording"
 # First key of the two-int advisory locks (tenantsafe.locks uses 0x7454 and 0x7455).
 _WRITE = 0x7456
-
-_tables: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -118,25 +115,17 @@ def _source(module_name: str) -> bytes:
 
 
 def table() -> str:
-    return f"{schemas.ident(get_public_schema_name())}.{TABLE}"
+    return own_tables.qualified(TABLE)
 
 
 def ensure_table(alias: str) -> None:
-    """Create the recordings table on first use, as tenantsafe.locks does the lease table."""
-    key = (alias, str(connections[alias].settings_dict.get("NAME")))
-    if key in _tables:
-        return
-    connection: Any = connections[alias]
-    connection.set_schema_to_public()
-    with transaction.atomic(using=alias), connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, 0)", [_WRITE])
-        cursor.execute(
-            f"CREATE TABLE IF NOT EXISTS {table()} ("
-            "state text NOT NULL, tenant_type text NOT NULL, statements text NOT NULL, "
-            "fingerprint text NOT NULL, problem text NOT NULL, "
-            "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (state, tenant_type))"
-        )
-    _tables.add(key)
+    own_tables.ensure(
+        alias,
+        TABLE,
+        "state text NOT NULL, tenant_type text NOT NULL, statements text NOT NULL, "
+        "fingerprint text NOT NULL, problem text NOT NULL, "
+        "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (state, tenant_type)",
+    )
 
 
 def recording_for(

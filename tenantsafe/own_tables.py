@@ -1,0 +1,54 @@
+"""tenantsafe's own tables in the public schema (leases, recordings), created on first use.
+
+As Django's MigrationRecorder creates ``django_migrations``: they need no entry in
+``SHARED_APPS`` and no migration, and they exist before public's first migration runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connections, transaction
+from django_tenants.utils import get_public_schema_name
+
+from tenantsafe import schemas
+
+# First key of the advisory lock that serializes creating one of them.
+_CREATE = 0x7455
+
+# (alias, database, table) of the tables known to exist.
+_known: set[tuple[str, str, str]] = set()
+
+
+def qualified(name: str) -> str:
+    return f"{schemas.ident(get_public_schema_name())}.{name}"
+
+
+def _seen(alias: str, name: str) -> tuple[str, str, str]:
+    return (alias, str(connections[alias].settings_dict.get("NAME")), name)
+
+
+def ensure(alias: str, name: str, columns: str) -> None:
+    """Create public.``name`` with ``columns`` unless it exists."""
+    seen = _seen(alias, name)
+    if seen in _known:
+        return
+    connection: Any = connections[alias]
+    connection.set_schema_to_public()
+    with transaction.atomic(using=alias), connection.cursor() as cursor:
+        # Two first runs at once would both try to create it.
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [_CREATE, name])
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {qualified(name)} ({columns})")
+    _known.add(seen)
+
+
+def exists(alias: str, name: str) -> bool:
+    """Whether public.``name`` exists (asked once it does, per database)."""
+    seen = _seen(alias, name)
+    if seen not in _known:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [qualified(name)])
+            if not cursor.fetchone()[0]:
+                return False
+        _known.add(seen)
+    return True
