@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import transaction
 from django.test.utils import override_settings
 
 from tenantsafe import doctor
@@ -22,10 +24,16 @@ from tests.dbtools import (
     add_tenant,
     connect,
     database_url,
+    direct_url,
     fingerprint,
+    fresh_database,
+    manage,
     migrate,
+    pool_load,
+    pooled_url,
     scalar,
     sql,
+    with_dbname,
 )
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
@@ -130,6 +138,26 @@ def test_save_with_the_setting_claims_a_spare(reference):
 
     assert spare_schemas() == []
     assert fingerprint(database_url(), "acme") == reference
+
+
+@override_settings(TENANTSAFE_PROVISIONING="replay")
+def test_a_claim_inside_a_rolled_back_transaction_leaves_the_spare(reference):
+    spares_command("--count", "1")
+    (spare,) = spare_schemas()
+
+    with transaction.atomic():
+        Client(schema_name="dropped", name="Dropped").save()
+        assert spare_schemas() == []
+        transaction.set_rollback(True)
+
+    assert spare_schemas() == [spare]
+    assert spare_rows() == [spare]
+    assert scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'dropped'") == 0
+    assert not Client.objects.filter(schema_name="dropped").exists()
+    with transaction.atomic():
+        Client(schema_name="kept", name="Kept").save()
+    assert spare_schemas() == []
+    assert fingerprint(database_url(), "kept") == reference
 
 
 SIGNUP = textwrap.dedent("""
@@ -278,3 +306,47 @@ def test_without_the_spare_setting_migrate_schemas_safe_makes_none():
 
     assert "spare" not in out
     assert spare_schemas() == []
+
+
+POOLED = textwrap.dedent("""
+    import json
+    from django.core.management import call_command
+    from tenantsafe.provisioning import provision
+    from testproject.customers.models import Client
+    call_command("tenantsafe_spares", "--count", "2", verbosity=0)
+    hows = [provision(Client(schema_name=f"t{n}", name=f"T {n}")) for n in range(3)]
+    print(json.dumps(hows))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.pooler
+def test_spares_through_pgbouncer_with_other_clients_on_the_pool():
+    # The project without its non-atomic migration, as a pooled deploy must.
+    env = {"TESTPROJECT_POOLER_SAFE": "1"}
+    with fresh_database("tsspare") as name:
+        target = with_dbname(direct_url(), name)
+        pooled = with_dbname(pooled_url(), name)
+        migrated = manage(target, "migrate_schemas_safe", "--shared", "-v", "0", env=env)
+        assert migrated.returncode == 0, migrated.stderr
+        with connect(target) as conn:
+            conn.execute("CREATE SCHEMA decoy")
+        with pool_load(pooled, ["decoy"]):
+            result = manage(pooled, "shell", "-c", POOLED, env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == ["spare", "spare", "replayed"]
+        with connect(target) as conn:
+            assert conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'decoy'"
+            ).fetchone() == (0,)
+        reference = manage(
+            target,
+            "shell",
+            "-c",
+            "from testproject.customers.models import Client; "
+            "Client(schema_name='reference', name='R').save(verbosity=0)",
+            env=env,
+        )
+        assert reference.returncode == 0, reference.stderr
+        for schema in ("t0", "t1", "t2"):
+            assert fingerprint(target, schema) == fingerprint(target, "reference"), schema
