@@ -40,3 +40,8 @@ def provisioning() -> str:
     """How tenant.save() provisions a new tenant's schema: "migrate" (django-tenants') or
     "replay"."""
     return str(getattr(settings, "TENANTSAFE_PROVISIONING", None) or "migrate")
+
+
+def spare_schemas() -> int:
+    """How many spare schemas tenantsafe_spares and migrate_schemas_safe keep provisioned."""
+    return max(0, int(getattr(settings, "TENANTSAFE_SPARE_SCHEMAS", 0) or 0))

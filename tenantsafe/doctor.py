@@ -23,7 +23,7 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, guard, plan, pooler, schemas, tenants
+from tenantsafe import conf, guard, plan, pooler, schemas, spares, tenants
 from tenantsafe.results import TenantRef
 
 ERROR = "error"
@@ -124,6 +124,8 @@ def _diagnose(alias: str, checked: list[Finding]) -> Report:
             and schema != public
             and schema not in named
             and schema not in templates
+            # Spare schemas are tenant schemas provisioned ahead, without a row until claimed.
+            and not spares.is_spare(schema)
         ):
             report.findings.append(
                 Finding(

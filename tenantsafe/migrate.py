@@ -23,7 +23,7 @@ from django_tenants.migration_executors import base as upstream
 from django_tenants.migration_executors.multiproc import get_pool
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import guard, locks, plan, progress, replay, schemas, stopping
+from tenantsafe import guard, locks, plan, progress, replay, schemas, spares, stopping
 from tenantsafe.errors import SchemaNameError, SearchPathError
 from tenantsafe.options import RunOptions
 from tenantsafe.results import (
@@ -499,7 +499,9 @@ def _run(
     if tenants and not stop.requested():
         # tenantsafe's own tables (leases, recordings) may appear meanwhile: create_tenant or
         # a signup in another process creates them on first use.
-        gained = schemas.public_tables(alias) - public_before - {locks.TABLE, replay.TABLE}
+        gained = (
+            schemas.public_tables(alias) - public_before - {locks.TABLE, replay.TABLE, spares.TABLE}
+        )
         if gained:
             problems.append(
                 "public gained tables while tenants were migrated: " + ", ".join(sorted(gained))

@@ -7,7 +7,8 @@ migrating: a ``pre_save`` receiver shadows ``create_schema`` on that instance on
 user's model is unchanged and django-tenants still sends ``post_schema_sync``, and deletes the
 row and schema when provisioning fails. :func:`provision` does the same explicitly.
 
-Without a usable recording the schema is migrated under the tenant's lease, as
+A spare schema (``tenantsafe.spares``) of the current migration state is claimed first when
+there is one. Without a usable recording the schema is migrated under the tenant's lease, as
 ``migrate_schemas_safe`` migrates, and recorded for the next tenants.
 """
 
@@ -32,16 +33,25 @@ from django_tenants.utils import (
     get_tenant_model,
 )
 
-from tenantsafe import conf, guard, locks, migrate, replay, schemas, tenants
+from tenantsafe import conf, guard, locks, migrate, replay, schemas, spares, tenants
 from tenantsafe.options import RunOptions
 from tenantsafe.results import FAILED, TenantRef
 
 logger = logging.getLogger("tenantsafe.provisioning")
 
+SPARE = "spare"
 REPLAYED = "replayed"
 MIGRATED = "migrated"
 
-__all__ = ["MIGRATED", "REPLAYED", "ProvisionError", "ensure_recording", "provision"]
+__all__ = [
+    "MIGRATED",
+    "REPLAYED",
+    "SPARE",
+    "ProvisionError",
+    "ensure_recording",
+    "fill_spares",
+    "provision",
+]
 
 
 class ProvisionError(RuntimeError):
@@ -56,10 +66,11 @@ class ProvisionError(RuntimeError):
 
 
 def provision(tenant: Any) -> str:
-    """Create ``tenant``'s schema, by replay when a recording allows it, else by migrating.
+    """Create ``tenant``'s schema: a claimed spare schema, else by replay when a recording
+    allows it, else by migrating.
 
     A new tenant is saved first (django-tenants' save, ``post_schema_sync`` included); a saved
-    one must have no schema yet. Returns ``"replayed"`` or ``"migrated"``.
+    one must have no schema yet. Returns ``"spare"``, ``"replayed"`` or ``"migrated"``.
     """
     if getattr(tenant, "_skip_auto_migrate", False):
         raise ValueError(
@@ -172,6 +183,8 @@ def _create_schema(
 def _provision_schema(tenant: Any, alias: str, verbosity: int = 1) -> str:
     connection: Any = connections[alias]
     with guard.guarding(alias):
+        if spares.claim(alias, tenant):
+            return SPARE
         if replay.replay(alias, tenant):
             logger.info("schema %s: provisioned by replay", tenant.schema_name)
             return REPLAYED
@@ -205,6 +218,19 @@ def ensure_recording(alias: str | None = None, tenant_type: str = "") -> bool:
             _record_scratch(alias, tenant_type)
             found = replay.recording_for(alias, tenant_type)
     return found is not None and not found.problem
+
+
+def fill_spares(
+    alias: str | None = None, count: int | None = None, tenant_type: str = ""
+) -> spares.Filled:
+    """Keep ``count`` (default ``TENANTSAFE_SPARE_SCHEMAS``) spare schemas of the current
+    migration state, recording the state first if needed (see :func:`ensure_recording`)."""
+    alias = alias or get_tenant_database_alias()
+    wanted = conf.spare_schemas() if count is None else count
+    with guard.guarding(alias):
+        if wanted:
+            ensure_recording(alias, tenant_type)
+        return spares.fill(alias, wanted, tenant_type)
 
 
 def _record_scratch(alias: str, tenant_type: str) -> None:

@@ -546,6 +546,11 @@ def fingerprint(cursor: Any, schema: str) -> str:
     return digest.hexdigest()
 
 
+def pinned_path(alias: str, schema: str, tenant_type: str) -> list[str]:
+    """The search path a replay pins for ``schema`` (for :func:`fingerprint` and guard.pin)."""
+    return _path(connections[alias], schema, tenant_type)
+
+
 def _path(connection: Any, schema: str, tenant_type: str) -> list[str]:
     # The path the migration ran with: the schema, then public and any extra paths.
     connection.set_schema(schema, tenant_type=tenant_type or None)

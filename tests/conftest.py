@@ -29,6 +29,9 @@ def drop_tenant_schemas(transactional_db: None) -> Iterator[None]:
         cursor.execute("SELECT to_regclass('public.tenantsafe_lease')")
         if cursor.fetchone()[0] is not None:
             cursor.execute("DELETE FROM public.tenantsafe_lease")
+        cursor.execute("SELECT to_regclass('public.tenantsafe_spare')")
+        if cursor.fetchone()[0] is not None:
+            cursor.execute("DELETE FROM public.tenantsafe_spare")
 
 
 @pytest.fixture

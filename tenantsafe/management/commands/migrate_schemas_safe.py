@@ -6,6 +6,7 @@ from argparse import ArgumentParser, ArgumentTypeError
 from typing import Any
 
 from django.core.management.base import CommandError
+from django.db import DatabaseError
 from django.test.utils import override_settings
 from django_tenants.management.commands import SyncCommon
 from django_tenants.management.commands.migrate_schemas import MigrateSchemasCommand
@@ -125,6 +126,25 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
                 if usable
                 else "migrate_schemas_safe: the migration state cannot be recorded (see the "
                 "warning above); new tenants are migrated."
+            )
+        wanted = conf.spare_schemas()
+        if not (usable and wanted):
+            return
+        try:
+            filled = provisioning.fill_spares(opts.database, wanted)
+        except DatabaseError as exc:
+            # The migration succeeded; spares are made by the next run or tenantsafe_spares.
+            self.stderr.write(
+                f"migrate_schemas_safe: could not provision spare schemas: "
+                f"{' '.join(str(exc).split())}"
+            )
+            return
+        if filled.problem:
+            self.stderr.write(f"migrate_schemas_safe: no spare schemas: {filled.problem}.")
+        elif opts.verbosity >= 1:
+            self.stdout.write(
+                f"migrate_schemas_safe: {filled.ready} spare schema(s) ready for new tenants "
+                f"({len(filled.made)} made, {len(filled.dropped)} of an older state dropped)."
             )
 
     def _tenants(self, alias: str) -> list[TenantRef]:
