@@ -22,21 +22,17 @@ from typing import Any
 from django.db import DatabaseError, connections, transaction
 from django_tenants.utils import (
     get_multi_type_database_field_name,
-    get_public_schema_name,
     get_tenant_model,
 )
 
-from tenantsafe import guard, replay, schemas, tenants
+from tenantsafe import guard, own_tables, replay, schemas, tenants
 
 logger = logging.getLogger("tenantsafe.spares")
 
 TABLE = "tenantsafe_spare"
 PREFIX = "tenantsafe_spare_"
-# Advisory lock keys (tenantsafe.locks uses 0x7454 and 0x7455, tenantsafe.replay 0x7456).
-_CREATE_TABLE = 0x7457
+# Advisory lock key (tenantsafe.own_tables uses 0x7455, tenantsafe.replay 0x7456).
 _FILL = 0x7458
-
-_tables: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -64,38 +60,20 @@ def is_spare(schema: str) -> bool:
 
 
 def table() -> str:
-    return f"{schemas.ident(get_public_schema_name())}.{TABLE}"
+    return own_tables.qualified(TABLE)
 
 
 def ensure_table(alias: str) -> None:
-    """Create the spares table on first use, as tenantsafe.locks does the lease table."""
-    key = (alias, str(connections[alias].settings_dict.get("NAME")))
-    if key in _tables:
-        return
-    connection: Any = connections[alias]
-    connection.set_schema_to_public()
-    with transaction.atomic(using=alias), connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, 0)", [_CREATE_TABLE])
-        cursor.execute(
-            f"CREATE TABLE IF NOT EXISTS {table()} ("
-            "schema_name text PRIMARY KEY, state text NOT NULL, tenant_type text NOT NULL, "
-            "created_at timestamptz NOT NULL DEFAULT now())"
-        )
-    _tables.add(key)
+    own_tables.ensure(
+        alias,
+        TABLE,
+        "schema_name text PRIMARY KEY, state text NOT NULL, tenant_type text NOT NULL, "
+        "created_at timestamptz NOT NULL DEFAULT now()",
+    )
 
 
 def _table_exists(alias: str) -> bool:
-    connection: Any = connections[alias]
-    key = (alias, str(connection.settings_dict.get("NAME")))
-    if key in _tables:
-        return True
-    connection.set_schema_to_public()
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [table()])
-        found = bool(cursor.fetchone()[0])
-    if found:
-        _tables.add(key)
-    return found
+    return own_tables.exists(alias, TABLE)
 
 
 # Filling.
