@@ -205,3 +205,18 @@ def schemas_named(url: str, names: list[str]) -> set[str]:
                 "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", [names]
             ).fetchall()
         }
+
+
+def reference_fingerprint(url: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A tenant ("reference") saved the django-tenants way in ``url``'s database: what every
+    tenant provisioned there must look like."""
+    result = manage(
+        url,
+        "shell",
+        "-c",
+        "from testproject.customers.models import Client; "
+        "Client(schema_name='reference', name='R').save(verbosity=0)",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    return fingerprint(url, "reference")

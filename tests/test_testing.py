@@ -27,6 +27,7 @@ from tests.dbtools import (
     manage,
     pool_load,
     pooled_url,
+    reference_fingerprint,
     sql,
     with_dbname,
 )
@@ -349,16 +350,8 @@ def test_four_processes_creating_the_same_tenant_at_once(tmp_path, through):
             assert conn.execute(
                 "SELECT count(*) FROM pg_tables WHERE schemaname = 'decoy'"
             ).fetchone() == (0,)
-        reference = manage(
-            target,
-            "shell",
-            "-c",
-            "from testproject.customers.models import Client; "
-            "Client(schema_name='reference', name='R').save(verbosity=0)",
-            env=extra,
-        )
-        assert reference.returncode == 0, reference.stderr
-        assert fingerprint(target, "shared") == fingerprint(target, "reference")
+        expected = reference_fingerprint(target, env=extra)
+        assert fingerprint(target, "shared") == expected
 
 
 def _wait_for(condition: Any, procs: list[subprocess.Popen[str]], timeout: float = 120) -> None:
