@@ -45,3 +45,8 @@ def provisioning() -> str:
 def spare_schemas() -> int:
     """How many spare schemas tenantsafe_spares and migrate_schemas_safe keep provisioned."""
     return max(0, int(getattr(settings, "TENANTSAFE_SPARE_SCHEMAS", 0) or 0))
+
+
+def replay_migrations() -> bool:
+    """Whether migrate_schemas_safe applies a plan by replay to tenants like two witnesses."""
+    return bool(getattr(settings, "TENANTSAFE_REPLAY_MIGRATIONS", True))

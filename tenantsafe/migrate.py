@@ -11,19 +11,21 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import CommandError, OutputWrapper
 from django.core.management.color import Style
 from django.db import DatabaseError, connections
+from django.db.migrations.loader import MigrationLoader
 from django.db.models.signals import post_migrate
 from django_tenants.migration_executors import base as upstream
 from django_tenants.migration_executors.multiproc import get_pool
+from django_tenants.signals import schema_migrated, schema_pre_migration
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import guard, locks, plan, progress, replay, schemas, spares, stopping
+from tenantsafe import deploy, guard, locks, plan, progress, replay, schemas, spares, stopping
 from tenantsafe.errors import SchemaNameError, SearchPathError
 from tenantsafe.options import RunOptions
 from tenantsafe.results import (
@@ -33,6 +35,7 @@ from tenantsafe.results import (
     NOT_ATTEMPTED,
     PENDING,
     PLANNED,
+    REPLAYED,
     Summary,
     TenantRef,
     TenantResult,
@@ -71,6 +74,11 @@ def _log_path(alias: str, schema: str, when: str) -> None:
         current,
         path,
     )
+
+
+def _public(alias: str) -> None:
+    connection: Any = connections[alias]
+    connection.set_schema_to_public()
 
 
 def _reset(alias: str) -> None:
@@ -283,6 +291,11 @@ def _migrate_once(
         lock_timeout_ms=opts.lock_timeout_ms or None,
     )
     lines = _LineTracker(sys.stdout)
+    migrate_options = dict(opts.migrate)
+    # call_command(stdout=...) hands migrate a stream of its own.
+    given = _LineTracker(migrate_options["stdout"]) if migrate_options.get("stdout") else None
+    if given is not None:
+        migrate_options["stdout"] = given
     connection.execute_wrappers.insert(0, waits)
     try:
         with (
@@ -292,7 +305,7 @@ def _migrate_once(
         ):
             upstream.run_migrations(
                 opts.args,
-                dict(opts.migrate),
+                migrate_options,
                 opts.executor,
                 schema,
                 tenant_type=tenant_type,
@@ -302,8 +315,9 @@ def _migrate_once(
             )
     finally:
         connection.execute_wrappers.remove(waits)
-        if lines.open_line:
-            lines.write("\n")
+        for stream in (lines, given):
+            if stream is not None and stream.open_line:
+                stream.write("\n")
     connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
     _log_path(alias, schema, "after")
     _reset(alias)
@@ -486,7 +500,7 @@ def _run(
     if not (opts.plan or opts.check):
         locks.ensure_table(alias)  # before the snapshot: it is no tenant's table
     public_before = schemas.public_tables(alias) if tenants else set()
-    todo, answered = _answer_from_read(opts, tenants)
+    todo, answered, planned = _answer_from_read(opts, tenants)
     results.extend(answered)
     with progress.reporting(
         stream=opts.stdout,
@@ -495,7 +509,12 @@ def _run(
         todo=todo,
         answered=answered,
     ):
-        results.extend(executor.run(todo))
+        if planned is not None and opts.plan and opts.replay:
+            _show_groups(opts, planned)
+        if planned is not None and _replaying(opts):
+            results.extend(_deploy(opts, executor, stop, planned))
+        else:
+            results.extend(executor.run(todo))
     if tenants and not stop.requested():
         # tenantsafe's own tables (leases, recordings) may appear meanwhile: create_tenant or
         # a signup in another process creates them on first use.
@@ -508,17 +527,188 @@ def _run(
             )
 
 
+@dataclass(frozen=True)
+class _Planned:
+    entries: list[plan.SchemaPlan]
+    loader: MigrationLoader
+
+
+def _replaying(opts: RunOptions) -> bool:
+    migrate_options = opts.migrate
+    return (
+        opts.replay
+        and not (opts.plan or opts.check)
+        and not any(migrate_options.get(o) for o in ("fake", "fake_initial", "run_syncdb", "prune"))
+    )
+
+
+def _deploy(
+    opts: RunOptions, executor: Executor, stop: stopping.Stop, planned: _Planned
+) -> list[TenantResult]:
+    """The tenants with migrations to apply: groups of alike tenants by replay of what two
+    witnesses recorded (see tenantsafe.deploy), the others through Django."""
+    todo = [TenantRef(e.schema, e.tenant_type) for e in planned.entries]
+    found = _groups(opts, planned)
+    if found is None:
+        return executor.run(todo)
+    groups, rest = found
+    results: list[TenantResult] = []
+    for group in groups:
+        results += _deploy_group(opts, executor, stop, group)
+    return results + executor.run(rest)
+
+
+def _groups(
+    opts: RunOptions, planned: _Planned
+) -> tuple[list[deploy.Group], list[TenantRef]] | None:
+    """The groups of alike tenants and the others, said on stdout; None if unknown."""
+    try:
+        groups, rest, refused = deploy.grouped(opts.database, planned.entries, planned.loader)
+    except Exception:
+        logger.warning("cannot group tenants for replay; migrating all", exc_info=True)
+        _reset(opts.database)
+        return None
+    alike = sum(len(group.tenants) for group in groups)
+    if groups:
+        _say(
+            opts,
+            f"{alike} of {alike + len(rest)} tenant(s) to migrate are in {len(groups)} "
+            f"group(s) of alike tenants: {deploy.WITNESSES} of each are migrated through "
+            "Django, and the others get their recorded SQL if the two recordings agree.",
+        )
+    for why, count in refused.items():
+        _say(opts, f"{count} tenant(s) are migrated through Django: their plan {why}.")
+    return groups, rest
+
+
+def _show_groups(opts: RunOptions, planned: _Planned) -> None:
+    found = _groups(opts, planned)
+    if found is not None:
+        for group in found[0]:
+            names = ", ".join(t.schema for t in group.tenants[: deploy.WITNESSES])
+            _say(opts, f"witnesses {names} for {len(group.tenants) - deploy.WITNESSES} more")
+
+
+def _say(opts: RunOptions, text: str) -> None:
+    if opts.verbosity >= 1:
+        stream = opts.stdout if opts.stdout is not None else sys.stdout
+        stream.write(f"migrate_schemas_safe: {text}\n")
+
+
+def _deploy_group(
+    opts: RunOptions, executor: Executor, stop: stopping.Stop, group: deploy.Group
+) -> list[TenantResult]:
+    alias = opts.database
+    first, second, *others = group.tenants
+    results: list[TenantResult] = []
+    result, one = _witness(opts, stop, first)
+    results.append(result)
+    before: dict[str, str | None] = {}
+    if one is not None and not one.problem and one.tables:
+        # Rows the recording depends on beyond the group's key, before the second witness
+        # changes them.
+        try:
+            before = deploy.rows_of(alias, [t.schema for t in (second, *others)], one.tables)
+        except DatabaseError:
+            logger.warning("cannot read the rows %s depends on", first.schema, exc_info=True)
+            _reset(alias)
+            one = None
+    if one is None or one.problem or (one.tables and before.get(second.schema) is None):
+        why = one.problem if one is not None and one.problem else "the first witness failed"
+        return results + _through_django(opts, executor, group, (second, *others), why)
+    result, two = _witness(opts, stop, second)
+    results.append(result)
+    why = one.agrees_with(two) if two is not None else "the second witness failed"
+    if why or two is None:
+        return results + _through_django(opts, executor, group, others, why)
+    alike = [t for t in others if not one.tables or before.get(t.schema) == before[second.schema]]
+    unlike = [t for t in others if t not in alike]
+    for tenant in alike:
+        results.append(_replayed(opts, stop, tenant, two))
+    return results + executor.run(unlike)
+
+
+def _through_django(
+    opts: RunOptions,
+    executor: Executor,
+    group: deploy.Group,
+    tenants: Sequence[TenantRef],
+    why: str,
+) -> list[TenantResult]:
+    if tenants:
+        _say(
+            opts,
+            f"not replaying to {len(tenants)} tenant(s) like {group.tenants[0].schema}: {why}; "
+            "migrating them through Django.",
+        )
+    return executor.run(tenants)
+
+
+def _witness(
+    opts: RunOptions, stop: stopping.Stop, tenant: TenantRef
+) -> tuple[TenantResult, deploy.Witness | None]:
+    """Migrate ``tenant`` through Django, recording what it sent."""
+    connection: Any = connections[opts.database]
+    recorder = replay.Recorder(tenant.schema)
+    connection.execute_wrappers.insert(0, recorder)
+    try:
+        result = _attempt(opts, stop, tenant)
+    finally:
+        connection.execute_wrappers.remove(recorder)
+    if result.status != MIGRATED:
+        return result, None
+    try:
+        with guard.guarding(opts.database):
+            return result, deploy.witnessed(opts.database, recorder, tenant)
+    except Exception:
+        logger.warning("cannot use %s as a witness", tenant.schema, exc_info=True)
+        _reset(opts.database)
+        return result, None
+
+
+def _replayed(
+    opts: RunOptions, stop: stopping.Stop, tenant: TenantRef, witness: deploy.Witness
+) -> TenantResult:
+    """Replay ``witness``'s recording into ``tenant``; through Django when that fails."""
+    if stop.requested():
+        return TenantResult(tenant.schema, NOT_ATTEMPTED)
+    alias = opts.database
+    try:
+        with guard.guarding(alias), locks.leased(alias, tenant.schema) as lease:
+            deploy.replay_into(
+                alias, tenant, witness, lease, lock_timeout_ms=opts.lock_timeout_ms or None
+            )
+            lease.complete()
+    except (deploy.Mismatch, DatabaseError, SearchPathError) as exc:
+        logger.warning(
+            "schema %s: the replay of %s's migration rolled back (%s); migrating it through Django",
+            tenant.schema,
+            witness.schema,
+            _one_line(exc),
+        )
+        _reset(alias)
+        return _attempt(opts, stop, tenant)
+    finally:
+        _public(alias)
+    # As for a migrated tenant (pre_migrate and post_migrate are not sent: what their handlers
+    # did in the witness is part of the recording).
+    schema_pre_migration.send(upstream.run_migrations, schema_name=tenant.schema)
+    schema_migrated.send(upstream.run_migrations, schema_name=tenant.schema)
+    return TenantResult(tenant.schema, REPLAYED)
+
+
 def _answer_from_read(
     opts: RunOptions, tenants: Sequence[TenantRef]
-) -> tuple[list[TenantRef], list[TenantResult]]:
-    """(tenants to run migrate in, results for the others), from one batched read.
+) -> tuple[list[TenantRef], list[TenantResult], _Planned | None]:
+    """(tenants to run migrate in, results for the others, what the read says of the former),
+    from one batched read.
 
     The others are the current tenants (CURRENT) and, under ``--check``, the tenants whose
     unapplied migrations the read already shows (PENDING). Skipping only saves time: whatever
     stops the read, every tenant takes the guarded path.
     """
     if not tenants or not opts.skip_current:
-        return list(tenants), []
+        return list(tenants), [], None
     alias = opts.database
     started = time.monotonic()
     try:
@@ -533,12 +723,14 @@ def _answer_from_read(
             else set()
         )
     except plan.PlanError:
-        return list(tenants), []  # migrate reports the bad target, tenant by tenant, as before
+        # migrate reports the bad target, tenant by tenant, as before
+        return list(tenants), [], None
     except Exception:
         logger.warning("cannot tell which tenants are current; migrating all", exc_info=True)
-        return list(tenants), []
+        return list(tenants), [], None
     todo: list[TenantRef] = []
     done: list[TenantResult] = []
+    planned: list[plan.SchemaPlan] = []
     for entry in entries:
         if entry.current:
             done.append(TenantResult(entry.schema, CURRENT))
@@ -562,6 +754,7 @@ def _answer_from_read(
             )
         else:
             todo.append(TenantRef(entry.schema, entry.tenant_type))
+            planned.append(entry)
     logger.debug(
         "read %d schema(s) in %.2fs: %d to run migrate in, %d answered from the read",
         len(tenants),
@@ -569,7 +762,7 @@ def _answer_from_read(
         len(todo),
         len(done),
     )
-    return todo, done
+    return todo, done, _Planned(planned, planner.loader)
 
 
 def _describe(entry: plan.SchemaPlan) -> str:
@@ -589,7 +782,10 @@ def report(
     public = get_public_schema_name()
     tenant_results = [r for r in summary.results if r.schema != public]
     counts = collections.Counter(r.status for r in tenant_results)
-    parts = [f"{counts[MIGRATED]} migrated", f"{counts[CURRENT]} already current"]
+    parts = [f"{counts[MIGRATED]} migrated"]
+    if counts[REPLAYED]:
+        parts.append(f"{counts[REPLAYED]} replayed")
+    parts.append(f"{counts[CURRENT]} already current")
     if counts[PLANNED]:
         parts.append(f"{counts[PLANNED]} with a plan shown")
     if counts[PENDING]:

@@ -45,6 +45,8 @@ class RunOptions:
     lock_retries: int = 3
     # After this many failed tenants no new tenant starts; None: never stop.
     max_failures: int | None = None
+    # Apply a plan by replay to tenants like two witnesses (tenantsafe.deploy).
+    replay: bool = True
 
     @classmethod
     def from_command(
@@ -55,6 +57,7 @@ class RunOptions:
         executor: str = "standard",
         lock_timeout: str | float,
         lock_retries: int,
+        replay: bool = True,
     ) -> RunOptions:
         # --run-syncdb and --prune make migrate write even with an empty plan.
         skip = not (options.get("no_skip") or options.get("run_syncdb") or options.get("prune"))
@@ -80,4 +83,5 @@ class RunOptions:
                 options["lock_retries"] if options.get("lock_retries") is not None else lock_retries
             ),
             max_failures=1 if options.get("fail_fast") else options.get("max_failures"),
+            replay=replay and not options.get("no_replay"),
         )

@@ -148,6 +148,10 @@ class Planner:
         # A bad target fails here once, as migrate would fail for every tenant.
         self._targets(self._executor.loader)
 
+    @property
+    def loader(self) -> MigrationLoader:
+        return self._loaders[frozenset()]
+
     def plan(self, applied: frozenset[Key] | None) -> Plan | None:
         """What ``migrate`` would do; None when the applied set does not tell."""
         if applied is None:
@@ -254,6 +258,8 @@ class SchemaPlan:
     unfinished: str = ""
     # Migrations recorded more than once.
     duplicates: tuple[Key, ...] = ()
+    # The migrations django_migrations records (None where it cannot be read).
+    applied: frozenset[Key] | None = None
 
     @property
     def current(self) -> bool:
@@ -289,6 +295,7 @@ def plan_schemas(
             planner.plan(applied.get(schema)),
             leased.get(schema, ""),
             tuple(twice.get(schema, ())),
+            applied.get(schema),
         )
         for schema, tenant_type in tenants
     ]

@@ -34,7 +34,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,9 @@ if is_psycopg3:
 logger = logging.getLogger("tenantsafe.replay")
 
 TABLE = "tenantsafe_recording"
+# Changes when what a recording holds or how it is fingerprinted changes: a recording made by
+# another version is never used.
+_FORMAT = "2"
 # First key of the two-int advisory locks (tenantsafe.locks uses 0x7454 and 0x7455).
 _WRITE = 0x7456
 
@@ -86,6 +89,7 @@ def state_key(alias: str, tenant_type: str = "") -> str:
     loader = MigrationLoader(None, ignore_no_migrations=True)
     digest = hashlib.sha256()
     for part in (
+        _FORMAT,
         alias,
         tenant_type,
         repr(list(getattr(settings, "TENANT_APPS", []))),
@@ -326,6 +330,8 @@ class Recorder:
             re.IGNORECASE,
         )
         self.read_tenant_row = ""
+        # What the migration read in the schema: a deploy's replay depends on those rows.
+        self.reads: list[str] = []
 
     def __call__(
         self,
@@ -348,6 +354,7 @@ class Recorder:
         if isinstance(sql, str) and statements.is_read(sql):
             if not self.read_tenant_row and self._tenant_tables.search(sql):
                 self.read_tenant_row = sql
+            self.reads.append(sql)
         else:
             self.statements.append(_Statement(sql, params, many))
         return result
@@ -381,7 +388,7 @@ def record(alias: str, tenant: Any) -> Iterator[None]:
         yield
     finally:
         connection.execute_wrappers.remove(recorder)
-    recording = _built(alias, state, tenant_type, recorder, _identifying(tenant, alias))
+    recording = _built(alias, state, tenant_type, recorder, identifying(tenant, alias))
     if recording.problem:
         discard(alias, state, tenant_type, recording.problem)
     else:
@@ -395,6 +402,24 @@ def _built(
     alias: str, state: str, tenant_type: str, recorder: Recorder, identifying: Iterable[str]
 ) -> Recording:
     """The recording (usable, or with the reason it is not)."""
+    sql, problem = taken(alias, recorder, identifying)
+    if problem:
+        return Recording(state, tenant_type, "", "", problem)
+    connection: Any = connections[alias]
+    path = _path(connection, recorder.schema, tenant_type)
+    with (
+        transaction.atomic(using=alias),
+        connection.wrap_database_errors,
+        connection.connection.cursor() as cursor,
+    ):
+        guard.pin(connection, cursor, path)
+        print_ = fingerprint(cursor, recorder.schema)
+    return Recording(state, tenant_type, sql, print_)
+
+
+def taken(alias: str, recorder: Recorder, identifying: Iterable[str]) -> tuple[str, str]:
+    """What ``recorder`` recorded as one multi-statement string, and why it cannot be
+    replayed into another schema (empty when it can)."""
     kept: list[_Statement] = []
     words = sorted({w for w in identifying if w}, key=len, reverse=True)
     pattern = (
@@ -405,7 +430,7 @@ def _built(
     problem = ""
     if recorder.read_tenant_row:
         problem = f"{_short(recorder.read_tenant_row)!r} reads the tenant's own row"
-    for statement in () if problem else recorder.statements:
+    for statement in () if problem else map(_normalised, recorder.statements):
         sql = statement.sql
         if isinstance(sql, str):
             sql = statements.CONCURRENTLY.sub(r"\1", sql)
@@ -427,22 +452,35 @@ def _built(
             break
         kept.append(_Statement(sql, statement.params, statement.many))
     if problem:
-        return Recording(state, tenant_type, "", "", problem)
+        return "", problem
     connection: Any = connections[alias]
     connection.ensure_connection()
-    sql = _batch(connection.connection, kept)
-    path = _path(connection, recorder.schema, tenant_type)
-    with (
-        transaction.atomic(using=alias),
-        connection.wrap_database_errors,
-        connection.connection.cursor() as cursor,
+    return _batch(connection.connection, kept), ""
+
+
+# MigrationRecorder.record_applied(): the time it was applied is the replay's own, not the
+# recorded one's (and two recordings of one plan are then the same text).
+_RECORD_APPLIED = re.compile(
+    r'^(INSERT INTO "django_migrations" \("app", "name", "applied"\) VALUES \(%s, %s, )%s\)'
+)
+
+
+def _normalised(statement: _Statement) -> _Statement:
+    sql, params = statement.sql, statement.params
+    if (
+        isinstance(sql, str)
+        and not statement.many
+        and isinstance(params, (list, tuple))
+        and len(params) == 3
+        and _RECORD_APPLIED.match(sql)
     ):
-        guard.pin(connection, cursor, path)
-        print_ = fingerprint(cursor, recorder.schema)
-    return Recording(state, tenant_type, sql, print_)
+        return _Statement(
+            _RECORD_APPLIED.sub(r"\1statement_timestamp())", sql), list(params[:2]), False
+        )
+    return statement
 
 
-def _identifying(tenant: Any, alias: str) -> list[str]:
+def identifying(tenant: Any, alias: str) -> list[str]:
     # What a data migration could copy from the tenant it runs for: its schema name, domains
     # and (longer) text fields. A recording naming any of them is specific to that tenant.
     values = [tenant.schema_name]
@@ -505,45 +543,117 @@ def _binder(raw: Any) -> Iterator[Callable[[str, Any], str]]:
         yield bind
 
 
-# The catalog fingerprint: what the schema holds, with its name factored out. Run with the
-# schema first on the search_path, so its own objects print unqualified.
-_FINGERPRINT = """
-WITH ns AS (SELECT oid, quote_ident(nspname) || '.' AS prefix FROM pg_namespace
-            WHERE nspname = %(schema)s)
-SELECT 'relation', c.relname, c.relkind::text, c.relpersistence::text, ''
-  FROM pg_class c, ns WHERE c.relnamespace = ns.oid AND c.relkind NOT IN ('i', 'I')
-UNION ALL
-SELECT 'column', c.relname, a.attname,
-       format_type(a.atttypid, a.atttypmod) || CASE WHEN a.attnotnull THEN ' not null' ELSE ''
-       END || ' ' || a.attidentity::text || a.attgenerated::text,
-       coalesce(pg_get_expr(d.adbin, d.adrelid), '')
-  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN ns ON c.relnamespace = ns.oid
-  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-  WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind NOT IN ('i', 'I', 'S')
-UNION ALL
-SELECT 'constraint', con.conrelid::regclass::text, con.conname, con.contype::text,
-       pg_get_constraintdef(con.oid)
-  FROM pg_constraint con, ns WHERE con.connamespace = ns.oid
-UNION ALL
-SELECT 'index', i.indrelid::regclass::text, c.relname, '',
-       replace(pg_get_indexdef(i.indexrelid), ' ON ' || ns.prefix, ' ON ')
-  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid, ns WHERE c.relnamespace = ns.oid
-UNION ALL
-SELECT 'sequence', c.relname, format_type(s.seqtypid, NULL),
-       concat_ws(' ', s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcycle),
-       coalesce(pg_sequence_last_value(c.oid)::text, '')
-  FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid, ns WHERE c.relnamespace = ns.oid
-ORDER BY 1, 2, 3
+# Catalog fingerprints: what each schema holds, with its own name factored out (the prefix
+# PostgreSQL prints where the schema is not first on the path), one digest per schema.
+_CATALOG = r"""
+WITH ns AS (
+  SELECT oid, nspname,
+         '(?<![\w"$])' || regexp_replace(quote_ident(nspname) || '.', '(\W)', '\\\1', 'g')
+           AS own
+    FROM pg_namespace WHERE nspname = ANY(%(schemas)s)),
+lines AS (
+  SELECT ns.nspname, concat_ws(E'\t', 'relation', c.relname, c.relkind, c.relpersistence)
+    FROM pg_class c JOIN ns ON c.relnamespace = ns.oid WHERE c.relkind NOT IN ('i', 'I')
+  UNION ALL
+  SELECT ns.nspname, concat_ws(E'\t', 'column', c.relname, a.attname,
+         regexp_replace(format_type(a.atttypid, a.atttypmod), ns.own, '', 'g'),
+         a.attnotnull, a.attidentity, a.attgenerated,
+         regexp_replace(coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ns.own, '', 'g'))
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN ns ON c.relnamespace = ns.oid
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind NOT IN ('i', 'I', 'S')
+  UNION ALL
+  SELECT ns.nspname, concat_ws(E'\t', 'constraint', coalesce(c.relname, ''), con.conname,
+         con.contype, regexp_replace(pg_get_constraintdef(con.oid), ns.own, '', 'g'))
+    FROM pg_constraint con JOIN ns ON con.connamespace = ns.oid
+    LEFT JOIN pg_class c ON c.oid = con.conrelid
+  UNION ALL
+  SELECT ns.nspname, concat_ws(E'\t', 'index', t.relname, c.relname,
+         regexp_replace(pg_get_indexdef(i.indexrelid), ns.own, '', 'g'))
+    FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN ns ON c.relnamespace = ns.oid
+    JOIN pg_class t ON t.oid = i.indrelid
+  UNION ALL
+  SELECT ns.nspname, concat_ws(E'\t', 'sequence', c.relname, format_type(s.seqtypid, NULL),
+         s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcycle,
+         CASE WHEN %(values)s THEN coalesce(pg_sequence_last_value(c.oid)::text, '') END)
+    FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid JOIN ns ON c.relnamespace = ns.oid
+)
+SELECT ns.nspname, encode(sha256(convert_to(
+         coalesce(string_agg(l.concat_ws, E'\n' ORDER BY l.concat_ws COLLATE "C"), ''),
+         'UTF8')), 'hex')
+  FROM ns LEFT JOIN lines l ON l.nspname = ns.nspname GROUP BY ns.nspname
 """
 
 
+def catalogs(cursor: Any, names: Sequence[str], *, sequence_values: bool = False) -> dict[str, str]:
+    """A digest per schema of ``names`` (missing ones are left out): its tables, columns with
+    types, defaults and nullability, constraints, indexes and sequences (their values too with
+    ``sequence_values``). Independent of the search path, except for how objects in schemas
+    other than the digested one print."""
+    cursor.execute(_CATALOG, {"schemas": list(names), "values": sequence_values})
+    return dict(cursor.fetchall())
+
+
 def fingerprint(cursor: Any, schema: str) -> str:
-    """A digest of ``schema``'s tables, columns, constraints, indexes and sequences."""
-    cursor.execute(_FINGERPRINT, {"schema": schema})
-    digest = hashlib.sha256()
-    for row in cursor.fetchall():
-        digest.update("\0".join(str(value) for value in row).encode() + b"\n")
-    return digest.hexdigest()
+    """The digest of a new schema, with its sequences' values (see :func:`catalogs`)."""
+    return catalogs(cursor, [schema], sequence_values=True).get(schema, "")
+
+
+# The rows a recording may depend on (those it read, and those it inserted and was given ids
+# for): small tables, digested whole, with the values of their sequences.
+ROW_LIMIT = 1000
+_OWNED_SEQUENCES = """
+SELECT n.nspname, t.relname, s.relname, pg_sequence_last_value(s.oid)::text
+  FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+  JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace n ON n.oid = t.relnamespace
+ WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+   AND d.deptype IN ('a', 'i') AND n.nspname = ANY(%s) AND t.relname = ANY(%s)
+"""
+
+
+def rows_digests(cursor: Any, names: Sequence[str], tables: Iterable[str]) -> dict[str, str | None]:
+    """A digest per schema of ``names`` of the rows of those of ``tables`` it has, and of
+    their sequences; None where one of them holds more than ``ROW_LIMIT`` rows.
+    ``django_migrations`` counts by app and name only (when and in which order is not part
+    of the state)."""
+    tables = sorted(set(tables))
+    cursor.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = ANY(%s) AND c.relname = ANY(%s) AND c.relkind IN ('r', 'p')",
+        [list(names), tables],
+    )
+    present = sorted(cursor.fetchall())
+    lines: dict[str, list[str]] = {name: [] for name in names}
+    for start in range(0, len(present), 200):
+        batch = present[start : start + 200]
+        parts = []
+        for i, (schema, name) in enumerate(batch):
+            row = "(t.app, t.name)::text" if name == "django_migrations" else "t::text"
+            parts.append(
+                f"SELECT {i}, (SELECT CASE WHEN count(*) > {ROW_LIMIT} THEN NULL ELSE "  # noqa: S608
+                "encode(sha256(convert_to(coalesce(string_agg(r, E'\\n' ORDER BY r COLLATE "
+                f"\"C\"), ''), 'UTF8')), 'hex') END FROM (SELECT {row} AS r FROM "
+                f"{schemas.quote(schema)}.{_ident(name)} t LIMIT {ROW_LIMIT + 1}) x)"
+            )
+        cursor.execute(" UNION ALL ".join(parts))
+        for i, digest in cursor.fetchall():
+            schema, name = batch[i]
+            lines[schema].append(f"rows\t{name}\t{digest}" if digest else "")
+    cursor.execute(_OWNED_SEQUENCES, [list(names), tables])
+    for schema, name, sequence, value in cursor.fetchall():
+        lines[schema].append(f"sequence\t{name}\t{sequence}\t{value}")
+    result: dict[str, str | None] = {}
+    for schema, found in lines.items():
+        if "" in found:
+            result[schema] = None
+        else:
+            result[schema] = hashlib.sha256("\n".join(sorted(found)).encode()).hexdigest()
+    return result
+
+
+def _ident(name: str) -> str:
+    return '"%s"' % name.replace('"', '""')
 
 
 def pinned_path(alias: str, schema: str, tenant_type: str) -> list[str]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 MIGRATED = "migrated"
+# Migrated by replay of what tenants like it recorded (tenantsafe.deploy).
+REPLAYED = "replayed"
 CURRENT = "current"
 PENDING = "pending"
 PLANNED = "planned"

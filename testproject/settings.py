@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 
 from testproject.dburl import parse_database_url
@@ -42,6 +43,10 @@ if os.environ.get("TESTPROJECT_POOLER_SAFE") != "1":
     TENANT_APPS.append("testproject.search")
 
 INSTALLED_APPS = list(SHARED_APPS) + [app for app in TENANT_APPS if app not in SHARED_APPS]
+
+# For tests that deploy a new migration in a subprocess: {"app": "package", ...} as JSON.
+if os.environ.get("TESTPROJECT_MIGRATION_MODULES"):
+    MIGRATION_MODULES = json.loads(os.environ["TESTPROJECT_MIGRATION_MODULES"])
 
 # For the fault tests: a short lock lease, and as many migrating processes as a pool has.
 if os.environ.get("TESTPROJECT_LOCK_LEASE_SECONDS"):

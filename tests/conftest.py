@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import tempfile
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,33 +80,50 @@ def reference() -> dict[str, Any]:
 
 
 @pytest.fixture
-def extra_migration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The notes app's migrations plus a new 0004 (a table and a row), under another module."""
+def new_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
+    """``make(app, {"0004_x": source, ...})``: a package with the test project app's
+    migrations plus those, for ``MIGRATION_MODULES`` (on sys.path, and on PYTHONPATH of
+    the processes the test starts)."""
     from tests.dbtools import ROOT
 
-    package = f"tsnotes_{uuid.uuid4().hex[:8]}"
-    target = tmp_path / package
-    shutil.copytree(
-        ROOT / "testproject" / "notes" / "migrations",
-        target,
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    (target / "0004_extra.py").write_text(
-        textwrap.dedent("""
-        from django.db import migrations
-
-
-        class Migration(migrations.Migration):
-            dependencies = [("notes", "0003_welcome_note")]
-
-            operations = [
-                migrations.RunSQL(
-                    "CREATE TABLE notes_extra (id serial PRIMARY KEY, label text NOT NULL);"
-                    "INSERT INTO notes_extra (label) VALUES ('added')",
-                    "DROP TABLE notes_extra",
-                )
-            ]
-    """)
-    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    return package
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), *sys.path])))
+
+    def make(app: str, files: dict[str, str]) -> str:
+        package = f"ts{app}_{uuid.uuid4().hex[:8]}"
+        target = tmp_path / package
+        shutil.copytree(
+            ROOT / "testproject" / app / "migrations",
+            target,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        for name, source in files.items():
+            (target / f"{name}.py").write_text(textwrap.dedent(source))
+        return package
+
+    return make
+
+
+@pytest.fixture
+def extra_migration(new_migrations: Callable[..., str]) -> str:
+    """The notes app's migrations plus a new 0004 (a table and a row), under another module."""
+    return new_migrations(
+        "notes",
+        {
+            "0004_extra": """
+            from django.db import migrations
+
+
+            class Migration(migrations.Migration):
+                dependencies = [("notes", "0003_welcome_note")]
+
+                operations = [
+                    migrations.RunSQL(
+                        "CREATE TABLE notes_extra (id serial PRIMARY KEY, label text NOT NULL);"
+                        "INSERT INTO notes_extra (label) VALUES ('added')",
+                        "DROP TABLE notes_extra",
+                    )
+                ]
+            """
+        },
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -53,6 +54,7 @@ __all__ = [
     "scalar",
     "schemas_named",
     "sql",
+    "summary",
     "tables",
     "with_dbname",
 ]
@@ -146,6 +148,24 @@ def has_table(schema: str, table: str) -> bool:
 def recorded(schema: str) -> set[tuple[str, str]]:
     """The (app, name) rows of ``schema``'s django_migrations."""
     return {(app, name) for app, name in sql(f'SELECT app, name FROM "{schema}".django_migrations')}
+
+
+SUMMARY = re.compile(
+    r"^migrate_schemas_safe: (?:public \S+; )?(?P<total>\d+) tenant\(s\): "
+    r"(?P<migrated>\d+) migrated(?:, (?P<replayed>\d+) replayed)?, (?P<current>\d+) already current"
+    r"(?:, (?P<planned>\d+) with a plan shown)?(?:, (?P<pending>\d+) with unapplied migrations)?"
+    r", (?P<failed>\d+) failed(?:, (?P<not_attempted>\d+) not attempted)? in \d+\.\ds$",
+    re.M,
+)
+
+
+def summary(stdout: str) -> dict[str, int]:
+    """The counts of migrate_schemas_safe's summary line (there must be exactly one)."""
+    found = SUMMARY.findall(stdout)
+    assert len(found) == 1, f"no summary line of its own in:\n{stdout[-3000:]}"
+    match = SUMMARY.search(stdout)
+    assert match is not None
+    return {key: int(value or 0) for key, value in match.groupdict().items()}
 
 
 _last: list[tuple[str, str]] = [("", "")]

@@ -55,6 +55,13 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             help="How often an atomic migration that hit the lock timeout is tried again, "
             "with backoff (default: TENANTSAFE_LOCK_RETRIES, else 3).",
         )
+        parser.add_argument(
+            "--no-replay",
+            action="store_true",
+            help="Migrate every tenant through Django, also those that could get the SQL "
+            "recorded in tenants like them (TENANTSAFE_REPLAY_MIGRATIONS = False does the "
+            "same).",
+        )
         stopping = parser.add_mutually_exclusive_group()
         stopping.add_argument(
             "--max-failures",
@@ -77,6 +84,7 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             executor=codename,
             lock_timeout=conf.lock_timeout(),
             lock_retries=conf.lock_retries(),
+            replay=conf.replay_migrations(),
         )
         # Guarded from the first read: behind a transaction pooler the tenant rows need their
         # path as much as the migrations do.

@@ -1,0 +1,404 @@
+"""A deploy's new migration, applied by replay to the tenants that are alike (tenantsafe.deploy)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.core.management.base import CommandError
+from django.db import connections
+from django.db.models.signals import post_migrate
+from django.test import override_settings
+
+from tenantsafe.testing import create_tenant
+from tests.dbtools import (
+    database_url,
+    direct_url,
+    fingerprint,
+    fresh_database,
+    last_output,
+    manage,
+    migrate,
+    pool_load,
+    pooled_url,
+    public_tables,
+    recorded,
+    register_tenants,
+    sql,
+    summary,
+    with_dbname,
+)
+
+pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
+
+COLOUR = """
+    from django.db import migrations, models
+
+
+    class Migration(migrations.Migration):
+        dependencies = [("shop", "0003_product_sku")]
+
+        operations = [
+            migrations.AddField(
+                model_name="product",
+                name="colour",
+                field=models.CharField(default="", max_length=20),
+            ),
+            migrations.AddIndex(
+                model_name="product",
+                index=models.Index(fields=["colour"], name="shop_product_colour_idx"),
+            ),
+        ]
+"""
+# A new model: post_migrate adds its content type and permissions, which name the content
+# type's id.
+COUPON = """
+    from django.db import migrations, models
+
+
+    class Migration(migrations.Migration):
+        dependencies = [("shop", "0004_colour")]
+
+        operations = [
+            migrations.CreateModel(
+                name="Coupon",
+                fields=[
+                    ("id", models.BigAutoField(primary_key=True)),
+                    ("code", models.CharField(max_length=20, unique=True)),
+                ],
+            ),
+        ]
+"""
+NEW = {("shop", "0004_colour"), ("shop", "0005_coupon")}
+POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
+
+
+@pytest.fixture
+def deploy(new_migrations: Callable[..., str]) -> Callable[..., tuple[str, str]]:
+    """``run(*args)``: migrate_schemas_safe --tenant with shop's two new migrations."""
+    package = new_migrations("shop", {"0004_colour": COLOUR, "0005_coupon": COUPON})
+
+    def run(*args: str, **options: Any) -> tuple[str, str]:
+        with override_settings(MIGRATION_MODULES={"shop": package}):
+            return migrate(*args, tenant=True, **options)
+
+    return run
+
+
+def tenants(*names: str) -> None:
+    for name in names:
+        create_tenant(name, name=name.upper())
+
+
+def coupon_permissions(schema: str) -> list[tuple[str, str]]:
+    """The coupon permissions, with the model of the content type each one points to."""
+    return sql(
+        f'SELECT p.codename, ct.model FROM "{schema}".auth_permission p '
+        f'JOIN "{schema}".django_content_type ct ON ct.id = p.content_type_id '
+        "WHERE p.codename LIKE %s ORDER BY 1",
+        ["%coupon"],
+    )
+
+
+WANTED = [
+    ("add_coupon", "coupon"),
+    ("change_coupon", "coupon"),
+    ("delete_coupon", "coupon"),
+    ("view_coupon", "coupon"),
+]
+
+
+@pytest.mark.parametrize("executor", ["standard", "multiprocessing"])
+def test_replayed_tenants_are_identical_to_migrated_ones(deploy, executor):
+    tenants("t1", "t2", "t3", "t4", "t5")
+
+    out, err = deploy(f"--executor={executor}")
+
+    assert summary(out) == {**summary(out), "total": 5, "migrated": 2, "replayed": 3, "failed": 0}
+    url = database_url()
+    # t1 and t2 are the witnesses, migrated through Django.
+    witness = fingerprint(url, "t1")
+    assert ("shop", "0005_coupon") in witness["migrations"]
+    assert ["shop_product_colour_idx" in str(i) for i in witness["indexes"]].count(True) == 1
+    for name in ("t2", "t3", "t4", "t5"):
+        assert fingerprint(url, name) == witness, name
+        assert recorded(name) >= NEW
+        assert coupon_permissions(name) == WANTED
+        # Each tenant has its own time of applying, not the witness's.
+        assert sql(
+            f"SELECT count(*) FROM \"{name}\".django_migrations WHERE name = '0005_coupon' "
+            "AND applied > now() - interval '10 minutes'"
+        ) == [(1,)]
+    assert "Applying shop.0004_colour" in out
+    assert err == ""
+
+
+def test_drifted_tenants_are_migrated_through_django_and_end_correct(deploy):
+    tenants("a1", "a2", "a3", "a4", "extra_index", "renamed", "own_default")
+    sql('CREATE INDEX shop_product_name_extra ON "extra_index".shop_product (name)')
+    (constraint,) = sql(
+        "SELECT conname FROM pg_constraint WHERE conrelid = 'renamed.shop_product'::regclass "
+        "AND contype = 'f'"
+    )[0]
+    sql(f'ALTER TABLE "renamed".shop_product RENAME CONSTRAINT "{constraint}" TO shop_fk_renamed')
+    # Django keeps no column defaults in the database: a column default is drift.
+    sql("ALTER TABLE \"own_default\".notes_note ALTER COLUMN body SET DEFAULT 'x'")
+
+    out, _ = deploy()
+
+    # a1 and a2 witnessed for a3 and a4; each drifted tenant is a group of its own.
+    assert summary(out) == {**summary(out), "total": 7, "migrated": 5, "replayed": 2, "failed": 0}
+    url = database_url()
+    witness = fingerprint(url, "a1")
+    assert fingerprint(url, "a3") == fingerprint(url, "a4") == witness
+    for name in ("extra_index", "renamed", "own_default"):
+        assert recorded(name) >= NEW
+        assert coupon_permissions(name) == WANTED
+        assert sql(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = %s "
+            "AND indexname = 'shop_product_colour_idx'",
+            [name],
+        ) == [(1,)]
+    # The drift itself is left as it was.
+    assert sql("SELECT count(*) FROM pg_indexes WHERE indexname = 'shop_product_name_extra'") == [
+        (1,)
+    ]
+    assert sql("SELECT count(*) FROM pg_constraint WHERE conname = 'shop_fk_renamed'") == [(1,)]
+    assert sql(
+        "SELECT column_default FROM information_schema.columns WHERE table_schema = "
+        "'own_default' AND table_name = 'notes_note' AND column_name = 'body'"
+    ) == [("'x'::text",)]
+
+
+def test_tenants_whose_content_type_ids_differ_get_correct_permissions(deploy):
+    tenants("low1", "low2", "low3", "high1", "high2", "high3")
+    for name in ("high1", "high2", "high3"):
+        sql(f"SELECT setval('\"{name}\".django_content_type_id_seq', 500)")
+
+    out, _ = deploy()
+
+    assert summary(out) == {**summary(out), "total": 6, "migrated": 4, "replayed": 2, "failed": 0}
+    for name, low in (("low1", True), ("low3", True), ("high1", False), ("high3", False)):
+        assert coupon_permissions(name) == WANTED
+        (coupon,) = sql(f"SELECT id FROM \"{name}\".django_content_type WHERE model = 'coupon'")
+        assert (coupon[0] < 500) is low
+    # No permission points to a content type of another tenant or to none.
+    for name in ("low3", "high3"):
+        assert sql(
+            f'SELECT count(*) FROM "{name}".auth_permission p LEFT JOIN "{name}".'
+            "django_content_type ct ON ct.id = p.content_type_id WHERE ct.id IS NULL"
+        ) == [(0,)]
+
+
+COUNT_NOTES = """
+    from django.db import migrations
+
+
+    def count(apps, schema_editor):
+        Note = apps.get_model("notes", "Note")
+        Tally = apps.get_model("notes", "Tally")
+        Tally.objects.create(notes=Note.objects.count())
+
+
+    class Migration(migrations.Migration):
+        dependencies = [("notes", "0003_welcome_note")]
+
+        operations = [
+            migrations.CreateModel(
+                name="Tally",
+                fields=[
+                    ("id", models.BigAutoField(primary_key=True)),
+                    ("notes", models.IntegerField()),
+                ],
+            ),
+            migrations.RunPython(count, migrations.RunPython.noop),
+        ]
+""".replace("from django.db import migrations", "from django.db import migrations, models", 1)
+
+
+def test_a_plan_with_runpython_gives_every_tenant_its_own_value(new_migrations):
+    package = new_migrations("notes", {"0004_tally": COUNT_NOTES})
+    names = ["n1", "n2", "n3", "n4"]
+    tenants(*names)
+    for extra, name in enumerate(names):
+        for i in range(extra):
+            sql(
+                f'INSERT INTO "{name}".notes_note (title, body, pinned) VALUES (%s, %s, false)',
+                [f"x{i}", ""],
+            )
+    before = {name: sql(f'SELECT count(*) FROM "{name}".notes_note')[0][0] for name in names}
+
+    with override_settings(MIGRATION_MODULES={"notes": package}):
+        out, _ = migrate(tenant=True)
+
+    assert summary(out) == {**summary(out), "total": 4, "migrated": 4, "replayed": 0}
+    for name in names:
+        assert sql(f'SELECT notes FROM "{name}".notes_tally') == [(before[name],)]
+    assert len(set(before.values())) == 4
+
+
+UNIQUE_TITLE = """
+    from django.db import migrations, models
+
+
+    class Migration(migrations.Migration):
+        dependencies = [("notes", "0003_welcome_note")]
+
+        operations = [
+            migrations.AddField(
+                model_name="note", name="rank", field=models.IntegerField(default=0)
+            ),
+            migrations.AlterField(
+                model_name="note", name="title", field=models.CharField(max_length=100, unique=True)
+            ),
+        ]
+"""
+
+
+def test_a_replay_that_fails_rolls_back_and_the_tenant_goes_through_django(new_migrations):
+    package = new_migrations("notes", {"0004_unique_title": UNIQUE_TITLE})
+    tenants("u1", "u2", "u3", "dupes", "u4")
+    # A title twice (notes are no part of a group's key): adding the unique constraint fails
+    # there, by replay and through Django alike.
+    sql(
+        'INSERT INTO "dupes".notes_note (title, body, pinned) '
+        'SELECT title, body, pinned FROM "dupes".notes_note'
+    )
+
+    with override_settings(MIGRATION_MODULES={"notes": package}), pytest.raises(CommandError):
+        migrate(tenant=True)
+
+    out, err = last_output()
+    assert summary(out) == {**summary(out), "total": 5, "migrated": 2, "replayed": 2, "failed": 1}
+    assert "FAILED dupes: IntegrityError" in err
+    assert "could not create unique index" in err
+    # Nothing of the migration is left in the failed tenant; the others have it whole.
+    assert ("notes", "0004_unique_title") not in recorded("dupes")
+    assert sql(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'dupes' "
+        "AND table_name = 'notes_note' AND column_name = 'rank'"
+    ) == [(0,)]
+    for name in ("u1", "u2", "u3", "u4"):
+        assert ("notes", "0004_unique_title") in recorded(name)
+
+
+def test_no_replay_migrates_every_tenant_through_django(deploy, migrations_run):
+    tenants("r1", "r2", "r3", "r4")
+    migrations_run.clear()
+
+    out, _ = deploy("--no-replay")
+
+    assert summary(out) == {**summary(out), "total": 4, "migrated": 4, "replayed": 0}
+    assert sorted(migrations_run) == ["r1", "r2", "r3", "r4"]
+    assert out.count("Applying shop.0005_coupon") == 4
+
+
+@override_settings(TENANTSAFE_REPLAY_MIGRATIONS=False)
+def test_the_setting_turns_replay_off(deploy):
+    tenants("s1", "s2", "s3")
+
+    out, _ = deploy()
+
+    assert summary(out) == {**summary(out), "total": 3, "migrated": 3, "replayed": 0}
+
+
+def test_replayed_tenants_get_the_django_tenants_signals_once(deploy, migrations_run):
+    from django_tenants.signals import schema_migrated
+
+    done: list[str] = []
+
+    def receiver(sender: Any, schema_name: str, **kwargs: Any) -> None:
+        done.append(schema_name)
+
+    tenants("g1", "g2", "g3", "g4")
+    migrations_run.clear()
+    schema_migrated.connect(receiver)
+    try:
+        out, _ = deploy()
+    finally:
+        schema_migrated.disconnect(receiver)
+
+    assert summary(out)["replayed"] == 2
+    assert sorted(migrations_run) == sorted(done) == ["g1", "g2", "g3", "g4"]
+
+
+@pytest.mark.pooler
+def test_replay_through_pgbouncer_with_other_clients_on_the_pool(new_migrations):
+    pooled = pooled_url()
+    package = new_migrations("shop", {"0004_colour": COLOUR, "0005_coupon": COUPON})
+    names = [f"p{n}" for n in range(8)]
+    with fresh_database("deploy") as database:
+        direct = with_dbname(direct_url(), database)
+        result = manage(direct, "migrate_schemas", "--shared", "-v0", env=POOLER_SAFE)
+        assert result.returncode == 0, result.stderr
+        register_tenants(direct, names)
+        result = manage(direct, "migrate_schemas_safe", "--tenant", "-v0", env=POOLER_SAFE)
+        assert result.returncode == 0, result.stderr
+        public_before = public_tables(direct)
+
+        with pool_load(with_dbname(pooled, database), [f'"{n}", public' for n in names]):
+            result = manage(
+                with_dbname(pooled, database),
+                "migrate_schemas_safe",
+                "--tenant",
+                env={**POOLER_SAFE, "TESTPROJECT_MIGRATION_MODULES": f'{{"shop": "{package}"}}'},
+            )
+
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert summary(result.stdout) == {
+            **summary(result.stdout),
+            "total": 8,
+            "migrated": 2,
+            "replayed": 6,
+            "failed": 0,
+        }
+        witness = fingerprint(direct, "p0")
+        assert ("shop", "0005_coupon") in witness["migrations"]
+        assert [n for n in names if fingerprint(direct, n) != witness] == []
+        assert public_tables(direct) == public_before
+
+
+def test_plan_names_the_groups_and_their_witnesses(deploy):
+    tenants("w1", "w2", "w3", "w4")
+
+    out, _ = deploy("--plan")
+
+    assert (
+        "migrate_schemas_safe: 4 of 4 tenant(s) to migrate are in 1 group(s) of alike tenants"
+        in out
+    )
+    assert "migrate_schemas_safe: witnesses w1, w2 for 2 more\n" in out
+    assert summary(out) == {**summary(out), "total": 4, "planned": 4, "migrated": 0}
+    assert ("shop", "0004_colour") not in recorded("w1")
+
+
+def test_witnesses_that_disagree_send_their_group_through_django(deploy):
+    """A post_migrate handler that writes a value of its own making: the two witnesses'
+    recordings differ, so nobody gets either of them."""
+    tenants("d1", "d2", "d3", "d4")
+
+    def handler(sender: Any, using: str, **kwargs: Any) -> None:
+        connection = connections[using]
+        if sender.label == "notes" and connection.schema_name != "public":
+            with connection.cursor() as cursor:
+                cursor.execute("INSERT INTO notes_tag (label) VALUES (%s)", [uuid.uuid4().hex[:20]])
+
+    post_migrate.connect(handler, dispatch_uid="test_deploy.handler")
+    try:
+        out, _ = deploy()
+    finally:
+        post_migrate.disconnect(dispatch_uid="test_deploy.handler")
+
+    assert (
+        "migrate_schemas_safe: not replaying to 2 tenant(s) like d1: the recordings of d1 and "
+        "d2 differ; migrating them through Django." in out
+    )
+    assert summary(out) == {**summary(out), "total": 4, "migrated": 4, "replayed": 0}
+    labels = [
+        sql(f"SELECT label FROM \"{name}\".notes_tag WHERE label <> 'start'")
+        for name in ("d1", "d2", "d3", "d4")
+    ]
+    assert all(len(found) == 1 for found in labels)
+    assert len({found[0] for found in labels}) == 4
