@@ -67,6 +67,8 @@ class Witness:
     problem: str
     # The schema's tables the recording depends on the rows of (beyond KEYED).
     tables: frozenset[str]
+    # Those and CHECKED, as far as the witness has them: a replay checks their rows.
+    checked: frozenset[str]
     catalog: str
     rows: str | None
 
@@ -76,7 +78,7 @@ class Witness:
             return self.problem or other.problem
         if self.sql != other.sql:
             return f"the recordings of {self.schema} and {other.schema} differ"
-        if self.tables != other.tables:
+        if self.tables != other.tables or self.checked != other.checked:
             return f"{self.schema} and {other.schema} read different tables"
         if self.catalog != other.catalog or self.rows != other.rows or self.rows is None:
             return f"{self.schema} and {other.schema} differ after migrating"
@@ -227,8 +229,11 @@ def witnessed(alias: str, recorder: replay.Recorder, tenant: TenantRef) -> Witne
         )
         present = {row[0] for row in cursor.fetchall()}
     tables = depends_on(recorder, present) - KEYED
-    catalogs, rows = digests(alias, [schema], CHECKED | tables, own=tenant)
-    return Witness(schema, sql, problem, tables, catalogs.get(schema, ""), rows.get(schema))
+    checked = frozenset((CHECKED | tables) & present)
+    catalogs, rows = digests(alias, [schema], checked, own=tenant)
+    return Witness(
+        schema, sql, problem, tables, checked, catalogs.get(schema, ""), rows.get(schema)
+    )
 
 
 class Mismatch(Exception):
@@ -256,9 +261,10 @@ def replay_into(
         with connection.connection.cursor() as cursor:
             guard.pin(connection, cursor, path)
             cursor.execute(witness.sql)
-            tables = CHECKED | witness.tables
             catalog = replay.catalogs(cursor, [tenant.schema]).get(tenant.schema)
-            rows = replay.rows_digests(cursor, [tenant.schema], tables).get(tenant.schema)
+            rows = replay.rows_digests(
+                cursor, [tenant.schema], witness.checked, present=witness.checked
+            ).get(tenant.schema)
             if catalog != witness.catalog or rows != witness.rows:
                 raise Mismatch(
                     f"after the replay {tenant.schema} differs from {witness.schema} "

@@ -547,36 +547,39 @@ def _binder(raw: Any) -> Iterator[Callable[[str, Any], str]]:
 # PostgreSQL prints where the schema is not first on the path), one digest per schema.
 _CATALOG = r"""
 WITH ns AS (
-  SELECT oid, nspname,
-         '(?<![\w"$])' || regexp_replace(quote_ident(nspname) || '.', '(\W)', '\\\1', 'g')
-           AS own
+  SELECT oid, nspname, quote_ident(nspname) || '.' AS own
     FROM pg_namespace WHERE nspname = ANY(%(schemas)s)),
+-- The schema's relations through pg_depend, whose index finds them (pg_class has none on
+-- relnamespace, and a scan of it grows with every tenant); indexes come through pg_index.
+rel AS (
+  SELECT c.oid, c.relname, c.relkind, c.relpersistence, ns.nspname, ns.own
+    FROM ns JOIN pg_depend d ON d.refclassid = 'pg_namespace'::regclass
+         AND d.refobjid = ns.oid AND d.classid = 'pg_class'::regclass AND d.objsubid = 0
+    JOIN pg_class c ON c.oid = d.objid AND c.relnamespace = ns.oid),
 lines AS (
-  SELECT ns.nspname, concat_ws(E'\t', 'relation', c.relname, c.relkind, c.relpersistence)
-    FROM pg_class c JOIN ns ON c.relnamespace = ns.oid WHERE c.relkind NOT IN ('i', 'I')
+  SELECT r.nspname, concat_ws(E'\t', 'relation', r.relname, r.relkind, r.relpersistence)
+    FROM rel r WHERE r.relkind NOT IN ('i', 'I')
   UNION ALL
-  SELECT ns.nspname, concat_ws(E'\t', 'column', c.relname, a.attname,
-         regexp_replace(format_type(a.atttypid, a.atttypmod), ns.own, '', 'g'),
+  SELECT r.nspname, concat_ws(E'\t', 'column', r.relname, a.attname,
+         replace(format_type(a.atttypid, a.atttypmod), r.own, ''),
          a.attnotnull, a.attidentity, a.attgenerated,
-         regexp_replace(coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ns.own, '', 'g'))
-    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN ns ON c.relnamespace = ns.oid
+         replace(coalesce(pg_get_expr(d.adbin, d.adrelid), ''), r.own, ''))
+    FROM rel r JOIN pg_attribute a ON a.attrelid = r.oid
     LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-    WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind NOT IN ('i', 'I', 'S')
+    WHERE a.attnum > 0 AND NOT a.attisdropped AND r.relkind NOT IN ('i', 'I', 'S')
   UNION ALL
-  SELECT ns.nspname, concat_ws(E'\t', 'constraint', coalesce(c.relname, ''), con.conname,
-         con.contype, regexp_replace(pg_get_constraintdef(con.oid), ns.own, '', 'g'))
-    FROM pg_constraint con JOIN ns ON con.connamespace = ns.oid
-    LEFT JOIN pg_class c ON c.oid = con.conrelid
+  SELECT r.nspname, concat_ws(E'\t', 'constraint', r.relname, con.conname, con.contype,
+         replace(pg_get_constraintdef(con.oid), r.own, ''))
+    FROM rel r JOIN pg_constraint con ON con.conrelid = r.oid
   UNION ALL
-  SELECT ns.nspname, concat_ws(E'\t', 'index', t.relname, c.relname,
-         regexp_replace(pg_get_indexdef(i.indexrelid), ns.own, '', 'g'))
-    FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN ns ON c.relnamespace = ns.oid
-    JOIN pg_class t ON t.oid = i.indrelid
+  SELECT r.nspname, concat_ws(E'\t', 'index', r.relname, c.relname,
+         replace(pg_get_indexdef(i.indexrelid), r.own, ''))
+    FROM rel r JOIN pg_index i ON i.indrelid = r.oid JOIN pg_class c ON c.oid = i.indexrelid
   UNION ALL
-  SELECT ns.nspname, concat_ws(E'\t', 'sequence', c.relname, format_type(s.seqtypid, NULL),
+  SELECT r.nspname, concat_ws(E'\t', 'sequence', r.relname, format_type(s.seqtypid, NULL),
          s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcycle,
-         CASE WHEN %(values)s THEN coalesce(pg_sequence_last_value(c.oid)::text, '') END)
-    FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid JOIN ns ON c.relnamespace = ns.oid
+         CASE WHEN %(values)s THEN coalesce(pg_sequence_last_value(r.oid)::text, '') END)
+    FROM rel r JOIN pg_sequence s ON s.seqrelid = r.oid
 )
 SELECT ns.nspname, encode(sha256(convert_to(
          coalesce(string_agg(l.concat_ws, E'\n' ORDER BY l.concat_ws COLLATE "C"), ''),
@@ -602,47 +605,53 @@ def fingerprint(cursor: Any, schema: str) -> str:
 # The rows a recording may depend on (those it read, and those it inserted and was given ids
 # for): small tables, digested whole, with the values of their sequences.
 ROW_LIMIT = 1000
-_OWNED_SEQUENCES = """
-SELECT n.nspname, t.relname, s.relname, pg_sequence_last_value(s.oid)::text
-  FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
-  JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace n ON n.oid = t.relnamespace
- WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-   AND d.deptype IN ('a', 'i') AND n.nspname = ANY(%s) AND t.relname = ANY(%s)
-"""
 
 
-def rows_digests(cursor: Any, names: Sequence[str], tables: Iterable[str]) -> dict[str, str | None]:
+def rows_digests(
+    cursor: Any,
+    names: Sequence[str],
+    tables: Iterable[str],
+    *,
+    present: Iterable[str] | None = None,
+) -> dict[str, str | None]:
     """A digest per schema of ``names`` of the rows of those of ``tables`` it has, and of
-    their sequences; None where one of them holds more than ``ROW_LIMIT`` rows.
+    their sequences' values; None where one of them holds more than ``ROW_LIMIT`` rows.
     ``django_migrations`` counts by app and name only (when and in which order is not part
-    of the state)."""
-    tables = sorted(set(tables))
-    cursor.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = ANY(%s) AND c.relname = ANY(%s) AND c.relkind IN ('r', 'p')",
-        [list(names), tables],
-    )
-    present = sorted(cursor.fetchall())
+    of the state). ``present``: the tables each schema is known to have (one query less; a
+    missing one fails)."""
+    wanted = sorted(set(tables))
+    if present is None:
+        cursor.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = ANY(%s) AND c.relname = ANY(%s) AND c.relkind IN ('r', 'p')",
+            [list(names), wanted],
+        )
+        pairs = sorted(cursor.fetchall())
+    else:
+        pairs = [(schema, name) for schema in names for name in sorted(set(present) & set(wanted))]
     lines: dict[str, list[str]] = {name: [] for name in names}
-    for start in range(0, len(present), 200):
-        batch = present[start : start + 200]
+    for start in range(0, len(pairs), 200):
+        batch = pairs[start : start + 200]
         parts = []
         for i, (schema, name) in enumerate(batch):
+            relation = f"{schemas.quote(schema)}.{_ident(name)}"
             row = "(t.app, t.name)::text" if name == "django_migrations" else "t::text"
             parts.append(
                 f"SELECT {i}, (SELECT CASE WHEN count(*) > {ROW_LIMIT} THEN NULL ELSE "  # noqa: S608
                 "encode(sha256(convert_to(coalesce(string_agg(r, E'\\n' ORDER BY r COLLATE "
-                f"\"C\"), ''), 'UTF8')), 'hex') END FROM (SELECT {row} AS r FROM "
-                f"{schemas.quote(schema)}.{_ident(name)} t LIMIT {ROW_LIMIT + 1}) x)"
+                f"\"C\"), ''), 'UTF8')), 'hex') END FROM (SELECT {row} AS r FROM {relation} t "
+                f"LIMIT {ROW_LIMIT + 1}) x), (SELECT string_agg(s.relname || '=' || "
+                "coalesce(pg_sequence_last_value(s.oid)::text, ''), ' ' ORDER BY s.relname) "
+                "FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
+                "WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass "
+                f"AND d.refobjid = {schemas.literal(relation)}::regclass "
+                "AND d.deptype IN ('a', 'i'))"
             )
         cursor.execute(" UNION ALL ".join(parts))
-        for i, digest in cursor.fetchall():
+        for i, digest, sequences in cursor.fetchall():
             schema, name = batch[i]
-            lines[schema].append(f"rows\t{name}\t{digest}" if digest else "")
-    cursor.execute(_OWNED_SEQUENCES, [list(names), tables])
-    for schema, name, sequence, value in cursor.fetchall():
-        lines[schema].append(f"sequence\t{name}\t{sequence}\t{value}")
+            lines[schema].append(f"{name}\t{digest}\t{sequences or ''}" if digest else "")
     result: dict[str, str | None] = {}
     for schema, found in lines.items():
         if "" in found:

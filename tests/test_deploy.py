@@ -380,7 +380,7 @@ def test_witnesses_that_disagree_send_their_group_through_django(deploy):
     tenants("d1", "d2", "d3", "d4")
 
     def handler(sender: Any, using: str, **kwargs: Any) -> None:
-        connection = connections[using]
+        connection: Any = connections[using]
         if sender.label == "notes" and connection.schema_name != "public":
             with connection.cursor() as cursor:
                 cursor.execute("INSERT INTO notes_tag (label) VALUES (%s)", [uuid.uuid4().hex[:20]])
