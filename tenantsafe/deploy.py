@@ -174,7 +174,9 @@ def digests(
         connection.ensure_connection()
         with connection.connection.cursor() as cursor:
             guard.pin(connection, cursor, path)
-            return replay.catalogs(cursor, names), replay.rows_digests(cursor, names, tables)
+            return replay.catalogs(cursor, names), replay.rows_digests(
+                cursor, names, tables, unlimited=CHECKED
+            )
 
 
 def rows_of(alias: str, names: Sequence[str], tables: frozenset[str]) -> dict[str, str | None]:
@@ -263,7 +265,11 @@ def replay_into(
             cursor.execute(witness.sql)
             catalog = replay.catalogs(cursor, [tenant.schema]).get(tenant.schema)
             rows = replay.rows_digests(
-                cursor, [tenant.schema], witness.checked, present=witness.checked
+                cursor,
+                [tenant.schema],
+                witness.checked,
+                present=witness.checked,
+                unlimited=CHECKED,
             ).get(tenant.schema)
             if catalog != witness.catalog or rows != witness.rows:
                 raise Mismatch(

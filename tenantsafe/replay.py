@@ -560,7 +560,7 @@ lines AS (
   SELECT r.nspname, concat_ws(E'\t', 'relation', r.relname, r.relkind, r.relpersistence)
     FROM rel r WHERE r.relkind NOT IN ('i', 'I')
   UNION ALL
-  SELECT r.nspname, concat_ws(E'\t', 'column', r.relname, a.attname,
+  SELECT r.nspname, concat_ws(E'\t', 'column', r.relname, a.attname, a.attnum, a.attcollation,
          replace(format_type(a.atttypid, a.atttypmod), r.own, ''),
          a.attnotnull, a.attidentity, a.attgenerated,
          replace(coalesce(pg_get_expr(d.adbin, d.adrelid), ''), r.own, ''))
@@ -572,8 +572,13 @@ lines AS (
          replace(pg_get_constraintdef(con.oid), r.own, ''))
     FROM rel r JOIN pg_constraint con ON con.conrelid = r.oid
   UNION ALL
-  SELECT r.nspname, concat_ws(E'\t', 'index', r.relname, c.relname,
-         replace(pg_get_indexdef(i.indexrelid), r.own, ''))
+  -- By its catalog columns (column numbers are in the column lines): deparsing every index
+  -- would cost most of the query. Expressions and predicates are deparsed.
+  SELECT r.nspname, concat_ws(E'\t', 'index', r.relname, c.relname, c.relam, c.reltablespace,
+         c.reloptions, i.indisunique, i.indisprimary, i.indnullsnotdistinct, i.indimmediate,
+         i.indkey, i.indclass, i.indcollation, i.indoption,
+         CASE WHEN i.indexprs IS NOT NULL OR i.indpred IS NOT NULL
+              THEN replace(pg_get_indexdef(i.indexrelid), r.own, '') END)
     FROM rel r JOIN pg_index i ON i.indrelid = r.oid JOIN pg_class c ON c.oid = i.indexrelid
   UNION ALL
   SELECT r.nspname, concat_ws(E'\t', 'sequence', r.relname, format_type(s.seqtypid, NULL),
@@ -613,13 +618,15 @@ def rows_digests(
     tables: Iterable[str],
     *,
     present: Iterable[str] | None = None,
+    unlimited: Iterable[str] = (),
 ) -> dict[str, str | None]:
     """A digest per schema of ``names`` of the rows of those of ``tables`` it has, and of
     their sequences' values; None where one of them holds more than ``ROW_LIMIT`` rows.
     ``django_migrations`` counts by app and name only (when and in which order is not part
     of the state). ``present``: the tables each schema is known to have (one query less; a
-    missing one fails)."""
+    missing one fails). ``unlimited``: tables read whatever their size."""
     wanted = sorted(set(tables))
+    whole = set(unlimited)
     if present is None:
         cursor.execute(
             "SELECT n.nspname, c.relname FROM pg_class c "
@@ -637,11 +644,13 @@ def rows_digests(
         for i, (schema, name) in enumerate(batch):
             relation = f"{schemas.quote(schema)}.{_ident(name)}"
             row = "(t.app, t.name)::text" if name == "django_migrations" else "t::text"
+            limit = None if name in whole else ROW_LIMIT
+            at_most = f"LIMIT {limit + 1}" if limit else ""
             parts.append(
-                f"SELECT {i}, (SELECT CASE WHEN count(*) > {ROW_LIMIT} THEN NULL ELSE "  # noqa: S608
+                f"SELECT {i}, (SELECT CASE WHEN count(*) > {limit or 'NULL'} THEN NULL ELSE "  # noqa: S608
                 "encode(sha256(convert_to(coalesce(string_agg(r, E'\\n' ORDER BY r COLLATE "
                 f"\"C\"), ''), 'UTF8')), 'hex') END FROM (SELECT {row} AS r FROM {relation} t "
-                f"LIMIT {ROW_LIMIT + 1}) x), (SELECT string_agg(s.relname || '=' || "
+                f"{at_most}) x), (SELECT string_agg(s.relname || '=' || "
                 "coalesce(pg_sequence_last_value(s.oid)::text, ''), ' ' ORDER BY s.relname) "
                 "FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
                 "WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass "

@@ -136,8 +136,15 @@ def test_replayed_tenants_are_identical_to_migrated_ones(deploy, executor):
 
 
 def test_drifted_tenants_are_migrated_through_django_and_end_correct(deploy):
-    tenants("a1", "a2", "a3", "a4", "extra_index", "renamed", "own_default")
+    tenants("a1", "a2", "a3", "a4", "extra_index", "redefined", "renamed", "own_default")
     sql('CREATE INDEX shop_product_name_extra ON "extra_index".shop_product (name)')
+    # The same index name on another column.
+    (index,) = sql(
+        "SELECT indexname FROM pg_indexes WHERE schemaname = 'redefined' "
+        "AND tablename = 'shop_product' AND indexdef LIKE '%%(category_id)'"
+    )[0]
+    sql(f'DROP INDEX "redefined"."{index}"')
+    sql(f'CREATE INDEX "{index}" ON "redefined".shop_product (name)')
     (constraint,) = sql(
         "SELECT conname FROM pg_constraint WHERE conrelid = 'renamed.shop_product'::regclass "
         "AND contype = 'f'"
@@ -149,11 +156,11 @@ def test_drifted_tenants_are_migrated_through_django_and_end_correct(deploy):
     out, _ = deploy()
 
     # a1 and a2 witnessed for a3 and a4; each drifted tenant is a group of its own.
-    assert summary(out) == {**summary(out), "total": 7, "migrated": 5, "replayed": 2, "failed": 0}
+    assert summary(out) == {**summary(out), "total": 8, "migrated": 6, "replayed": 2, "failed": 0}
     url = database_url()
     witness = fingerprint(url, "a1")
     assert fingerprint(url, "a3") == fingerprint(url, "a4") == witness
-    for name in ("extra_index", "renamed", "own_default"):
+    for name in ("extra_index", "redefined", "renamed", "own_default"):
         assert recorded(name) >= NEW
         assert coupon_permissions(name) == WANTED
         assert sql(
@@ -402,3 +409,30 @@ def test_witnesses_that_disagree_send_their_group_through_django(deploy):
     ]
     assert all(len(found) == 1 for found in labels)
     assert len({found[0] for found in labels}) == 4
+
+
+def test_rows_a_recording_read_must_be_the_same_in_a_replayed_tenant(deploy):
+    """A post_migrate handler writing what it read: tenants whose rows differ from the
+    witnesses' are migrated through Django, and each ends with its own value."""
+    tenants("e1", "e2", "e3", "e4", "more")
+    sql("INSERT INTO \"more\".notes_note (title, body, pinned) VALUES ('Two', '', false)")
+
+    def handler(sender: Any, using: str, **kwargs: Any) -> None:
+        connection: Any = connections[using]
+        if sender.label == "notes" and connection.schema_name != "public":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM notes_note")
+                (count,) = cursor.fetchone()
+                cursor.execute("INSERT INTO notes_tag (label) VALUES (%s)", [f"notes:{count}"])
+
+    post_migrate.connect(handler, dispatch_uid="test_deploy.reads")
+    try:
+        out, _ = deploy()
+    finally:
+        post_migrate.disconnect(dispatch_uid="test_deploy.reads")
+
+    assert summary(out) == {**summary(out), "total": 5, "migrated": 3, "replayed": 2}
+    for name, count in (("e1", 1), ("e3", 1), ("e4", 1), ("more", 2)):
+        assert sql(f"SELECT label FROM \"{name}\".notes_tag WHERE label LIKE 'notes:%%'") == [
+            (f"notes:{count}",)
+        ]
