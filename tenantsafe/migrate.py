@@ -512,7 +512,7 @@ def _run(
         if planned is not None and opts.plan and opts.replay:
             _show_groups(opts, planned)
         if planned is not None and _replaying(opts):
-            results.extend(_deploy(opts, executor, stop, planned))
+            _deploy(opts, executor, stop, planned, results)
         else:
             results.extend(executor.run(todo))
     if tenants and not stop.requested():
@@ -543,19 +543,24 @@ def _replaying(opts: RunOptions) -> bool:
 
 
 def _deploy(
-    opts: RunOptions, executor: Executor, stop: stopping.Stop, planned: _Planned
-) -> list[TenantResult]:
+    opts: RunOptions,
+    executor: Executor,
+    stop: stopping.Stop,
+    planned: _Planned,
+    results: list[TenantResult],
+) -> None:
     """The tenants with migrations to apply: groups of alike tenants by replay of what two
-    witnesses recorded (see tenantsafe.deploy), the others through Django."""
+    witnesses recorded (see tenantsafe.deploy), the others through Django. Each result is
+    added to ``results`` as it comes (a second signal may end the run anywhere)."""
     todo = [TenantRef(e.schema, e.tenant_type) for e in planned.entries]
     found = _groups(opts, planned)
     if found is None:
-        return executor.run(todo)
+        results.extend(executor.run(todo))
+        return
     groups, rest = found
-    results: list[TenantResult] = []
     for group in groups:
-        results += _deploy_group(opts, executor, stop, group)
-    return results + executor.run(rest)
+        _deploy_group(opts, executor, stop, group, results)
+    results.extend(executor.run(rest))
 
 
 def _groups(
@@ -596,11 +601,14 @@ def _say(opts: RunOptions, text: str) -> None:
 
 
 def _deploy_group(
-    opts: RunOptions, executor: Executor, stop: stopping.Stop, group: deploy.Group
-) -> list[TenantResult]:
+    opts: RunOptions,
+    executor: Executor,
+    stop: stopping.Stop,
+    group: deploy.Group,
+    results: list[TenantResult],
+) -> None:
     alias = opts.database
     first, second, *others = group.tenants
-    results: list[TenantResult] = []
     result, one = _witness(opts, stop, first)
     results.append(result)
     before: dict[str, str | None] = {}
@@ -613,19 +621,29 @@ def _deploy_group(
             logger.warning("cannot read the rows %s depends on", first.schema, exc_info=True)
             _reset(alias)
             one = None
-    if one is None or one.problem or (one.tables and before.get(second.schema) is None):
-        why = one.problem if one is not None and one.problem else "the first witness failed"
-        return results + _through_django(opts, executor, group, (second, *others), why)
+    if one is None:
+        why = "the first witness failed"
+    elif one.problem:
+        why = one.problem
+    elif one.tables and before.get(second.schema) is None:
+        why = f"{second.schema} has more than {replay.ROW_LIMIT} rows in a table the recording read"
+    else:
+        why = ""
+    if one is None or why:
+        results.extend(_through_django(opts, executor, group, (second, *others), why))
+        return
     result, two = _witness(opts, stop, second)
     results.append(result)
     why = one.agrees_with(two) if two is not None else "the second witness failed"
     if why or two is None:
-        return results + _through_django(opts, executor, group, others, why)
+        results.extend(_through_django(opts, executor, group, others, why))
+        return
     alike = [t for t in others if not one.tables or before.get(t.schema) == before[second.schema]]
-    unlike = [t for t in others if t not in alike]
+    chosen = set(alike)
+    unlike = [t for t in others if t not in chosen]
     for tenant in alike:
         results.append(_replayed(opts, stop, tenant, two))
-    return results + executor.run(unlike)
+    results.extend(executor.run(unlike))
 
 
 def _through_django(
