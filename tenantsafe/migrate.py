@@ -6,8 +6,10 @@ import collections
 import contextlib
 import functools
 import logging
+import queue
 import re
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -641,8 +643,7 @@ def _deploy_group(
     alike = [t for t in others if not one.tables or before.get(t.schema) == before[second.schema]]
     chosen = set(alike)
     unlike = [t for t in others if t not in chosen]
-    for tenant in alike:
-        results.append(_replayed(opts, stop, tenant, two))
+    _replay_all(opts, stop, alike, two, results)
     results.extend(executor.run(unlike))
 
 
@@ -684,10 +685,83 @@ def _witness(
         return result, None
 
 
-def _replayed(
+def _replay_all(
+    opts: RunOptions,
+    stop: stopping.Stop,
+    tenants: Sequence[TenantRef],
+    witness: deploy.Witness,
+    results: list[TenantResult],
+) -> None:
+    """Replay ``witness``'s recording into ``tenants``; those it fails for go through Django.
+
+    With the multiprocessing executor, on as many connections (threads) as it would use
+    processes. Signals, and migrations through Django, stay in this thread.
+    """
+    failed: list[TenantRef] = []
+    for tenant, result in _replaying_on(opts, stop, tenants, witness):
+        if result is None:
+            failed.append(tenant)
+            continue
+        if result.status == REPLAYED:
+            # As for a migrated tenant (pre_migrate and post_migrate are not sent: what their
+            # handlers did in the witnesses is part of the recording).
+            schema_pre_migration.send(upstream.run_migrations, schema_name=tenant.schema)
+            schema_migrated.send(upstream.run_migrations, schema_name=tenant.schema)
+        results.append(result)
+    results.extend(_attempt(opts, stop, tenant) for tenant in failed)
+
+
+def _replaying_on(
+    opts: RunOptions, stop: stopping.Stop, tenants: Sequence[TenantRef], witness: deploy.Witness
+) -> Iterator[tuple[TenantRef, TenantResult | None]]:
+    workers = min(_replay_connections(opts), len(tenants))
+    if workers <= 1:
+        for tenant in tenants:
+            yield tenant, _replay_one(opts, stop, tenant, witness)
+        return
+    todo: queue.SimpleQueue[TenantRef] = queue.SimpleQueue()
+    for tenant in tenants:
+        todo.put(tenant)
+    done: queue.SimpleQueue[tuple[TenantRef, TenantResult | None]] = queue.SimpleQueue()
+    halt = threading.Event()
+
+    def work() -> None:
+        try:
+            while not halt.is_set():
+                try:
+                    tenant = todo.get_nowait()
+                except queue.Empty:
+                    return
+                done.put((tenant, _replay_one(opts, stop, tenant, witness)))
+        finally:
+            # Django's connections belong to the thread that made them.
+            connections[opts.database].close()
+
+    threads = [
+        threading.Thread(target=work, name=f"tenantsafe-replay-{n}", daemon=True)
+        for n in range(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in tenants:
+            yield done.get()
+    finally:
+        halt.set()
+        for thread in threads:
+            thread.join()
+
+
+def _replay_connections(opts: RunOptions) -> int:
+    if opts.executor != "multiprocessing":
+        return 1
+    return int(getattr(settings, "TENANT_MULTIPROCESSING_MAX_PROCESSES", 2))
+
+
+def _replay_one(
     opts: RunOptions, stop: stopping.Stop, tenant: TenantRef, witness: deploy.Witness
-) -> TenantResult:
-    """Replay ``witness``'s recording into ``tenant``; through Django when that fails."""
+) -> TenantResult | None:
+    """Replay ``witness``'s recording into ``tenant``; None when it rolled back."""
     if stop.requested():
         return TenantResult(tenant.schema, NOT_ATTEMPTED)
     alias = opts.database
@@ -705,13 +779,9 @@ def _replayed(
             _one_line(exc),
         )
         _reset(alias)
-        return _attempt(opts, stop, tenant)
+        return None
     finally:
         _public(alias)
-    # As for a migrated tenant (pre_migrate and post_migrate are not sent: what their handlers
-    # did in the witness is part of the recording).
-    schema_pre_migration.send(upstream.run_migrations, schema_name=tenant.schema)
-    schema_migrated.send(upstream.run_migrations, schema_name=tenant.schema)
     return TenantResult(tenant.schema, REPLAYED)
 
 

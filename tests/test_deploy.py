@@ -264,7 +264,10 @@ UNIQUE_TITLE = """
 """
 
 
-def test_a_replay_that_fails_rolls_back_and_the_tenant_goes_through_django(new_migrations):
+@pytest.mark.parametrize("executor", ["standard", "multiprocessing"])
+def test_a_replay_that_fails_rolls_back_and_the_tenant_goes_through_django(
+    new_migrations, executor
+):
     package = new_migrations("notes", {"0004_unique_title": UNIQUE_TITLE})
     tenants("u1", "u2", "u3", "dupes", "u4")
     # A title twice (notes are no part of a group's key): adding the unique constraint fails
@@ -275,7 +278,7 @@ def test_a_replay_that_fails_rolls_back_and_the_tenant_goes_through_django(new_m
     )
 
     with override_settings(MIGRATION_MODULES={"notes": package}), pytest.raises(CommandError):
-        migrate(tenant=True)
+        migrate(f"--executor={executor}", tenant=True)
 
     out, err = last_output()
     assert summary(out) == {**summary(out), "total": 5, "migrated": 2, "replayed": 2, "failed": 1}
