@@ -56,7 +56,14 @@ from typing import Any
 from bench._bigapp import APP as BIGAPP
 from bench._bigapp import generate
 from bench._db import server
-from testproject.dbtools import ROOT, connect, direct_url, fingerprint, with_dbname
+from testproject.dbtools import (
+    ROOT,
+    connect,
+    direct_url,
+    fingerprint,
+    register_tenants,
+    with_dbname,
+)
 
 TEMPLATE = "benchtemplate"
 FIELD = "deploy_rank"
@@ -286,8 +293,6 @@ def prepare(app: App, dbs: Databases, count: int, jobs: int, grown: Golden | Non
         name = dbs.create("bdeploy")
         url = dbs.url(name)
         manage(app, url, "migrate_schemas", "--shared", "-v0", deploy=False)
-        from testproject.dbtools import register_tenants
-
         register_tenants(url, [TEMPLATE])
         manage(app, url, "migrate_schemas", "--tenant", "-v0", deploy=False)
         dump = subprocess.run(
@@ -296,14 +301,6 @@ def prepare(app: App, dbs: Databases, count: int, jobs: int, grown: Golden | Non
             text=True,
             check=True,
         ).stdout
-        # The template is not a tenant of the measured runs.
-        psql(
-            url,
-            "DELETE FROM public.customers_domain WHERE tenant_id IN (SELECT id FROM "
-            f"public.customers_client WHERE schema_name = '{TEMPLATE}'); "
-            f"DELETE FROM public.customers_client WHERE schema_name = '{TEMPLATE}'; "
-            f"DROP SCHEMA {TEMPLATE} CASCADE;",
-        )
         golden = Golden(name, [], dump)
         how = f"public and the template through Django {time.perf_counter() - started:.0f}s"
     else:
@@ -315,6 +312,17 @@ def prepare(app: App, dbs: Databases, count: int, jobs: int, grown: Golden | Non
     new = tenant_names(len(golden.names), count)
     restoring = time.perf_counter()
     restore(url, golden.dump, new, jobs)
+    if grown is None and new:
+        if fingerprint(url, new[0]) != fingerprint(url, TEMPLATE):
+            raise SystemExit(f"the restored {new[0]} differs from {TEMPLATE}, its template")
+        # The template is not a tenant of the measured runs.
+        psql(
+            url,
+            "DELETE FROM public.customers_domain WHERE tenant_id IN (SELECT id FROM "
+            f"public.customers_client WHERE schema_name = '{TEMPLATE}'); "
+            f"DELETE FROM public.customers_client WHERE schema_name = '{TEMPLATE}'; "
+            f"DROP SCHEMA {TEMPLATE} CASCADE;",
+        )
     with connect(url) as conn:
         conn.execute(
             "INSERT INTO public.customers_client (schema_name, name, created_on) "
