@@ -281,6 +281,7 @@ class Golden:
     name: str
     names: list[str]
     dump: str
+    size: int = 0
 
 
 def tenant_names(start: int, stop: int) -> list[str]:
@@ -304,6 +305,7 @@ def prepare(app: App, dbs: Databases, count: int, jobs: int, grown: Golden | Non
         golden = Golden(name, [], dump)
         how = f"public and the template through Django {time.perf_counter() - started:.0f}s"
     else:
+        room_for(grown)
         name = dbs.create("bdeploy", template=grown.name)
         golden = Golden(name, list(grown.names), grown.dump)
         dbs.drop(grown.name)
@@ -333,23 +335,37 @@ def prepare(app: App, dbs: Databases, count: int, jobs: int, grown: Golden | Non
         analysing = time.perf_counter()
         conn.execute("VACUUM ANALYZE " + ", ".join(f"pg_catalog.{t}" for t in CATALOGS))
         analysed = time.perf_counter() - analysing
-        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        golden.size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
     golden.names.extend(new)
+    free = free_disk()
     print(
         f"{app.title}: {count} current tenants prepared in {time.perf_counter() - started:.0f}s "
         f"({how}; {len(new)} clones restored by {jobs} psql in {restored:.0f}s, "
         f"{restored / max(len(new), 1) * 1000:.0f} ms each; catalogs analysed in "
-        f"{analysed:.0f}s); the database takes {size / 2**30:.1f} GB{_free_disk()}"
+        f"{analysed:.0f}s); the database takes {golden.size / 2**30:.1f} GB"
+        + ("" if free is None else f", {free / 2**30:.0f} GB free on the server's disk")
     )
     return golden
 
 
-def _free_disk() -> str:
+def free_disk() -> int | None:
+    """Free bytes on the server's disk, when the server runs on this machine."""
     with connect(direct_url()) as conn:
         data = conn.execute("SELECT current_setting('data_directory')").fetchone()[0]
-    with contextlib.suppress(OSError):
-        return f", {shutil.disk_usage(data).free / 2**30:.0f} GB free on the server's disk"
-    return ""
+    try:
+        return shutil.disk_usage(data).free
+    except OSError:
+        return None
+
+
+def room_for(golden: Golden) -> None:
+    """Stop before a copy of ``golden`` would fill the disk (other work shares it)."""
+    free = free_disk()
+    if free is not None and free < golden.size * 1.2 + 5 * 2**30:
+        raise SystemExit(
+            f"not enough disk for another copy of a {golden.size / 2**30:.1f} GB database "
+            f"({free / 2**30:.1f} GB free); try fewer tenants"
+        )
 
 
 def check(app: App, url: str, names: list[str], migration: str) -> dict[str, Any]:
@@ -446,6 +462,7 @@ class Measured:
     times: dict[str, list[float]]
     ratios: dict[str, list[float]]
     loads: list[float]
+    copies: list[float]
     sql: list[float]
     summaries: list[str]
 
@@ -459,7 +476,9 @@ def measure(
     ns: argparse.Namespace,
 ) -> Measured:
     names = golden.names
-    result = Measured(len(names), {c: [] for c in commands}, {c: [] for c in commands}, [], [], [])
+    result = Measured(
+        len(names), {c: [] for c in commands}, {c: [] for c in commands}, [], [], [], []
+    )
     executor = (f"--executor={ns.executor}",)
     for number in range(ns.rounds):
         shift = number % len(commands)
@@ -468,7 +487,10 @@ def measure(
         prints: dict[str, dict[str, Any]] = {}
         outputs: dict[str, str] = {}
         for command in order:
+            room_for(golden)
+            copying = time.perf_counter()
             copy = dbs.create("bdeploycopy", template=golden.name)
+            result.copies.append(time.perf_counter() - copying)
             url = dbs.url(copy)
             result.loads.append(os.getloadavg()[0])
             times[command], outputs[command] = manage(
@@ -500,7 +522,8 @@ def measure(
                 result.ratios[command].append(ratio)
                 text += f" ({ratio:.3f} of plain)"
             parts.append(text)
-        print(f"  round {number + 1} (first {label(order[0])}): " + ", ".join(parts))
+        load = ", ".join(f"{value:.1f}" for value in result.loads[-len(order) :])
+        print(f"  round {number + 1} (first {label(order[0])}; load {load}): " + ", ".join(parts))
         for command in commands:
             if command != "plain":
                 line = summary_line(outputs[command])
@@ -537,7 +560,8 @@ def report(app: App, results: list[Measured], commands: list[str], rounds: int) 
         sql = measured.sql
         print(
             f"  the migration's SQL alone: {median(sql) * 1000:.1f} ms per tenant (median; "
-            f"{sum(sql):.1f} s for all {len(sql)})"
+            f"{sum(sql):.1f} s for all {len(sql)}); a copy of the prepared database took "
+            f"{median(measured.copies):.1f} s (median)"
         )
     if len(results) < 2:
         return
