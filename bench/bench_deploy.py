@@ -17,6 +17,7 @@ model (``shop.Product`` on the test project, ``--app small``; the ``Hub`` of a g
 see it: ``bench/deploy_settings.py`` points the app's ``MIGRATION_MODULES`` at a temporary copy
 of its migrations plus the new one (the model classes do not get the field).
 
+``--rounds`` takes one number, or one per tenant count (``--tenants 150 500 --rounds 2 1``).
 Per round, each command runs as a deploy runs it (public and tenants, default verbosity) on its
 own copy of the golden database (CREATE DATABASE ... TEMPLATE), timed from process start to
 exit: plain ``migrate_schemas``, ``migrate_schemas_safe`` and, when the command has the option,
@@ -473,14 +474,14 @@ def measure(
     golden: Golden,
     migration: str,
     commands: list[str],
-    ns: argparse.Namespace,
+    rounds: int,
+    executor: str,
 ) -> Measured:
     names = golden.names
     result = Measured(
         len(names), {c: [] for c in commands}, {c: [] for c in commands}, [], [], [], []
     )
-    executor = (f"--executor={ns.executor}",)
-    for number in range(ns.rounds):
+    for number in range(rounds):
         shift = number % len(commands)
         order = commands[shift:] + commands[:shift]
         times: dict[str, float] = {}
@@ -494,7 +495,7 @@ def measure(
             url = dbs.url(copy)
             result.loads.append(os.getloadavg()[0])
             times[command], outputs[command] = manage(
-                app, url, *COMMANDS[command], *executor, deploy=True
+                app, url, *COMMANDS[command], f"--executor={executor}", deploy=True
             )
             prints[command] = check(app, url, names, migration)
             if number == 0 and not result.sql:
@@ -541,13 +542,13 @@ def label(command: str) -> str:
     return " ".join(COMMANDS[command])
 
 
-def report(app: App, results: list[Measured], commands: list[str], rounds: int) -> None:
+def report(app: App, results: list[Measured], commands: list[str]) -> None:
     for measured in results:
         loads = f"{min(measured.loads):.1f} to {max(measured.loads):.1f}"
         print(
             f"{app.title}, {measured.count} current tenants, one new migration (AddField + "
-            f"AddIndex), {rounds} round(s) (python {sys.version.split()[0]}, load average "
-            f"{loads}):"
+            f"AddIndex), {len(measured.times['plain'])} round(s) (python "
+            f"{sys.version.split()[0]}, load average {loads}):"
         )
         for command in commands:
             line = f"  {label(command):34} median {median(measured.times[command]):7.1f} s"
@@ -592,13 +593,13 @@ def run_app(key: str, ns: argparse.Namespace, workdir: Path) -> None:
     results: list[Measured] = []
     with Databases() as dbs:
         golden: Golden | None = None
-        for count in sorted(set(ns.tenants)):
+        for count, rounds in zip(ns.tenants, ns.rounds, strict=True):
             golden = prepare(app, dbs, count, ns.jobs, golden)
             if "no-replay" in commands and not supports_no_replay(app, dbs.url(golden.name)):
                 print("  migrate_schemas_safe has no --no-replay (yet): that column is left out")
                 commands.remove("no-replay")
-            results.append(measure(app, dbs, golden, migration, commands, ns))
-    report(app, results, commands, ns.rounds)
+            results.append(measure(app, dbs, golden, migration, commands, rounds, ns.executor))
+    report(app, results, commands)
 
 
 def supports_no_replay(app: App, url: str) -> bool:
@@ -616,12 +617,19 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--app", choices=["small", "large", "both"], default="both")
     parser.add_argument("--tenants", type=int, nargs="+", default=[150, 2000])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, nargs="+", default=[2], help="per tenant count, or one for all"
+    )
     parser.add_argument("--commands", nargs="+", choices=list(COMMANDS), default=list(COMMANDS))
     parser.add_argument("--models", type=int, default=150, help="models of the large app")
     parser.add_argument("--jobs", type=int, default=2, help="psql processes restoring clones")
     parser.add_argument("--executor", default="standard")
     ns = parser.parse_args(argv)
+    if len(ns.rounds) == 1:
+        ns.rounds *= len(ns.tenants)
+    if len(ns.rounds) != len(ns.tenants):
+        parser.error("--rounds takes one number, or one per tenant count")
+    ns.tenants, ns.rounds = zip(*sorted(zip(ns.tenants, ns.rounds, strict=True)), strict=True)
     if "plain" not in ns.commands:
         parser.error("--commands needs plain: the others are measured against it")
     ns.commands = ["plain", *(c for c in COMMANDS if c in ns.commands and c != "plain")]
