@@ -45,3 +45,9 @@ def provisioning() -> str:
 def spare_schemas() -> int:
     """How many spare schemas tenantsafe_spares and migrate_schemas_safe keep provisioned."""
     return max(0, int(getattr(settings, "TENANTSAFE_SPARE_SCHEMAS", 0) or 0))
+
+
+def recording_wait_seconds() -> float:
+    """How long provisioning waits for another process's recording of the migration state
+    before it migrates (and records) itself."""
+    return float(getattr(settings, "TENANTSAFE_RECORDING_WAIT_SECONDS", 60))

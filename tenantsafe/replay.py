@@ -18,7 +18,8 @@ run inside one transaction; otherwise the row says why, and every schema is migr
 commits only if the new schema's catalog fingerprint equals the recorded one.
 
 The interface: :func:`record` around a fresh schema's migration, :func:`replay` for the next
-schemas, :func:`recording_for` to look.
+schemas, :func:`recording_for` to look, :func:`turn_to_record` so that processes sharing the
+database record a state once.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from django_tenants.utils import (
     get_tenant_model,
 )
 
-from tenantsafe import guard, own_tables, schemas, statements, tenants
+from tenantsafe import conf, guard, locks, own_tables, schemas, statements, tenants
 
 if is_psycopg3:
     import psycopg
@@ -185,6 +186,64 @@ def discard(alias: str, state: str, tenant_type: str, problem: str) -> None:
     logger.warning("tenantsafe: new tenant schemas will be migrated, not replayed: %s", problem)
     _remove_file(state, tenant_type)
     _store(alias, Recording(state, tenant_type, "", "", problem))
+
+
+# Recording once. Processes sharing a database that find no recording for their state (two web
+# workers' first signups after a deploy, say) make it once between them: the first takes a
+# claim, a lease (tenantsafe.locks) on a name no schema can have, and records; the others poll
+# until its recording is stored. A lease needs no session or open transaction, so this holds
+# through a transaction pooler, and a dead recorder's claim expires (at once when its process
+# on this host is gone). A waiter that waited TENANTSAFE_RECORDING_WAIT_SECONDS, or whose
+# recorder gave up, records itself, as every process did before.
+
+
+def _claim_name(state: str, tenant_type: str) -> str:
+    return f"recording:{tenant_type}:{state}"
+
+
+@contextlib.contextmanager
+def turn_to_record(alias: str, tenant_type: str = "") -> Iterator[Recording | None]:
+    """The current migration state's recording, after waiting while another process records
+    it; None when this process is to record it, and then the block holds the claim that makes
+    the others wait (unless it waited in vain). Call it outside any transaction."""
+    state = state_key(alias, tenant_type)
+    found = recording_for(alias, tenant_type, state=state)
+    if found is not None:
+        yield found
+        return
+    claim, found = _claim(alias, state, tenant_type)
+    try:
+        yield found
+    finally:
+        if claim is not None:
+            claim.complete()
+            claim.release()
+
+
+def _claim(alias: str, state: str, tenant_type: str) -> tuple[locks.Lease | None, Recording | None]:
+    name = _claim_name(state, tenant_type)
+    wait = conf.recording_wait_seconds()
+    deadline = time.monotonic() + wait
+    pauses = locks.pauses()
+    while True:
+        claim = locks.try_lease(alias, name, purpose="record")
+        # Looked at after the claim: its previous holder may have stored it and gone.
+        found = recording_for(alias, tenant_type, state=state)
+        if claim is not None and found is None:
+            return claim, None
+        if claim is not None:
+            claim.complete()
+            claim.release()
+        if found is not None:
+            return None, found
+        if time.monotonic() >= deadline:
+            logger.warning(
+                "tenantsafe: waited %.0f s for another process to record the migration state; "
+                "migrating and recording here instead",
+                wait,
+            )
+            return None, None
+        time.sleep(next(pauses))
 
 
 # The file xdist workers of one test session share (each has a database of its own). Only
