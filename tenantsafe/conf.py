@@ -50,4 +50,5 @@ def spare_schemas() -> int:
 def recording_wait_seconds() -> float:
     """How long provisioning waits for another process's recording of the migration state
     before it migrates (and records) itself."""
-    return float(getattr(settings, "TENANTSAFE_RECORDING_WAIT_SECONDS", 60))
+    value = getattr(settings, "TENANTSAFE_RECORDING_WAIT_SECONDS", None)
+    return 60.0 if value is None else float(value)
