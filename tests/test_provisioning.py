@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import shutil
 import socket
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import transaction
+from django.db.migrations.loader import MigrationLoader
 from django.test.utils import override_settings
 from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
 
@@ -18,6 +23,7 @@ from tenantsafe import locks, replay, schemas
 from tenantsafe.provisioning import ProvisionError, ensure_recording, provision
 from testproject.customers.models import Client, Domain
 from tests.dbtools import (
+    ROOT,
     add_tenant,
     answer,
     connect,
@@ -233,6 +239,71 @@ def test_a_signup_waits_for_a_live_recorder_only_up_to_the_bound(reference):
     assert provision(Client(schema_name="third", name="Third")) == "replayed"
     for name in ("first", "second", "third"):
         assert fingerprint(database_url(), name) == reference, name
+
+
+@pytest.fixture
+def nested_notes_migrations(tmp_path, monkeypatch) -> Iterator[Path]:
+    """The notes app's migrations, copied into ``<package>.migrations`` (a package in a
+    package, as an app's are) and used through MIGRATION_MODULES; yields its directory."""
+    package = f"tsapp_{uuid.uuid4().hex[:8]}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    shutil.copytree(
+        ROOT / "testproject" / "notes" / "migrations",
+        tmp_path / package / "migrations",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with override_settings(MIGRATION_MODULES={"notes": f"{package}.migrations"}):
+        yield tmp_path / package / "migrations"
+
+
+def test_the_state_key_follows_every_migration_file(nested_notes_migrations, monkeypatch):
+    builds: list[None] = []
+
+    class Counted(MigrationLoader):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            builds.append(None)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(replay, "MigrationLoader", Counted)
+    # Files written just now are not trusted: the key is computed every time.
+    first = replay.state_key("default")
+    assert replay.state_key("default") == first
+    assert len(builds) == 2
+    # Once they are older than the window (made short here), it is kept.
+    monkeypatch.setattr(replay, "_RACY", 0.05)
+    time.sleep(0.1)
+    builds.clear()
+    assert replay.state_key("default") == first
+    assert replay.state_key("default") == first
+    assert len(builds) == 1
+
+    # An edit that keeps the file's size.
+    edited = nested_notes_migrations / "0003_welcome_note.py"
+    source = edited.read_text()
+    assert source.count("Your workspace is ready.") == 1
+    edited.write_text(source.replace("Your workspace is ready.", "Your workspace is READY."))
+    assert len(edited.read_text()) == len(source)
+    after_edit = replay.state_key("default")
+    assert after_edit != first
+    # A migration added, then removed again.
+    added = nested_notes_migrations / "0004_extra.py"
+    added.write_text(
+        "from django.db import migrations\n\n\n"
+        "class Migration(migrations.Migration):\n"
+        '    dependencies = [("notes", "0003_welcome_note")]\n'
+        "    operations = []\n"
+    )
+    importlib.invalidate_caches()
+    with_added = replay.state_key("default")
+    assert with_added not in (first, after_edit)
+    added.unlink()
+    importlib.invalidate_caches()
+    assert replay.state_key("default") == after_edit
+    # Another MIGRATION_MODULES (or INSTALLED_APPS, TENANT_APPS, sys.path...) is another key.
+    with override_settings(MIGRATION_MODULES={}):
+        assert replay.state_key("default") != after_edit
 
 
 def test_a_recording_of_an_older_migration_state_is_not_used(extra_migration, migrations_run):
