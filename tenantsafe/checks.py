@@ -34,6 +34,7 @@ def register() -> None:
         check_models,
         check_app_lists,
         check_limit_set_calls,
+        check_provisioning,
     ):
         checks.register(check, "tenantsafe")
     checks.register(check_pooler, "tenantsafe", checks.Tags.database)
@@ -280,6 +281,67 @@ def check_limit_set_calls(
             id="tenantsafe.W002",
         )
     ]
+
+
+_PROVISIONING_MODES = (None, "migrate", "replay")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def check_provisioning(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> Messages:
+    from django_tenants.utils import has_multi_type_tenants
+
+    messages: Messages = []
+    mode = getattr(settings, "TENANTSAFE_PROVISIONING", None)
+    if mode not in _PROVISIONING_MODES:
+        messages.append(
+            checks.Error(
+                f"TENANTSAFE_PROVISIONING = {mode!r} is neither 'migrate' nor 'replay', so new "
+                "tenants are migrated, as without the setting.",
+                hint="Set TENANTSAFE_PROVISIONING = 'replay' to provision new tenants by replay, "
+                "or remove it (or set 'migrate') to keep django-tenants' migrating save().",
+                id="tenantsafe.E007",
+            )
+        )
+    spares = getattr(settings, "TENANTSAFE_SPARE_SCHEMAS", None)
+    if spares is not None and not _is_count(spares):
+        messages.append(
+            checks.Error(
+                f"TENANTSAFE_SPARE_SCHEMAS = {spares!r} is not a whole number of 0 or more.",
+                hint="Set it to how many spare schemas to keep provisioned ahead, an int such "
+                "as 5, or to 0 for none.",
+                id="tenantsafe.E008",
+            )
+        )
+    wait = getattr(settings, "TENANTSAFE_RECORDING_WAIT_SECONDS", None)
+    if wait is not None and not _is_seconds(wait):
+        messages.append(
+            checks.Error(
+                f"TENANTSAFE_RECORDING_WAIT_SECONDS = {wait!r} is not a number of seconds of 0 "
+                "or more.",
+                hint="Set it to how long a new tenant's provisioning may wait for another "
+                "process's recording of the migration state, such as 60 (the default).",
+                id="tenantsafe.E009",
+            )
+        )
+    if _is_count(spares) and spares and has_multi_type_tenants():
+        messages.append(
+            checks.Warning(
+                f"TENANTSAFE_SPARE_SCHEMAS is {spares}, but spare schemas do not support "
+                "multi-type tenants (TENANT_TYPES) yet: migrate_schemas_safe makes none and "
+                "tenantsafe_spares refuses to run, so every new tenant is replayed or migrated.",
+                hint="Remove TENANTSAFE_SPARE_SCHEMAS (or set it to 0) while "
+                "HAS_MULTI_TYPE_TENANTS is on, and any cron job that runs tenantsafe_spares.",
+                id="tenantsafe.W005",
+            )
+        )
+    return messages
 
 
 def check_pooler(

@@ -50,3 +50,10 @@ def spare_schemas() -> int:
 def replay_migrations() -> bool:
     """Whether migrate_schemas_safe applies a plan by replay to tenants like two witnesses."""
     return bool(getattr(settings, "TENANTSAFE_REPLAY_MIGRATIONS", True))
+
+
+def recording_wait_seconds() -> float:
+    """How long provisioning waits for another process's recording of the migration state
+    before it migrates (and records) itself."""
+    value = getattr(settings, "TENANTSAFE_RECORDING_WAIT_SECONDS", None)
+    return 60.0 if value is None else float(value)

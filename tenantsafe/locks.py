@@ -20,6 +20,9 @@ A crashed holder's lease blocks others until it expires (``TENANTSAFE_LOCK_LEASE
 
 Waiters poll instead of blocking: a blocked statement would hold a snapshot that the holder's
 ``CREATE INDEX CONCURRENTLY`` waits for.
+
+Besides schemas, ``tenantsafe.replay`` leases a name with a colon (never a schema name) while
+one process records a migration state: :func:`try_lease` takes a lease without waiting.
 """
 
 from __future__ import annotations
@@ -103,6 +106,10 @@ class Lease:
     def complete(self) -> None:
         """The tenant's run finished: releasing deletes the row instead of leaving it."""
         self.completed = True
+
+    def release(self) -> None:
+        """End a lease from :func:`try_lease` (``leased`` ends its own)."""
+        self._release()
 
     def _beat(self) -> None:
         seconds = conf.lock_lease_seconds()
@@ -237,18 +244,36 @@ def leased(alias: str, schema: str, *, purpose: str = "migrate_schemas_safe") ->
     """Hold ``schema``'s lease for the block; call ``complete()`` once the tenant is done."""
     ensure_table(alias)
     token = str(uuid.uuid4())
-    holder = f"{purpose} (pid {os.getpid()} on {_HOST})"
+    holder = _holder(purpose)
     for pause in pauses():
         how = _try_acquire(alias, schema, token, holder)
         if how:
             break
         time.sleep(pause)
-    lease = Lease(alias, schema, token, took_over=how == "taken over")
-    lease._heart.start()
+    lease = _held(alias, schema, token, how)
     try:
         yield lease
     finally:
         lease._release()
+
+
+def try_lease(alias: str, name: str, *, purpose: str) -> Lease | None:
+    """``name``'s lease if it can be taken now (free, expired, or its holder's process on this
+    host is gone), else None. The caller ends it with ``release()``."""
+    ensure_table(alias)
+    token = str(uuid.uuid4())
+    how = _try_acquire(alias, name, token, _holder(purpose))
+    return _held(alias, name, token, how) if how else None
+
+
+def _holder(purpose: str) -> str:
+    return f"{purpose} (pid {os.getpid()} on {_HOST})"
+
+
+def _held(alias: str, name: str, token: str, how: str) -> Lease:
+    lease = Lease(alias, name, token, took_over=how == "taken over")
+    lease._heart.start()
+    return lease
 
 
 def unfinished(alias: str, names: list[str], *, mine: Lease | None = None) -> dict[str, str]:

@@ -9,7 +9,8 @@ row and schema when provisioning fails. :func:`provision` does the same explicit
 
 A spare schema (``tenantsafe.spares``) of the current migration state is claimed first when
 there is one. Without a usable recording the schema is migrated under the tenant's lease, as
-``migrate_schemas_safe`` migrates, and recorded for the next tenants.
+``migrate_schemas_safe`` migrates, and recorded for the next tenants; processes that find no
+recording at the same time wait for the first one's (``replay.turn_to_record``).
 """
 
 from __future__ import annotations
@@ -195,10 +196,15 @@ def _provision_schema(tenant: Any, alias: str, verbosity: int = 1) -> str:
         return MIGRATED
     with (
         guard.guarding(alias),
-        locks.leased(alias, tenant.schema_name, purpose="provision") as lease,
+        replay.turn_to_record(alias, tenants.tenant_type(tenant)) as found,
     ):
-        migrate_schema(tenant, alias, lease, record=True)
-        lease.complete()
+        # Another process recorded the state while this one waited.
+        if found is not None and replay.replay(alias, tenant):
+            logger.info("schema %s: provisioned by replay", tenant.schema_name)
+            return REPLAYED
+        with locks.leased(alias, tenant.schema_name, purpose="provision") as lease:
+            migrate_schema(tenant, alias, lease, record=True)
+            lease.complete()
     logger.info("schema %s: provisioned by migrating", tenant.schema_name)
     return MIGRATED
 
@@ -212,8 +218,7 @@ def ensure_recording(alias: str | None = None, tenant_type: str = "") -> bool:
     nothing is recorded, and the first new tenant is migrated (and recorded, if it can be).
     """
     alias = alias or get_tenant_database_alias()
-    with guard.guarding(alias):
-        found = replay.recording_for(alias, tenant_type)
+    with guard.guarding(alias), replay.turn_to_record(alias, tenant_type) as found:
         if found is None:
             _record_scratch(alias, tenant_type)
             found = replay.recording_for(alias, tenant_type)

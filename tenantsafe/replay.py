@@ -18,7 +18,8 @@ run inside one transaction; otherwise the row says why, and every schema is migr
 commits only if the new schema's catalog fingerprint equals the recorded one.
 
 The interface: :func:`record` around a fresh schema's migration, :func:`replay` for the next
-schemas, :func:`recording_for` to look.
+schemas, :func:`recording_for` to look, :func:`turn_to_record` so that processes sharing the
+database record a state once.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from django_tenants.utils import (
     get_tenant_model,
 )
 
-from tenantsafe import guard, own_tables, schemas, statements, tenants
+from tenantsafe import conf, guard, locks, own_tables, schemas, statements, tenants
 
 if is_psycopg3:
     import psycopg
@@ -79,6 +80,21 @@ class _Mismatch(Exception):
     pass
 
 
+# state_key() builds Django's MigrationLoader, which imports every app's migrations (and
+# re-runs their packages): a few ms a call, tens of ms the first time in a process, at every
+# provisioning. So each process keeps its answer while nothing it came from can have changed:
+# the settings and apps the loader reads, sys.path, the migration files (an edit changes the
+# file's mtime) and the directories they are listed from, and the ones holding those (a file
+# or package added, removed or renamed changes its directory's mtime). Nothing modified in
+# the last _RACY seconds is kept: a second change within the filesystem's timestamp
+# granularity could leave the same stat. Where it cannot tell (a top-level migrations module,
+# one that is not imported), it computes the key every time.
+
+_RACY = 2.0
+_Stats = tuple[tuple[str, tuple[int, int, int, int]], ...]
+_states: dict[tuple[str, ...], tuple[str, _Stats]] = {}
+
+
 def state_key(alias: str, tenant_type: str = "") -> str:
     """A digest of everything a fresh schema's migration depends on.
 
@@ -86,6 +102,11 @@ def state_key(alias: str, tenant_type: str = "") -> str:
     changes it), which apps migrate into tenant schemas, and the routers. Not the database's
     name: xdist workers' test databases share it.
     """
+    inputs = _state_inputs(alias, tenant_type)
+    known = _states.get(inputs)
+    if known is not None and _stats(path for path, _ in known[1]) == known[1]:
+        return known[0]
+    started = time.time()
     loader = MigrationLoader(None, ignore_no_migrations=True)
     digest = hashlib.sha256()
     for part in (
@@ -101,7 +122,67 @@ def state_key(alias: str, tenant_type: str = "") -> str:
         migration = loader.disk_migrations[key]
         digest.update(repr(key).encode() + b"\0")
         digest.update(_source(type(migration).__module__) + b"\0")
-    return digest.hexdigest()
+    state = digest.hexdigest()
+    paths = _watched(loader)
+    watched = _stats(paths) if paths is not None else None
+    if watched is not None and all(
+        max(stat[0], stat[1]) < (started - _RACY) * 1e9 for _, stat in watched
+    ):
+        _states[inputs] = (state, watched)
+    return state
+
+
+def _state_inputs(alias: str, tenant_type: str) -> tuple[str, ...]:
+    from django.apps import apps
+
+    return (
+        alias,
+        tenant_type,
+        repr(list(getattr(settings, "TENANT_APPS", []))),
+        repr(getattr(settings, "TENANT_TYPES", None)),
+        repr(list(getattr(settings, "DATABASE_ROUTERS", []))),
+        repr(getattr(settings, "MIGRATION_MODULES", {})),
+        repr([(config.label, config.name) for config in apps.get_app_configs()]),
+        repr(sys.path),
+    )
+
+
+def _watched(loader: MigrationLoader) -> list[str] | None:
+    """The files and directories whose change can change what ``loader`` found; None when
+    that is not known."""
+    from django.apps import apps
+
+    paths: set[str] = set()
+    for config in apps.get_app_configs():
+        name, _ = MigrationLoader.migrations_module(config.label)
+        if name is None:
+            continue
+        parent = sys.modules.get(name.rpartition(".")[0])
+        if parent is None or not hasattr(parent, "__path__"):
+            return None
+        paths.update(parent.__path__)
+        module = sys.modules.get(name)
+        paths.update(getattr(module, "__path__", ()))
+        file = getattr(module, "__file__", None)
+        if file:
+            paths.add(str(file))
+    for migration in loader.disk_migrations.values():
+        path = getattr(sys.modules.get(type(migration).__module__), "__file__", None)
+        if not path:
+            return None
+        paths.add(path)
+    return sorted(paths)
+
+
+def _stats(paths: Iterable[str]) -> _Stats | None:
+    found = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        found.append((path, (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino)))
+    return tuple(found)
 
 
 def _source(module_name: str) -> bytes:
@@ -189,6 +270,64 @@ def discard(alias: str, state: str, tenant_type: str, problem: str) -> None:
     logger.warning("tenantsafe: new tenant schemas will be migrated, not replayed: %s", problem)
     _remove_file(state, tenant_type)
     _store(alias, Recording(state, tenant_type, "", "", problem))
+
+
+# Recording once. Processes sharing a database that find no recording for their state (two web
+# workers' first signups after a deploy, say) make it once between them: the first takes a
+# claim, a lease (tenantsafe.locks) on a name no schema can have, and records; the others poll
+# until its recording is stored. A lease needs no session or open transaction, so this holds
+# through a transaction pooler, and a dead recorder's claim expires (at once when its process
+# on this host is gone). A waiter that waited TENANTSAFE_RECORDING_WAIT_SECONDS, or whose
+# recorder gave up, records itself, as every process did before.
+
+
+def _claim_name(state: str, tenant_type: str) -> str:
+    return f"recording:{tenant_type}:{state}"
+
+
+@contextlib.contextmanager
+def turn_to_record(alias: str, tenant_type: str = "") -> Iterator[Recording | None]:
+    """The current migration state's recording, after waiting while another process records
+    it; None when this process is to record it, and then the block holds the claim that makes
+    the others wait (unless it waited in vain). Call it outside any transaction."""
+    state = state_key(alias, tenant_type)
+    found = recording_for(alias, tenant_type, state=state)
+    if found is not None:
+        yield found
+        return
+    claim, found = _claim(alias, state, tenant_type)
+    try:
+        yield found
+    finally:
+        if claim is not None:
+            claim.complete()
+            claim.release()
+
+
+def _claim(alias: str, state: str, tenant_type: str) -> tuple[locks.Lease | None, Recording | None]:
+    name = _claim_name(state, tenant_type)
+    wait = conf.recording_wait_seconds()
+    deadline = time.monotonic() + wait
+    pauses = locks.pauses()
+    while True:
+        claim = locks.try_lease(alias, name, purpose="record")
+        # Looked at after the claim: its previous holder may have stored it and gone.
+        found = recording_for(alias, tenant_type, state=state)
+        if claim is not None and found is None:
+            return claim, None
+        if claim is not None:
+            claim.complete()
+            claim.release()
+        if found is not None:
+            return None, found
+        if time.monotonic() >= deadline:
+            logger.warning(
+                "tenantsafe: waited %.0f s for another process to record the migration state; "
+                "migrating and recording here instead",
+                wait,
+            )
+            return None, None
+        time.sleep(next(pauses))
 
 
 # The file xdist workers of one test session share (each has a database of its own). Only

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +39,7 @@ connection: Any = db.connection
 __all__ = [
     "ROOT",
     "add_tenant",
+    "answer",
     "connect",
     "connection",
     "database_url",
@@ -53,7 +59,11 @@ __all__ = [
     "register_tenants",
     "scalar",
     "schemas_named",
+    "signup_code",
+    "signup_result",
+    "signups_at_once",
     "sql",
+    "start_signup",
     "summary",
     "tables",
     "with_dbname",
@@ -188,3 +198,79 @@ def migrate(*args: str, **options: Any) -> tuple[str, str]:
 
 def last_output() -> tuple[str, str]:
     return _last[0]
+
+
+# A signup in a process of its own, as a web worker runs it.
+
+
+def signup_code(schema: str) -> str:
+    """Python for ``python -c`` or ``manage.py shell -c``: ``provision()`` a new tenant
+    ``schema``, then print as JSON what it answered ("how") and the schemas django-tenants'
+    migration machinery ran for in the process ("migrated")."""
+    return textwrap.dedent(f"""
+        import json, django
+        django.setup()
+        from django_tenants.signals import schema_pre_migration
+        from tenantsafe.provisioning import provision
+        from testproject.customers.models import Client
+        migrated = []
+        schema_pre_migration.connect(
+            lambda sender, schema_name, **kw: migrated.append(schema_name), weak=False
+        )
+        how = provision(Client(schema_name={schema!r}, name={schema.title()!r}))
+        print(json.dumps({{"how": how, "migrated": migrated}}))
+    """)
+
+
+def answer(stdout: str) -> dict[str, Any]:
+    """What :func:`signup_code` printed."""
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result
+
+
+def start_signup(url: str, schema: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """:func:`signup_code` in a new process on ``url``'s database; :func:`signup_result`
+    waits for it."""
+    return subprocess.Popen(
+        [sys.executable, "-c", signup_code(schema)],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DATABASE_URL": url,
+            "DJANGO_SETTINGS_MODULE": "testproject.settings",
+            **(env or {}),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def signup_result(proc: subprocess.Popen[str], timeout: float = 300) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return answer(out)
+
+
+def signups_at_once(
+    url: str, names: list[str], *, gate: str, mode: str, env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """A signup per name, each in its own process, that reach table ``gate`` at the same
+    moment: a lock on it (in ``mode``) is held until every one of them waits for it. Their
+    :func:`signup_result`, in the order of ``names``."""
+    with connect(url) as conn:
+        conn.execute("BEGIN")
+        conn.execute(f"LOCK TABLE {gate} IN {mode} MODE")
+        procs = [start_signup(url, name, env) for name in names]
+        waiting = 0
+        deadline = time.monotonic() + 120
+        while waiting < len(names) and time.monotonic() < deadline:
+            assert all(proc.poll() is None for proc in procs), [p.communicate() for p in procs]
+            time.sleep(0.05)
+            waiting = conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted",
+                [gate],
+            ).fetchone()[0]
+        assert waiting == len(names)
+        conn.execute("COMMIT")
+    return [signup_result(proc) for proc in procs]

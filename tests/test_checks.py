@@ -12,7 +12,7 @@ import pytest
 from django.conf import settings
 from django.core import checks
 from django.core.management import call_command
-from django.core.management.base import SystemCheckError
+from django.core.management.base import CommandError, SystemCheckError
 from django.test import override_settings
 from django_tenants.routers import TenantSyncRouter
 
@@ -227,6 +227,89 @@ def test_multi_type_app_lists():
             "list, so migrate creates its tables in no schema.",
         ),
     ]
+
+
+@pytest.mark.parametrize("value", ["migrate", "replay", None])
+def test_supported_provisioning_settings_pass(value):
+    with override_settings(
+        TENANTSAFE_PROVISIONING=value,
+        TENANTSAFE_SPARE_SCHEMAS=5,
+        TENANTSAFE_RECORDING_WAIT_SECONDS=0.5,
+    ):
+        assert issues() == []
+
+
+@pytest.mark.parametrize("value", ["Replay", "clone", "", True])
+def test_e007_unknown_provisioning_mode(value):
+    with override_settings(TENANTSAFE_PROVISIONING=value):
+        assert issues() == [
+            (
+                "tenantsafe.E007",
+                f"TENANTSAFE_PROVISIONING = {value!r} is neither 'migrate' nor 'replay', so new "
+                "tenants are migrated, as without the setting.",
+                "Set TENANTSAFE_PROVISIONING = 'replay' to provision new tenants by replay, or "
+                "remove it (or set 'migrate') to keep django-tenants' migrating save().",
+            )
+        ]
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "5", True, [3]])
+def test_e008_spare_schemas_not_a_count(value):
+    with override_settings(TENANTSAFE_SPARE_SCHEMAS=value):
+        assert issues() == [
+            (
+                "tenantsafe.E008",
+                f"TENANTSAFE_SPARE_SCHEMAS = {value!r} is not a whole number of 0 or more.",
+                "Set it to how many spare schemas to keep provisioned ahead, an int such as 5, "
+                "or to 0 for none.",
+            )
+        ]
+
+
+@pytest.mark.parametrize("value", [-1, "60", False])
+def test_e009_recording_wait_not_seconds(value):
+    with override_settings(TENANTSAFE_RECORDING_WAIT_SECONDS=value):
+        assert ids() == ["tenantsafe.E009"]
+        ((_, message, hint),) = issues()
+    assert message == (
+        f"TENANTSAFE_RECORDING_WAIT_SECONDS = {value!r} is not a number of seconds of 0 or more."
+    )
+    assert hint.startswith("Set it to how long a new tenant's provisioning may wait")
+
+
+def test_w005_spare_schemas_with_multi_type_tenants():
+    types = {
+        "public": {"APPS": list(settings.SHARED_APPS), "URLCONF": "testproject.urls_public"},
+        "shop": {"APPS": list(settings.TENANT_APPS), "URLCONF": "testproject.urls"},
+    }
+    multi = {"HAS_MULTI_TYPE_TENANTS": True, "TENANT_TYPES": types}
+    with override_settings(**multi, TENANTSAFE_SPARE_SCHEMAS=0):
+        assert issues() == []
+    with override_settings(**multi, TENANTSAFE_SPARE_SCHEMAS=3):
+        assert issues() == [
+            (
+                "tenantsafe.W005",
+                "TENANTSAFE_SPARE_SCHEMAS is 3, but spare schemas do not support multi-type "
+                "tenants (TENANT_TYPES) yet: migrate_schemas_safe makes none and "
+                "tenantsafe_spares refuses to run, so every new tenant is replayed or migrated.",
+                "Remove TENANTSAFE_SPARE_SCHEMAS (or set it to 0) while HAS_MULTI_TYPE_TENANTS "
+                "is on, and any cron job that runs tenantsafe_spares.",
+            )
+        ]
+        # What the warning says of the command.
+        with pytest.raises(CommandError, match="does not support multi-type tenants"):
+            call_command("tenantsafe_spares", skip_checks=True)
+
+
+def test_provisioning_checks_fail_manage_check_with_the_hint():
+    with (
+        override_settings(TENANTSAFE_PROVISIONING="Replay"),
+        pytest.raises(SystemCheckError) as raised,
+    ):
+        call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+    text = str(raised.value)
+    assert "?: (tenantsafe.E007) TENANTSAFE_PROVISIONING = 'Replay' is neither" in text
+    assert "\tHINT: Set TENANTSAFE_PROVISIONING = 'replay' to provision" in text
 
 
 @pytest.fixture

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import shutil
+import socket
 import textwrap
+import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import transaction
+from django.db.migrations.loader import MigrationLoader
 from django.test.utils import override_settings
 from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
 
-from tenantsafe import schemas
+from tenantsafe import locks, replay, schemas
 from tenantsafe.provisioning import ProvisionError, ensure_recording, provision
 from testproject.customers.models import Client, Domain
 from tests.dbtools import (
+    ROOT,
     add_tenant,
+    answer,
     connect,
     database_url,
     direct_url,
@@ -28,9 +37,12 @@ from tests.dbtools import (
     pooled_url,
     reference_fingerprint,
     scalar,
+    signup_code,
+    signups_at_once,
     sql,
     with_dbname,
 )
+from tests.faults import hold, runs
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
 
@@ -124,28 +136,183 @@ def test_provision_says_how_and_works_without_the_setting(reference, migrations_
     assert not Client.objects.filter(schema_name="fourth").exists()
 
 
-SECOND_PROCESS = textwrap.dedent("""
-    import json
-    from django_tenants.signals import schema_pre_migration
-    from tenantsafe.provisioning import provision
-    from testproject.customers.models import Client
-    seen = []
-    schema_pre_migration.connect(
-        lambda sender, schema_name, **kw: seen.append(schema_name), weak=False
-    )
-    how = provision(Client(schema_name="other", name="Other"))
-    print(json.dumps({"how": how, "migrated": seen}))
-""")
-
-
 def test_another_process_replays_the_stored_recording(reference):
     assert provision(Client(schema_name="first", name="First")) == "migrated"
 
-    result = manage(database_url(), "shell", "-c", SECOND_PROCESS)
+    result = manage(database_url(), "shell", "-c", signup_code("other"))
 
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"how": "replayed", "migrated": []}
+    assert answer(result.stdout) == {"how": "replayed", "migrated": []}
     assert fingerprint(database_url(), "other") == reference
+
+
+def claims() -> list[str]:
+    """Who holds a claim to record a migration state (a lease on a name no schema has)."""
+    return [
+        holder
+        for (holder,) in sql(
+            "SELECT holder FROM public.tenantsafe_lease WHERE schema_name LIKE 'recording:%%'"
+        )
+    ]
+
+
+@pytest.mark.slow
+def test_concurrent_first_signups_of_a_new_state_migrate_once(reference):
+    # The tables exist (empty), so that the gate below can lock the recordings'.
+    replay.ensure_table("default")
+    locks.ensure_table("default")
+    names = ["one", "two", "three"]
+
+    # Each signup's first look for a recording waits on the lock: all three find none at once.
+    results = signups_at_once(
+        database_url(), names, gate="public.tenantsafe_recording", mode="ACCESS EXCLUSIVE"
+    )
+
+    assert sorted(r["how"] for r in results) == ["migrated", "replayed", "replayed"]
+    # One migration through django-tenants between the three processes: the recorder's.
+    (recorder,) = (name for name, r in zip(names, results, strict=True) if r["how"] == "migrated")
+    assert [schema for r in results for schema in r["migrated"]] == [recorder]
+    for name in names:
+        assert fingerprint(database_url(), name) == reference, name
+    assert [(problem, has_statements) for _, problem, has_statements in recordings()] == [
+        ("", True)
+    ]
+    assert claims() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["this host", "another host"])
+def test_a_killed_recorders_claim_does_not_block_the_next_signup(where, reference):
+    with runs() as start, hold("post_migrate", "first") as held:
+        # A short lease: a claim whose holder cannot be looked for expires 2 s after the
+        # holder's last renewal.
+        recorder = start(
+            database_url(),
+            "shell",
+            "-c",
+            signup_code("first"),
+            env={**held.env, "TESTPROJECT_LOCK_LEASE_SECONDS": "2"},
+        )
+        held.wait(recorder)
+        assert claims() == [f"record (pid {recorder.pid} on {socket.gethostname()})"]
+        recorder.kill()
+        if where == "another host":
+            # Its process cannot be looked for from here: only the claim's expiry frees it.
+            sql("UPDATE public.tenantsafe_lease SET host = 'elsewhere'")
+
+        started = time.monotonic()
+        with override_settings(TENANTSAFE_RECORDING_WAIT_SECONDS=300):
+            how = provision(Client(schema_name="second", name="Second"))
+        took = time.monotonic() - started
+
+    # It took the dead recorder's claim (at once, or once it expired), not the 300 s bound.
+    assert how == "migrated"
+    assert took < 60
+    assert claims() == []
+    assert provision(Client(schema_name="third", name="Third")) == "replayed"
+    for name in ("second", "third"):
+        assert fingerprint(database_url(), name) == reference, name
+
+
+@pytest.mark.slow
+def test_a_signup_waits_for_a_live_recorder_only_up_to_the_bound(reference):
+    with runs() as start, hold("post_migrate", "first") as held:
+        recorder = start(database_url(), "shell", "-c", signup_code("first"), env=held.env)
+        held.wait(recorder)
+
+        started = time.monotonic()
+        with override_settings(TENANTSAFE_RECORDING_WAIT_SECONDS=1):
+            how = provision(Client(schema_name="second", name="Second"))
+        took = time.monotonic() - started
+        # The recorder is still at it, its claim held.
+        assert len(claims()) == 1
+
+        held.release()
+        assert recorder.wait() == 0, recorder.stderr
+        recorded = answer(recorder.stdout)
+
+    # It waited the full second for the recorder, then migrated itself, as without a claim.
+    assert how == "migrated"
+    assert took >= 1
+    assert recorded == {"how": "migrated", "migrated": ["first"]}
+    assert claims() == []
+    assert provision(Client(schema_name="third", name="Third")) == "replayed"
+    for name in ("first", "second", "third"):
+        assert fingerprint(database_url(), name) == reference, name
+
+
+@pytest.fixture
+def nested_notes_migrations(tmp_path, monkeypatch) -> Iterator[Path]:
+    """The notes app's migrations, copied into ``<package>.migrations`` (a package in a
+    package, as an app's are) and used through MIGRATION_MODULES; yields its directory."""
+    package = f"tsapp_{uuid.uuid4().hex[:8]}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    shutil.copytree(
+        ROOT / "testproject" / "notes" / "migrations",
+        tmp_path / package / "migrations",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with override_settings(MIGRATION_MODULES={"notes": f"{package}.migrations"}):
+        yield tmp_path / package / "migrations"
+
+
+def test_the_state_key_follows_every_migration_file(nested_notes_migrations, monkeypatch):
+    builds: list[None] = []
+
+    class Counted(MigrationLoader):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            builds.append(None)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(replay, "MigrationLoader", Counted)
+    # Files written just now are not trusted: the key is computed every time.
+    first = replay.state_key("default")
+    assert replay.state_key("default") == first
+    assert len(builds) == 2
+    # Once they are older than the window (made short here), it is kept.
+    monkeypatch.setattr(replay, "_RACY", 0.05)
+    time.sleep(0.1)
+    builds.clear()
+    assert replay.state_key("default") == first
+    assert replay.state_key("default") == first
+    assert len(builds) == 1
+
+    # An edit that keeps the file's size.
+    edited = nested_notes_migrations / "0003_welcome_note.py"
+    source = edited.read_text()
+    assert source.count("Your workspace is ready.") == 1
+    edited.write_text(source.replace("Your workspace is ready.", "Your workspace is READY."))
+    assert len(edited.read_text()) == len(source)
+    after_edit = replay.state_key("default")
+    assert after_edit != first
+    # A migration added, then removed again.
+    added = nested_notes_migrations / "0004_extra.py"
+    added.write_text(
+        "from django.db import migrations\n\n\n"
+        "class Migration(migrations.Migration):\n"
+        '    dependencies = [("notes", "0003_welcome_note")]\n'
+        "    operations = []\n"
+    )
+    importlib.invalidate_caches()
+    with_added = replay.state_key("default")
+    assert with_added not in (first, after_edit)
+    added.unlink()
+    importlib.invalidate_caches()
+    assert replay.state_key("default") == after_edit
+    # A file the kept key was computed from disappears.
+    time.sleep(0.1)
+    builds.clear()
+    assert replay.state_key("default") == after_edit
+    assert replay.state_key("default") == after_edit
+    assert len(builds) == 1
+    edited.unlink()
+    importlib.invalidate_caches()
+    assert replay.state_key("default") not in (first, after_edit, with_added)
+    # Another MIGRATION_MODULES (or INSTALLED_APPS, TENANT_APPS, sys.path...) is another key.
+    with override_settings(MIGRATION_MODULES={}):
+        assert replay.state_key("default") != after_edit
 
 
 def test_a_recording_of_an_older_migration_state_is_not_used(extra_migration, migrations_run):

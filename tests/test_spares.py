@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import textwrap
-import time
 
 import pytest
 from django.core.management import call_command
@@ -20,7 +16,6 @@ from tenantsafe import doctor
 from tenantsafe.provisioning import ensure_recording, provision
 from testproject.customers.models import Client
 from tests.dbtools import (
-    ROOT,
     add_tenant,
     connect,
     database_url,
@@ -33,6 +28,7 @@ from tests.dbtools import (
     pooled_url,
     reference_fingerprint,
     scalar,
+    signups_at_once,
     sql,
     with_dbname,
 )
@@ -161,59 +157,16 @@ def test_a_claim_inside_a_rolled_back_transaction_leaves_the_spare(reference):
     assert fingerprint(database_url(), "kept") == reference
 
 
-SIGNUP = textwrap.dedent("""
-    import sys, django
-    django.setup()
-    from tenantsafe.provisioning import ensure_recording, provision
-    from testproject.customers.models import Client
-    print(provision(Client(schema_name=sys.argv[1], name=sys.argv[1].title())))
-""")
-
-
-def waiting_on_spares() -> int:
-    return int(
-        scalar(
-            "SELECT count(*) FROM pg_locks WHERE relation = 'public.tenantsafe_spare'::regclass "
-            "AND NOT granted"
-        )
-    )
-
-
 def test_four_concurrent_signups_share_two_spares(reference):
     spares_command("--count", "2")
     names = ["one", "two", "three", "four"]
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "DJANGO_SETTINGS_MODULE": "testproject.settings",
-    }
-    with connect(database_url()) as gate:
-        # Every claim waits on this lock, so the four claims run at the same moment.
-        gate.execute("BEGIN")
-        gate.execute("LOCK TABLE public.tenantsafe_spare IN EXCLUSIVE MODE")
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", SIGNUP, name],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for name in names
-        ]
-        deadline = time.monotonic() + 120
-        while waiting_on_spares() < len(names) and time.monotonic() < deadline:
-            assert all(proc.poll() is None for proc in procs), [p.communicate() for p in procs]
-            time.sleep(0.05)
-        assert waiting_on_spares() == len(names)
-        gate.execute("COMMIT")
-    results = [proc.communicate(timeout=300) for proc in procs]
 
-    for proc, (_, err) in zip(procs, results, strict=True):
-        assert proc.returncode == 0, err
-    hows = sorted(out.strip().splitlines()[-1] for out, _ in results)
-    assert hows == ["replayed", "replayed", "spare", "spare"]
+    # Every claim waits on the lock, so the four claims run at the same moment.
+    results = signups_at_once(
+        database_url(), names, gate="public.tenantsafe_spare", mode="EXCLUSIVE"
+    )
+
+    assert sorted(r["how"] for r in results) == ["replayed", "replayed", "spare", "spare"]
     assert spare_schemas() == []
     for name in names:
         assert fingerprint(database_url(), name) == reference, name
