@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -29,3 +30,16 @@ def timed(fn: Callable[[], object]) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def psql(url: str, script: str) -> None:
+    """Run ``script`` with psql in one transaction, stopping at the first error."""
+    result = subprocess.run(
+        ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-1", url],
+        input="SET client_min_messages = warning;\n" + script,
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"psql failed:\n{result.stderr[-2000:]}")

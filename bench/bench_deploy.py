@@ -56,7 +56,7 @@ from typing import Any
 
 from bench._bigapp import APP as BIGAPP
 from bench._bigapp import generate
-from bench._db import server
+from bench._db import psql, server
 from testproject.dbtools import (
     ROOT,
     connect,
@@ -230,18 +230,6 @@ class Databases:
         with connect(with_dbname(direct_url(), "postgres")) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self.names.remove(name)
-
-
-def psql(url: str, script: str) -> None:
-    result = subprocess.run(
-        ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-1", url],
-        input="SET client_min_messages = warning;\n" + script,
-        text=True,
-        capture_output=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"psql failed:\n{result.stderr[-2000:]}")
 
 
 def restore(url: str, dump: str, names: list[str], jobs: int) -> None:

@@ -25,20 +25,9 @@ import re
 import subprocess
 from collections.abc import Iterator
 
-from bench._db import median, server, timed
+from bench._db import median, psql, server, timed
 
 TEMPLATE = "benchtemplate"
-
-
-def psql(url: str, script: str) -> None:
-    result = subprocess.run(
-        ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-1", url],
-        input="SET client_min_messages = warning;\n" + script,
-        text=True,
-        capture_output=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def run(url: str, *args: str) -> str:
