@@ -44,6 +44,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -601,6 +602,10 @@ def _workdir() -> Iterator[Path]:
         yield Path(tmp)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--app", choices=["small", "large", "both"], default="both")
@@ -622,6 +627,9 @@ def main(argv: list[str]) -> int:
         parser.error("--commands needs plain: the others are measured against it")
     ns.commands = ["plain", *(c for c in COMMANDS if c in ns.commands and c != "plain")]
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    # A SIGTERM (e.g. from timeout) ends the run through the finally blocks, which drop its
+    # databases also on DATABASE_URL's server.
+    signal.signal(signal.SIGTERM, _terminate)
     with server(), _workdir() as workdir:
         for key in ["small", "large"] if ns.app == "both" else [ns.app]:
             run_app(key, ns, workdir)
