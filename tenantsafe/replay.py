@@ -35,6 +35,7 @@ import stat
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -541,7 +542,7 @@ def _built(
     alias: str, state: str, tenant_type: str, recorder: Recorder, identifying: Iterable[str]
 ) -> Recording:
     """The recording (usable, or with the reason it is not)."""
-    sql, problem = taken(alias, recorder, identifying)
+    parts, problem = _kept(alias, recorder, identifying)
     if problem:
         return Recording(state, tenant_type, "", "", problem)
     connection: Any = connections[alias]
@@ -553,12 +554,45 @@ def _built(
     ):
         guard.pin(connection, cursor, path)
         print_ = fingerprint(cursor, recorder.schema)
+    sql = _joined(parts)
+    folded = statements.fold_constraints(parts)
+    if folded != parts and _leaves(alias, tenant_type, _joined(folded), print_):
+        sql = _joined(folded)
     return Recording(state, tenant_type, sql, print_)
+
+
+def _leaves(alias: str, tenant_type: str, sql: str, expected: str) -> bool:
+    """Whether ``sql`` replayed into a new schema leaves one whose fingerprint is
+    ``expected``; rolled back either way."""
+    scratch = f"tenantsafe_scratch_{uuid.uuid4().hex[:12]}"
+    connection: Any = connections[alias]
+    path = _path(connection, scratch, tenant_type)
+    try:
+        with transaction.atomic(using=alias), connection.wrap_database_errors:
+            with connection.connection.cursor() as cursor:
+                cursor.execute("CREATE SCHEMA %s" % schemas.quote(scratch))
+                guard.pin(connection, cursor, path)
+                cursor.execute(sql)
+                # Deferred constraints are checked at commit, which this never reaches.
+                cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+                alike = fingerprint(cursor, scratch) == expected
+            transaction.set_rollback(True, using=alias)
+    except DatabaseError as exc:
+        logger.debug("the recording with constraints folded in fails (%s): kept as recorded", exc)
+        return False
+    return alike
 
 
 def taken(alias: str, recorder: Recorder, identifying: Iterable[str]) -> tuple[str, str]:
     """What ``recorder`` recorded as one multi-statement string, and why it cannot be
     replayed into another schema (empty when it can)."""
+    parts, problem = _kept(alias, recorder, identifying)
+    return _joined(parts), problem
+
+
+def _kept(alias: str, recorder: Recorder, identifying: Iterable[str]) -> tuple[list[str], str]:
+    """The statements ``recorder`` recorded, parameters bound, or why they cannot be replayed
+    into another schema."""
     kept: list[_Statement] = []
     words = sorted({w for w in identifying if w}, key=len, reverse=True)
     pattern = (
@@ -591,10 +625,10 @@ def taken(alias: str, recorder: Recorder, identifying: Iterable[str]) -> tuple[s
             break
         kept.append(_Statement(sql, statement.params, statement.many))
     if problem:
-        return "", problem
+        return [], problem
     connection: Any = connections[alias]
     connection.ensure_connection()
-    return _batch(connection.connection, kept), ""
+    return _bound(connection.connection, kept), ""
 
 
 # MigrationRecorder.record_applied(): the time it was applied is the replay's own, not the
@@ -652,7 +686,7 @@ def _short(sql: str) -> str:
     return " ".join(sql.split())[:100]
 
 
-def _batch(raw: Any, kept: list[_Statement]) -> str:
+def _bound(raw: Any, kept: list[_Statement]) -> list[str]:
     with _binder(raw) as bind:
         parts: list[str] = []
         for statement in kept:
@@ -662,6 +696,10 @@ def _batch(raw: Any, kept: list[_Statement]) -> str:
                 parts.append(statement.sql)
             else:
                 parts.append(bind(statement.sql, statement.params))
+    return parts
+
+
+def _joined(parts: list[str]) -> str:
     # A newline before each ';' so that a statement ending in a -- comment still ends.
     return "\n;\n".join(parts)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.migrations.loader import MigrationLoader
 from django.test.utils import override_settings
 from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
@@ -385,6 +385,81 @@ def test_a_schema_unlike_the_recorded_one_is_migrated_instead(reference, migrati
     assert fingerprint(database_url(), "second") == reference
     [(_, problem, _)] = recordings()
     assert problem == "replaying it into second left a schema unlike the recorded one"
+
+
+def constraint_triggers(schema: str) -> int:
+    # The triggers that enforce foreign keys (tenantsafe's fingerprints do not cover them).
+    return int(
+        scalar(
+            "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND t.tgconstraint <> 0",
+            [schema],
+        )
+    )
+
+
+def test_the_recording_adds_constraints_with_their_tables(reference, migrations_run):
+    assert provision(Client(schema_name="first", name="First")) == "migrated"
+    assert provision(Client(schema_name="second", name="Second")) == "replayed"
+
+    # Django adds shop_product's foreign key after creating the table; the recording adds it
+    # in the CREATE TABLE, where PostgreSQL need not check it against existing rows.
+    [statements] = sql("SELECT statements FROM public.tenantsafe_recording")[0]
+    [create] = [s for s in statements.split("\n;\n") if s.startswith('CREATE TABLE "shop_product"')]
+    assert 'FOREIGN KEY ("category_id") REFERENCES "shop_category" ("id")' in create
+    assert 'ALTER TABLE "shop_product" ADD CONSTRAINT' not in statements
+    assert fingerprint(database_url(), "second") == reference
+    assert constraint_triggers("second") == constraint_triggers("first") > 0
+    # And it is enforced, at commit as Django declared it.
+    with pytest.raises(IntegrityError, match="shop_product_category_id"), transaction.atomic():
+        sql(
+            "INSERT INTO second.shop_product (name, sku, category_id, price_cents) "
+            "VALUES ('x', 'x', 999, 0)"
+        )
+    assert scalar("SELECT count(*) FROM second.shop_product") == 0
+
+
+def test_constraints_stay_where_moving_them_would_change_the_schema(new_migrations, migrations_run):
+    # Rows that break the constraint exist until just before it is added: added with the
+    # table, it would refuse them.
+    package = new_migrations(
+        "notes",
+        {
+            "0004_codes": """
+            from django.db import migrations, models
+
+
+            class Migration(migrations.Migration):
+                dependencies = [("notes", "0003_welcome_note")]
+
+                operations = [
+                    migrations.CreateModel(
+                        name="Code",
+                        fields=[
+                            ("id", models.AutoField(primary_key=True)),
+                            ("code", models.CharField(max_length=10)),
+                        ],
+                    ),
+                    migrations.RunSQL(
+                        "INSERT INTO notes_code (code) VALUES ('a'), ('a'), ('b');"
+                        "DELETE FROM notes_code WHERE id = 2"
+                    ),
+                    migrations.AddConstraint(
+                        "code", models.UniqueConstraint(fields=["code"], name="notes_code_once")
+                    ),
+                ]
+            """
+        },
+    )
+    with override_settings(MIGRATION_MODULES={"notes": package}):
+        assert provision(Client(schema_name="first", name="First")) == "migrated"
+        assert provision(Client(schema_name="second", name="Second")) == "replayed"
+
+    [statements] = sql("SELECT statements FROM public.tenantsafe_recording")[0]
+    assert 'ALTER TABLE "notes_code" ADD CONSTRAINT "notes_code_once" UNIQUE' in statements
+    assert fingerprint(database_url(), "second") == fingerprint(database_url(), "first")
+    assert sql("SELECT code FROM second.notes_code ORDER BY id") == [("a",), ("b",)]
 
 
 def test_a_recording_that_names_its_tenant_is_never_replayed(monkeypatch, migrations_run):
