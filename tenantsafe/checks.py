@@ -341,6 +341,18 @@ def check_provisioning(app_configs: Sequence[AppConfig] | None = None, **kwargs:
                 id="tenantsafe.W005",
             )
         )
+    elif _is_count(spares) and spares and mode != "replay":
+        messages.append(
+            checks.Warning(
+                f"TENANTSAFE_SPARE_SCHEMAS is {spares}, but TENANTSAFE_PROVISIONING is not "
+                "'replay': saving a new tenant migrates its schema and never claims a spare, "
+                "so the spares migrate_schemas_safe and tenantsafe_spares keep go unused "
+                "(only tenantsafe.provisioning.provision() claims them).",
+                hint="Set TENANTSAFE_PROVISIONING = 'replay', or remove TENANTSAFE_SPARE_SCHEMAS "
+                "(or set it to 0) if new tenants are not provisioned with provision().",
+                id="tenantsafe.W006",
+            )
+        )
     return messages
 
 

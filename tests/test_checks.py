@@ -233,7 +233,7 @@ def test_multi_type_app_lists():
 def test_supported_provisioning_settings_pass(value):
     with override_settings(
         TENANTSAFE_PROVISIONING=value,
-        TENANTSAFE_SPARE_SCHEMAS=5,
+        TENANTSAFE_SPARE_SCHEMAS=5 if value == "replay" else 0,
         TENANTSAFE_RECORDING_WAIT_SECONDS=0.5,
     ):
         assert issues() == []
@@ -299,6 +299,22 @@ def test_w005_spare_schemas_with_multi_type_tenants():
         # What the warning says of the command.
         with pytest.raises(CommandError, match="does not support multi-type tenants"):
             call_command("tenantsafe_spares", skip_checks=True)
+
+
+@pytest.mark.parametrize("value", ["migrate", None])
+def test_w006_spare_schemas_that_save_never_claims(value):
+    with override_settings(TENANTSAFE_PROVISIONING=value, TENANTSAFE_SPARE_SCHEMAS=2):
+        assert issues() == [
+            (
+                "tenantsafe.W006",
+                "TENANTSAFE_SPARE_SCHEMAS is 2, but TENANTSAFE_PROVISIONING is not 'replay': "
+                "saving a new tenant migrates its schema and never claims a spare, so the spares "
+                "migrate_schemas_safe and tenantsafe_spares keep go unused (only "
+                "tenantsafe.provisioning.provision() claims them).",
+                "Set TENANTSAFE_PROVISIONING = 'replay', or remove TENANTSAFE_SPARE_SCHEMAS (or "
+                "set it to 0) if new tenants are not provisioned with provision().",
+            )
+        ]
 
 
 def test_provisioning_checks_fail_manage_check_with_the_hint():
