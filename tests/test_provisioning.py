@@ -582,6 +582,50 @@ def test_through_pgbouncer_with_other_clients_on_the_pool():
             assert fingerprint(target, schema) == expected, schema
 
 
+@pytest.mark.slow
+@pytest.mark.pooler
+def test_concurrent_first_signups_through_pgbouncer_migrate_once():
+    env = {"TESTPROJECT_POOLER_SAFE": "1"}
+    names = ["one", "two", "three"]
+    with fresh_database("tsprov") as name:
+        target = with_dbname(direct_url(), name)
+        pooled = with_dbname(pooled_url(), name)
+        migrated = manage(target, "migrate_schemas_safe", "--shared", "-v", "0", env=env)
+        assert migrated.returncode == 0, migrated.stderr
+        # The tables exist (empty), so that the gate can lock the recordings'.
+        made = manage(target, "shell", "-c", ENSURE_TABLES, env=env)
+        assert made.returncode == 0, made.stderr
+        with connect(target) as conn:
+            conn.execute("CREATE SCHEMA decoy")
+        with pool_load(pooled, ["decoy"]):
+            results = signups_at_once(
+                pooled, names, gate="public.tenantsafe_recording", mode="ACCESS EXCLUSIVE", env=env
+            )
+
+        # The claim holds through the pooler: one of the three migrates and records, the
+        # others wait for its recording and replay it.
+        assert sorted(r["how"] for r in results) == ["migrated", "replayed", "replayed"]
+        assert sorted(schema for r in results for schema in r["migrated"]) == [
+            n for n, r in zip(names, results, strict=True) if r["how"] == "migrated"
+        ]
+        with connect(target) as conn:
+            assert conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'decoy'"
+            ).fetchone() == (0,)
+            assert conn.execute(
+                "SELECT count(*) FROM public.tenantsafe_lease WHERE schema_name LIKE 'recording:%'"
+            ).fetchone() == (0,)
+        expected = reference_fingerprint(target, env=env)
+        for schema in names:
+            assert fingerprint(target, schema) == expected, schema
+
+
+ENSURE_TABLES = (
+    "from tenantsafe import locks, replay; "
+    "replay.ensure_table('default'); locks.ensure_table('default')"
+)
+
+
 def test_migrate_schemas_safe_records_the_new_state_for_the_first_signup(migrations_run):
     add_tenant("existing")
     with replaying:
