@@ -4,8 +4,8 @@
 
 ``--app large`` (the default) generates a tenant app of ``--models`` models into a temporary
 directory (``bench/_bigapp.py``) and uses ``bench.bigapp_settings``; ``--app small`` is the test
-project as it is. Per round and method, a new database (public migrated) gets ``--tenants``
-tenants, by
+project as it is. Per round, a new database (public migrated) gets ``--tenants`` tenants by each
+of
 
 - ``save``: django-tenants' migrating ``Client(...).save()``;
 - ``clone``: the same save with ``TENANT_CREATION_FAKES_MIGRATIONS`` and a ``TENANT_BASE_SCHEMA``
@@ -15,19 +15,23 @@ tenants, by
   ``tenantsafe.provisioning.ensure_recording()`` ran in another process (as
   ``migrate_schemas_safe`` runs it after a deploy): the first tenant is the first signup after a
   deploy, the others replay a recording their process has used before;
-- ``spare``: the same, with ``TENANTSAFE_SPARE_SCHEMAS`` as many as there are tenants, filled
-  beforehand in another process (``tenantsafe.provisioning.fill_spares()``): each save claims a
-  spare schema.
 
-Each method runs in a fresh process with a temporary directory of its own, and only the
-provisioning loop is timed; the order of the methods rotates by round. Uses DATABASE_URL, or
-starts a throwaway cluster when it is not set.
+taking turns in one process (save, clone, replay, then clone, replay, save, ...), so that the
+three see the same database and the same moment's load; and another new database gets them by
+
+- ``spare``: the same save with ``TENANTSAFE_SPARE_SCHEMAS`` as many as there are tenants,
+  filled beforehand in another process (``tenantsafe.provisioning.fill_spares()``): each save
+  claims a spare schema.
+
+Each timing process has a temporary directory of its own, and only the saves are timed. Uses
+DATABASE_URL, or starts a throwaway cluster when it is not set.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -41,9 +45,12 @@ from typing import Any
 
 from bench._bigapp import generate
 from bench._db import server
-from testproject.dbtools import ROOT, direct_url, fresh_database, manage, with_dbname
+from testproject.dbtools import ROOT, connect, direct_url, fresh_database, manage, with_dbname
 
 METHODS = ["save", "clone", "replay", "spare"]
+# Measured taking turns in one process and database; the spare claim needs a database of its
+# own (a replay there would claim a spare too).
+TOGETHER = ["save", "clone", "replay"]
 BASE_SCHEMA = "bench_base"
 
 
@@ -110,40 +117,61 @@ def _phase(method: str, step: str, count: int) -> dict[str, Any]:
 
     from testproject.customers.models import Client
 
-    with override_settings(**_method_settings(method, count)):
-        if step == "prepare":
-            if method == "clone":
-                # The base schema does not exist yet, so django-tenants migrates this one.
-                Client(schema_name=BASE_SCHEMA, name="Base").save(verbosity=0)
-            elif method == "replay":
-                from tenantsafe.provisioning import ensure_recording
-
-                if not ensure_recording():
-                    raise SystemExit("ensure_recording() recorded nothing usable")
-            elif method == "spare":
-                from tenantsafe.provisioning import fill_spares
-
-                filled = fill_spares()
-                if filled.ready < count:
-                    raise SystemExit(f"fill_spares() made too few spares: {filled}")
-            return {}
-        times, how = [], []
-        for number in range(count):
-            tenant = Client(schema_name=f"bench{number}", name=f"Bench {number}")
-            started = time.perf_counter()
-            tenant.save(verbosity=0)
-            times.append(time.perf_counter() - started)
-            # How tenantsafe provisioned it (a private detail, read here only to check).
-            how.append(tenant.__dict__.get("_tenantsafe_provisioned", method))
+    if step == "prepare":
+        with override_settings(**_method_settings(method, count)):
+            _prepare(method, count)
+        return {}
+    methods = TOGETHER if method == "together" else [method]
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    how: list[str] = []
+    for number in range(count):
+        for name in methods[number % len(methods) :] + methods[: number % len(methods)]:
+            tenant = Client(schema_name=f"bench_{name}{number}", name=f"Bench {number}")
+            with override_settings(**_method_settings(name, count)):
+                started = time.perf_counter()
+                tenant.save(verbosity=0)
+                times[name].append(time.perf_counter() - started)
+            if name in ("replay", "spare"):
+                # How tenantsafe provisioned it (a private detail, read here only to check).
+                how.append(f"{name}: {tenant.__dict__.get('_tenantsafe_provisioned')}")
     return {"times": times, "how": how}
 
 
-def _side(env: _Env, method: str, count: int) -> tuple[list[float], list[str]]:
-    with _database(env) as url:
-        _run(env, url, "--phase", method, "--step", "prepare", "--tenants", str(count))
-        out = _run(env, url, "--phase", method, "--step", "time", "--tenants", str(count))
+def _prepare(method: str, count: int) -> None:
+    from testproject.customers.models import Client
+
+    if method == "clone":
+        # The base schema does not exist yet, so django-tenants migrates this one.
+        Client(schema_name=BASE_SCHEMA, name="Base").save(verbosity=0)
+    elif method == "replay":
+        from tenantsafe.provisioning import ensure_recording
+
+        if not ensure_recording():
+            raise SystemExit("ensure_recording() recorded nothing usable")
+    elif method == "spare":
+        from tenantsafe.provisioning import fill_spares
+
+        filled = fill_spares()
+        if filled.ready < count:
+            raise SystemExit(f"fill_spares() made too few spares: {filled}")
+
+
+def _side(
+    env: _Env, method: str, count: int, kept: contextlib.ExitStack
+) -> tuple[dict[str, list[float]], list[str]]:
+    """Time ``method`` ("together" or "spare") on a new database. It is dropped with ``kept``
+    (at the end of the run): dropping one unlinks thousands of files, and the disk's work on
+    that would fall into the next round's timings."""
+    url = kept.enter_context(_database(env))
+    for prepared in ("clone", "replay") if method == "together" else (method,):
+        _run(env, url, "--phase", prepared, "--step", "prepare", "--tenants", str(count))
+    # Nor should a checkpoint of what preparing wrote.
+    with connect(url) as conn:
+        conn.execute("CHECKPOINT")
+    out = _run(env, url, "--phase", method, "--step", "time", "--tenants", str(count))
     result = json.loads(out.strip().splitlines()[-1])
-    return [float(t) for t in result["times"]], list(result["how"])
+    times = {m: [float(t) for t in ts] for m, ts in result["times"].items()}
+    return times, list(result["how"])
 
 
 def main(argv: list[str]) -> int:
@@ -152,7 +180,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--models", type=int, default=150)
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--phase", choices=METHODS)
+    parser.add_argument("--phase", choices=[*METHODS, "together"])
     parser.add_argument("--step", choices=["prepare", "time"])
     ns = parser.parse_args(argv)
     if ns.phase:
@@ -167,21 +195,53 @@ def main(argv: list[str]) -> int:
         return _compare(env, ns)
 
 
+@dataclasses.dataclass
+class _Results:
+    # Per method: each process's first save, the saves after it, and each round's median.
+    firsts: dict[str, list[float]] = dataclasses.field(default_factory=lambda: _per_method())
+    rest: dict[str, list[float]] = dataclasses.field(default_factory=lambda: _per_method())
+    rounds: dict[str, list[str]] = dataclasses.field(default_factory=lambda: _per_method())
+    # How tenantsafe provisioned each tenant ("replay: replayed").
+    hows: list[str] = dataclasses.field(default_factory=list)
+    # replay / clone of the same turn (after the first), which saw the same moment.
+    turns: list[float] = dataclasses.field(default_factory=list)
+
+
+def _per_method() -> dict[str, Any]:
+    return {m: [] for m in METHODS}
+
+
 def _compare(env: _Env, ns: argparse.Namespace) -> int:
+    results = _Results()
+    with contextlib.ExitStack() as kept:
+        for number in range(ns.rounds):
+            for side in ("together", "spare") if number % 2 == 0 else ("spare", "together"):
+                by_method, how = _side(env, side, ns.tenants, kept)
+                results.hows.extend(how)
+                if side == "together":
+                    results.turns.extend(
+                        r / c
+                        for r, c in zip(
+                            by_method["replay"][1:], by_method["clone"][1:], strict=True
+                        )
+                    )
+                for method, times in by_method.items():
+                    results.firsts[method].append(times[0])
+                    results.rest[method].extend(times[1:])
+                    results.rounds[method].append(_ms(times[1:] or times).strip())
+    _report(ns, results)
+    return 0
+
+
+def _report(ns: argparse.Namespace, results: _Results) -> None:
+    firsts, rest, rounds, hows, turns = (
+        results.firsts,
+        results.rest,
+        results.rounds,
+        results.hows,
+        results.turns,
+    )
     count = ns.tenants
-    firsts: dict[str, list[float]] = {m: [] for m in METHODS}
-    rest: dict[str, list[float]] = {m: [] for m in METHODS}
-    rounds: dict[str, list[str]] = {m: [] for m in METHODS}
-    hows: list[str] = []
-    for number in range(ns.rounds):
-        # Rotate the order, so that no method always gets the warmest (or coldest) server.
-        order = METHODS[number % len(METHODS) :] + METHODS[: number % len(METHODS)]
-        for method in order:
-            times, how = _side(env, method, count)
-            firsts[method].append(times[0])
-            rest[method].extend(times[1:])
-            rounds[method].append(_ms(times[1:] or times).strip())
-            hows.extend(f"{method}: {h}" for h in how if method in ("replay", "spare"))
     app = f"{ns.models} generated models" if ns.app == "large" else "the test project"
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
@@ -205,6 +265,10 @@ def _compare(env: _Env, ns: argparse.Namespace) -> int:
     print(f"  replay/save:  {replay / save:.3f}" + ("  (target <= 0.1)" if target else ""))
     print(f"  replay/clone: {replay / clone:.3f}" + ("  (target <= 0.4)" if target else ""))
     print(
+        f"  replay/clone turn by turn: median {statistics.median(turns):.3f} "
+        f"({min(turns):.3f} to {max(turns):.3f})"
+    )
+    print(
         f"  first after a deploy (after ensure_recording): {after_deploy / save:.3f} of a save, "
         f"{after_deploy / clone:.3f} of a clone"
     )
@@ -217,7 +281,6 @@ def _compare(env: _Env, ns: argparse.Namespace) -> int:
     print(
         f"  tenantsafe provisioned: {', '.join(f'{h} x{hows.count(h)}' for h in sorted(set(hows)))}"
     )
-    return 0
 
 
 def _ms(values: list[float]) -> str:
