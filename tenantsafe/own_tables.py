@@ -13,8 +13,18 @@ from django_tenants.utils import get_public_schema_name
 
 from tenantsafe import schemas
 
-# First key of the advisory lock that serializes creating one of them.
-_CREATE = 0x7455
+# The first keys of tenantsafe's two-int transaction advisory locks (the second is a hash of
+# a name), one list so that no two uses share one: creating one of these tables, writing a
+# tenant type's recording, filling a tenant type's spare schemas.
+CREATE_LOCK = 0x7455
+RECORDING_LOCK = 0x7456
+SPARES_LOCK = 0x7458
+
+
+def lock(cursor: Any, key: int, name: str) -> None:
+    """Take the transaction advisory lock ``(key, hashtext(name))``."""
+    cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [key, name])
+
 
 # (alias, database, table) of the tables known to exist.
 _known: set[tuple[str, str, str]] = set()
@@ -37,7 +47,7 @@ def ensure(alias: str, name: str, columns: str) -> None:
     connection.set_schema_to_public()
     with transaction.atomic(using=alias), connection.cursor() as cursor:
         # Two first runs at once would both try to create it.
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [_CREATE, name])
+        lock(cursor, CREATE_LOCK, name)
         cursor.execute(f"CREATE TABLE IF NOT EXISTS {qualified(name)} ({columns})")
     _known.add(seen)
 

@@ -61,8 +61,6 @@ TABLE = "tenantsafe_recording"
 # Changes when what a recording holds or how it is fingerprinted changes: a recording made by
 # another version is never used.
 _FORMAT = "2"
-# First key of the two-int advisory locks (tenantsafe.locks uses 0x7454 and 0x7455).
-_WRITE = 0x7456
 
 
 @dataclass(frozen=True)
@@ -244,9 +242,7 @@ def _store(alias: str, recording: Recording) -> None:
     connection: Any = connections[alias]
     connection.set_schema_to_public()
     with transaction.atomic(using=alias), connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [_WRITE, recording.tenant_type]
-        )
+        own_tables.lock(cursor, own_tables.RECORDING_LOCK, recording.tenant_type)
         cursor.execute(
             f"DELETE FROM {table()} WHERE tenant_type = %s AND state <> %s",  # noqa: S608
             [recording.tenant_type, recording.state],

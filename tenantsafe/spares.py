@@ -31,8 +31,6 @@ logger = logging.getLogger("tenantsafe.spares")
 
 TABLE = "tenantsafe_spare"
 PREFIX = "tenantsafe_spare_"
-# Advisory lock key (tenantsafe.own_tables uses 0x7455, tenantsafe.replay 0x7456).
-_FILL = 0x7458
 
 
 @dataclass(frozen=True)
@@ -133,7 +131,7 @@ def _make_one(alias: str, state: str, tenant_type: str, count: int) -> tuple[str
     with transaction.atomic(using=alias):
         with connection.cursor() as cursor:
             # Serializes fills (not claims): each counts what the others made.
-            cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [_FILL, tenant_type])
+            own_tables.lock(cursor, own_tables.SPARES_LOCK, tenant_type)
         ready = _count(alias, state, tenant_type)
         if ready >= count:
             return None, ready
