@@ -29,6 +29,7 @@ from tests.dbtools import (
     pool_load,
     pooled_url,
     register_tenants,
+    summary,
     with_dbname,
 )
 
@@ -37,13 +38,6 @@ pytestmark = pytest.mark.slow
 POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
 MIGRATE = ("migrate_schemas_safe", "--tenant")
 
-SUMMARY = re.compile(
-    r"^migrate_schemas_safe: (?:public \S+; )?(?P<total>\d+) tenant\(s\): "
-    r"(?P<migrated>\d+) migrated, (?P<current>\d+) already current"
-    r"(?:, (?P<planned>\d+) with a plan shown)?(?:, (?P<pending>\d+) with unapplied migrations)?"
-    r", (?P<failed>\d+) failed(?:, (?P<not_attempted>\d+) not attempted)? in \d+\.\ds$",
-    re.M,
-)
 STOPPED = re.compile(
     r"^migrate_schemas_safe: stopped early \((?P<reason>.+)\): "
     r"(?P<count>\d+) tenant\(s\) not attempted\.$",
@@ -53,14 +47,6 @@ FAILED = re.compile(r"^FAILED (?P<who>.+?): (?P<error>.*)$", re.M)
 
 
 # -- what a run printed ---------------------------------------------------------------------
-
-
-def summary(stdout: str) -> dict[str, int]:
-    found = SUMMARY.findall(stdout)
-    assert len(found) == 1, f"no summary line of its own in:\n{stdout[-3000:]}"
-    match = SUMMARY.search(stdout)
-    assert match is not None
-    return {key: int(value or 0) for key, value in match.groupdict().items()}
 
 
 def stopped(stdout: str) -> tuple[str, int] | None:

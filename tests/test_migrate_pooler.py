@@ -23,6 +23,7 @@ from tests.dbtools import (
     pooled_url,
     public_tables,
     register_tenants,
+    summary,
     with_dbname,
 )
 
@@ -30,15 +31,6 @@ pytestmark = [pytest.mark.pooler, pytest.mark.slow]
 
 POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
 TENANTS = [f"t{n:02d}" for n in range(12)]
-
-
-def summary(output: str) -> dict[str, int]:
-    match = re.search(
-        r"(\d+) tenant\(s\): (\d+) migrated, (\d+) already current, (\d+) failed", output
-    )
-    assert match, output
-    total, migrated, current, failed = map(int, match.groups())
-    return {"total": total, "migrated": migrated, "current": current, "failed": failed}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,9 @@ def test_guarded_migration_through_pgbouncer_matches_a_direct_one(
         )
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert summary(result.stdout) == {"total": 12, "migrated": 12, "current": 0, "failed": 0}
+    counts = summary(result.stdout)
+    assert counts["total"] == counts["migrated"] == 12
+    assert counts["current"] == counts["failed"] == 0
     differing = [name for name in TENANTS if fingerprint(direct, name) != reference]
     assert differing == []
     # Only tenantsafe's own lease table is new in public: nothing of any tenant's.
