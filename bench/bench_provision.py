@@ -276,7 +276,7 @@ def _report(ns: argparse.Namespace, results: _Results) -> None:
     print(
         f"  spare claim: {spare * 1000:.0f} ms"
         + ("  (target <= 50 ms)" if target else "")
-        + f", {spare / save:.3f} of a save"
+        + f", {spare / save:.3f} of a save, {spare / clone:.3f} of a clone"
     )
     print(
         f"  tenantsafe provisioned: {', '.join(f'{h} x{hows.count(h)}' for h in sorted(set(hows)))}"
