@@ -59,26 +59,36 @@ _ADD_CONSTRAINT = re.compile(
 _REFERENCES = re.compile(r'\bREFERENCES ("[^"]+")')
 _NOT_INLINE = re.compile(r"\bNOT\s+VALID\b|\bUSING\s+INDEX\b|;", re.IGNORECASE)
 _ALTERS = re.compile(r'^\s*(?:ALTER|DROP)\s+TABLE\s+(?:IF\s+EXISTS\s+)?("[^"]+")', re.IGNORECASE)
+# What Django's schema editor sends between creating a table and adding its constraints. Any
+# other statement (rows written, a RunSQL) is a barrier no constraint is moved across: an
+# earlier constraint could change what it does (a cascade, a refused row).
+_SCHEMA_ONLY = re.compile(
+    r'^(?:CREATE TABLE "|CREATE (?:UNIQUE )?INDEX "|ALTER TABLE "|COMMENT ON )'
+)
 
 
 def fold_constraints(parts: list[str]) -> list[str]:
     """``parts`` (a recording's statements) with each ``ALTER TABLE t ADD CONSTRAINT`` moved
-    into the ``CREATE TABLE t`` before it, where nothing between them alters ``t`` or the
-    table a foreign key references. Whether the result leaves the same schema is for the
-    caller to verify (rows inserted in between meet the constraint earlier, for one)."""
+    into the ``CREATE TABLE t`` before it, where only schema statements come between them and
+    none of those alters ``t`` or the table a foreign key references. The caller verifies
+    that the result leaves the same schema."""
     creates = [m.group(1) for m in map(_CREATE_TABLE.match, parts) if m]
-    once = {name for name in creates if creates.count(name) == 1}
+    created_names = set(creates)
+    once = {name for name in created_names if creates.count(name) == 1}
     at: dict[str, int] = {}  # table -> index of its CREATE TABLE in the result
     altered: dict[str, int] = {}  # table -> index of the last statement altering it
+    barrier = -1  # index of the last statement that is not one of _SCHEMA_ONLY
     result: list[str] = []
     for part in parts:
+        if not _SCHEMA_ONLY.match(part):
+            barrier = len(result)
         created = _CREATE_TABLE.match(part)
         if created and created.group(1) in once and _ends_its_list(part, created.end(1) + 2):
             at[created.group(1)] = len(result)
             result.append(part)
             continue
         added = _ADD_CONSTRAINT.match(part)
-        if added and _foldable(added, at, set(creates), altered):
+        if added and _foldable(added, at, created_names, altered, barrier):
             table = added.group(1)
             result[at[table]] = f"{result[at[table]][:-1]}, {added.group(2)})"
             continue
@@ -110,10 +120,16 @@ def _ends_its_list(sql: str, start: int) -> bool:
 
 
 def _foldable(
-    added: re.Match[str], at: dict[str, int], created: set[str], altered: dict[str, int]
+    added: re.Match[str],
+    at: dict[str, int],
+    created: set[str],
+    altered: dict[str, int],
+    barrier: int,
 ) -> bool:
     table, constraint = added.groups()
-    if table not in at or altered.get(table, -1) > at[table] or _NOT_INLINE.search(constraint):
+    if table not in at or max(barrier, altered.get(table, -1)) > at[table]:
+        return False
+    if _NOT_INLINE.search(constraint):
         return False
     referenced = _REFERENCES.search(constraint)
     if referenced is None or referenced.group(1) == table:

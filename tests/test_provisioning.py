@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 import socket
 import textwrap
@@ -19,7 +20,7 @@ from django.db.migrations.loader import MigrationLoader
 from django.test.utils import override_settings
 from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
 
-from tenantsafe import locks, replay, schemas
+from tenantsafe import locks, replay, schemas, statements
 from tenantsafe.provisioning import ProvisionError, ensure_recording, provision
 from testproject.customers.models import Client, Domain
 from tests.dbtools import (
@@ -420,7 +421,9 @@ def test_the_recording_adds_constraints_with_their_tables(reference, migrations_
     assert scalar("SELECT count(*) FROM second.shop_product") == 0
 
 
-def test_constraints_stay_where_moving_them_would_change_the_schema(new_migrations, migrations_run):
+def test_constraints_stay_after_the_table_when_rows_are_written_in_between(
+    new_migrations, migrations_run
+):
     # Rows that break the constraint exist until just before it is added: added with the
     # table, it would refuse them.
     package = new_migrations(
@@ -460,6 +463,30 @@ def test_constraints_stay_where_moving_them_would_change_the_schema(new_migratio
     assert 'ALTER TABLE "notes_code" ADD CONSTRAINT "notes_code_once" UNIQUE' in statements
     assert fingerprint(database_url(), "second") == fingerprint(database_url(), "first")
     assert sql("SELECT code FROM second.notes_code ORDER BY id") == [("a",), ("b",)]
+
+
+def test_folded_constraints_that_leave_another_schema_are_not_used(
+    reference, migrations_run, monkeypatch
+):
+    fold = statements.fold_constraints
+    lost = re.compile(
+        r', CONSTRAINT "[^"]+" FOREIGN KEY \("category_id"\) REFERENCES "[^"]+" \("id"\)'
+        r"(?: DEFERRABLE INITIALLY DEFERRED)?"
+    )
+
+    def losing_a_foreign_key(parts: list[str]) -> list[str]:
+        # As a mistake in the folding would: the product's foreign key is moved into its
+        # CREATE TABLE and lost on the way.
+        return [lost.sub("", p) for p in fold(parts)]
+
+    monkeypatch.setattr(statements, "fold_constraints", losing_a_foreign_key)
+    assert provision(Client(schema_name="first", name="First")) == "migrated"
+    assert provision(Client(schema_name="second", name="Second")) == "replayed"
+
+    # The recording is kept as Django sent it, and replays to the migrated schema.
+    [statements_] = sql("SELECT statements FROM public.tenantsafe_recording")[0]
+    assert 'ALTER TABLE "shop_product" ADD CONSTRAINT' in statements_
+    assert fingerprint(database_url(), "second") == reference
 
 
 def test_a_recording_that_names_its_tenant_is_never_replayed(monkeypatch, migrations_run):
