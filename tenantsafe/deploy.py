@@ -7,15 +7,19 @@ that recording into the others. The rule that decides when that is the same as m
 
 1. **Groups.** Tenants are alike when they have the same tenant type and applied migrations
    (hence the same plan), the same catalog (:func:`tenantsafe.replay.catalogs`) and the same
-   rows and sequence values in the small tables post_migrate reads (content types and
-   permissions). Plans that unapply, hold a ``RunPython`` or a non-atomic migration are never
-   replayed, nor are groups of fewer than ``MIN_GROUP`` tenants.
+   content types and permissions, the small tables post_migrate reads, compared without
+   their ids (tenants created at different times often number them differently). Plans that
+   unapply, hold a ``RunPython`` or a non-atomic migration are never replayed, nor are groups
+   of fewer than ``MIN_GROUP`` tenants.
 2. **Witnesses.** The first two tenants of a group are migrated through Django, recorded.
    Replay is used only when both recordings are the same text, name neither witness (schema,
-   domain, field values), read the same tables, and leave the same catalog and rows. Any table
-   the recording read (or inserted into and got ids back from) beyond the ones of the group's
-   key is digested in the second witness and in every other tenant before the second witness
-   migrates; a tenant whose rows differ is migrated through Django.
+   domain, field values), read the same tables, and leave the same catalog and rows. When the
+   recording writes any row but its ``django_migrations`` ones, an id could be in it: then
+   only tenants whose content types and permissions are the witness's, ids and sequence
+   values too, are replayed to (the others form groups of their own). Any other table the
+   recording read (or inserted into and got ids back from) is digested in the second witness
+   and in every other tenant before the second witness migrates; a tenant whose rows differ
+   is migrated through Django.
 3. **Replay.** Every other tenant gets the recording in one transaction under its lease, with
    the path pinned; it commits only if the tenant's catalog and those rows are then the same as
    the witnesses'. Otherwise it rolls back and the tenant is migrated through Django.
@@ -43,7 +47,8 @@ logger = logging.getLogger("tenantsafe.deploy")
 
 WITNESSES = 2
 MIN_GROUP = WITNESSES + 1
-# The tables whose rows every group key holds: post_migrate reads them in every tenant.
+# The tables whose rows (without ids) every group key holds: post_migrate reads them in
+# every tenant.
 KEYED = frozenset({"django_content_type", "auth_permission"})
 # Where the recording's applied set is checked after a replay.
 CHECKED = KEYED | {"django_migrations"}
@@ -55,6 +60,26 @@ CHUNK = 100
 class Group:
     tenant_type: str
     tenants: tuple[TenantRef, ...]
+    # Each tenant's content types and permissions with their ids (KEYED, exactly): a
+    # recording that writes rows is replayed only where they are the witness's.
+    exact: tuple[str | None, ...] = ()
+
+    def exactly_like(self, tenant: TenantRef, others: Sequence[TenantRef]) -> list[TenantRef]:
+        """Those of ``others`` whose KEYED rows are ``tenant``'s, ids included."""
+        by_schema = dict(zip((t.schema for t in self.tenants), self.exact, strict=True))
+        mine = by_schema[tenant.schema]
+        return [t for t in others if mine is not None and by_schema[t.schema] == mine]
+
+    def split_exactly(self, tenants: Sequence[TenantRef]) -> list[Group]:
+        """``tenants`` (of this group) split by their exact KEYED rows."""
+        by_schema = dict(zip((t.schema for t in self.tenants), self.exact, strict=True))
+        split: dict[str | None, list[TenantRef]] = {}
+        for tenant in tenants:
+            split.setdefault(by_schema[tenant.schema], []).append(tenant)
+        return [
+            Group(self.tenant_type, tuple(refs), tuple(by_schema[t.schema] for t in refs))
+            for refs in split.values()
+        ]
 
 
 @dataclass(frozen=True)
@@ -71,6 +96,9 @@ class Witness:
     checked: frozenset[str]
     catalog: str
     rows: str | None
+    # Those of KEYED compared without ids (all of them when the recording writes no row but
+    # django_migrations', else none).
+    without_ids: frozenset[str] = frozenset()
 
     def agrees_with(self, other: Witness) -> str:
         """Why ``other``'s recording may not stand for this one's; empty when it may."""
@@ -78,7 +106,11 @@ class Witness:
             return self.problem or other.problem
         if self.sql != other.sql:
             return f"the recordings of {self.schema} and {other.schema} differ"
-        if self.tables != other.tables or self.checked != other.checked:
+        if (
+            self.tables != other.tables
+            or self.checked != other.checked
+            or self.without_ids != other.without_ids
+        ):
             return f"{self.schema} and {other.schema} read different tables"
         if self.catalog != other.catalog or self.rows != other.rows or self.rows is None:
             return f"{self.schema} and {other.schema} differ after migrating"
@@ -131,36 +163,45 @@ def grouped(
             rest += [TenantRef(m.schema, m.tenant_type) for m in members]
             continue
         for alike in _alike(alias, [m.schema for m in members]):
-            refs = tuple(TenantRef(name, tenant_type) for name in alike)
+            refs = tuple(TenantRef(name, tenant_type) for name, _ in alike)
             if len(refs) < MIN_GROUP:
                 rest += refs
             else:
-                groups.append(Group(tenant_type, refs))
+                groups.append(Group(tenant_type, refs, tuple(exact for _, exact in alike)))
     return groups, rest, refused
 
 
-def _alike(alias: str, names: list[str]) -> list[list[str]]:
-    """``names`` split by catalog and keyed rows, in their order."""
+def _alike(alias: str, names: list[str]) -> list[list[tuple[str, str | None]]]:
+    """``names`` split by catalog and keyed rows without ids, in their order; each with its
+    keyed rows' exact digest."""
     keys: dict[str, tuple[str, str | None]] = {}
+    exact: dict[str, str | None] = {}
     for start in range(0, len(names), CHUNK):
         batch = names[start : start + CHUNK]
-        catalogs, rows = digests(alias, batch, KEYED)
+        catalogs, loose = digests(alias, batch, KEYED, without_ids=KEYED)
+        exact.update(digests(alias, batch, KEYED)[1])
         for name in batch:
-            keys[name] = (catalogs.get(name, ""), rows.get(name))
-    split: dict[tuple[str, str | None], list[str]] = {}
+            keys[name] = (catalogs.get(name, ""), loose.get(name))
+    split: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
     for name in names:
         if keys[name][0] and keys[name][1] is not None:
-            split.setdefault(keys[name], []).append(name)
+            split.setdefault(keys[name], []).append((name, exact.get(name)))
         else:
-            split.setdefault(("", name), []).append(name)
+            split.setdefault(("", name), []).append((name, exact.get(name)))
     return list(split.values())
 
 
 def digests(
-    alias: str, names: Sequence[str], tables: frozenset[str], *, own: TenantRef | None = None
+    alias: str,
+    names: Sequence[str],
+    tables: frozenset[str],
+    *,
+    own: TenantRef | None = None,
+    without_ids: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, str], dict[str, str | None]]:
-    """Catalog and row digests of ``names``, read in one transaction with public's path; for
-    ``own`` (then ``names`` is its schema only), with the path its replay pins."""
+    """Catalog and row digests of ``names`` (``without_ids``: see replay.rows_digests), read
+    in one transaction with public's path; for ``own`` (then ``names`` is its schema only),
+    with the path its replay pins."""
     connection: Any = connections[alias]
     if own is not None:
         path = replay.pinned_path(alias, own.schema, own.tenant_type)
@@ -175,7 +216,7 @@ def digests(
         with connection.connection.cursor() as cursor:
             guard.pin(connection, cursor, path)
             return replay.catalogs(cursor, names), replay.rows_digests(
-                cursor, names, tables, unlimited=CHECKED
+                cursor, names, tables, unlimited=CHECKED, without_ids=without_ids & tables
             )
 
 
@@ -232,10 +273,39 @@ def witnessed(alias: str, recorder: replay.Recorder, tenant: TenantRef) -> Witne
         present = {row[0] for row in cursor.fetchall()}
     tables = depends_on(recorder, present) - KEYED
     checked = frozenset((CHECKED | tables) & present)
-    catalogs, rows = digests(alias, [schema], checked, own=tenant)
+    without_ids = KEYED if not problem and writes_no_rows(sql) else frozenset()
+    catalogs, rows = digests(alias, [schema], checked, own=tenant, without_ids=without_ids)
     return Witness(
-        schema, sql, problem, tables, checked, catalogs.get(schema, ""), rows.get(schema)
+        schema,
+        sql,
+        problem,
+        tables,
+        checked,
+        catalogs.get(schema, ""),
+        rows.get(schema),
+        without_ids,
     )
+
+
+# Statements that change the schema only, and the row migrate writes for each migration.
+_SCHEMA_ONLY = re.compile(
+    r'^(?:(?:CREATE|ALTER|DROP) (?:TABLE|(?:UNIQUE )?INDEX|SEQUENCE) "|COMMENT ON '
+    r'|INSERT INTO "django_migrations" \("app", "name", "applied"\) VALUES )'
+)
+
+
+def writes_no_rows(sql: str) -> bool:
+    """Whether the recording ``sql`` writes no row but its django_migrations ones (so that
+    no id of a content type or permission can be in what it writes)."""
+    parts = [part for part in sql.split("\n;\n") if part.strip()]
+    # A part holding more than one statement, or a query (CREATE TABLE ... AS SELECT), is
+    # not known to write nothing.
+    return all(
+        _SCHEMA_ONLY.match(part) and ";" not in part and not _SELECT.search(part) for part in parts
+    )
+
+
+_SELECT = re.compile(r"\bSELECT\b", re.IGNORECASE)
 
 
 class Mismatch(Exception):
@@ -270,6 +340,7 @@ def replay_into(
                 witness.checked,
                 present=witness.checked,
                 unlimited=CHECKED,
+                without_ids=witness.without_ids,
             ).get(tenant.schema)
             if catalog != witness.catalog or rows != witness.rows:
                 raise Mismatch(

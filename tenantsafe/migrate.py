@@ -609,10 +609,45 @@ def _deploy_group(
     group: deploy.Group,
     results: list[TenantResult],
 ) -> None:
-    alias = opts.database
-    first, second, *others = group.tenants
+    first, *rest = group.tenants
     result, one = _witness(opts, stop, first)
     results.append(result)
+    apart: list[TenantRef] = []
+    if one is not None and not one.problem and not one.without_ids and group.exact:
+        # The recording writes rows, which may hold content type or permission ids: only
+        # tenants whose ids are the first witness's may get it; the others are grouped apart.
+        same = group.exactly_like(first, rest)
+        apart = [t for t in rest if t not in set(same)]
+        rest = same
+        if apart:
+            _say(
+                opts,
+                f"{len(apart)} tenant(s) like {first.schema} number their content types or "
+                "permissions otherwise, and its recording writes rows: they are grouped apart.",
+            )
+    if rest:
+        _after_the_first(opts, executor, stop, group, one, rest, results)
+    for other in group.split_exactly(apart):
+        if len(other.tenants) >= deploy.MIN_GROUP:
+            _deploy_group(opts, executor, stop, other, results)
+        else:
+            results.extend(executor.run(other.tenants))
+
+
+def _after_the_first(
+    opts: RunOptions,
+    executor: Executor,
+    stop: stopping.Stop,
+    group: deploy.Group,
+    one: deploy.Witness | None,
+    rest: Sequence[TenantRef],
+    results: list[TenantResult],
+) -> None:
+    """The second witness and the replays, after the first witness (``one``, None when it
+    failed) of ``group``."""
+    alias = opts.database
+    first = group.tenants[0]
+    second, *others = rest
     before: dict[str, str | None] = {}
     if one is not None and not one.problem and one.tables:
         # Rows the recording depends on beyond the group's key, before the second witness

@@ -786,6 +786,18 @@ def fingerprint(cursor: Any, schema: str) -> str:
 ROW_LIMIT = 1000
 
 
+# Content types and permissions without their ids: which models and permissions a schema
+# has, whatever order they were created in. (row, what the row needs joined.)
+_WITHOUT_IDS = {
+    "django_content_type": ("(t.app_label, t.model)::text", ""),
+    "auth_permission": (
+        "(c.app_label, c.model, t.codename, t.name)::text",
+        'LEFT JOIN {schema}."django_content_type" c ON c.id = t.content_type_id',
+    ),
+}
+WITHOUT_IDS = frozenset(_WITHOUT_IDS)
+
+
 def rows_digests(
     cursor: Any,
     names: Sequence[str],
@@ -793,14 +805,17 @@ def rows_digests(
     *,
     present: Iterable[str] | None = None,
     unlimited: Iterable[str] = (),
+    without_ids: Iterable[str] = (),
 ) -> dict[str, str | None]:
     """A digest per schema of ``names`` of the rows of those of ``tables`` it has, and of
     their sequences' values; None where one of them holds more than ``ROW_LIMIT`` rows.
     ``django_migrations`` counts by app and name only (when and in which order is not part
     of the state). ``present``: the tables each schema is known to have (one query less; a
-    missing one fails). ``unlimited``: tables read whatever their size."""
+    missing one fails). ``unlimited``: tables read whatever their size. ``without_ids``
+    (of ``WITHOUT_IDS``): tables digested without their ids and sequence values."""
     wanted = sorted(set(tables))
     whole = set(unlimited)
+    idless = set(without_ids)
     if present is None:
         cursor.execute(
             "SELECT n.nspname, c.relname FROM pg_class c "
@@ -817,19 +832,27 @@ def rows_digests(
         parts = []
         for i, (schema, name) in enumerate(batch):
             relation = f"{schemas.quote(schema)}.{_ident(name)}"
-            row = "(t.app, t.name)::text" if name == "django_migrations" else "t::text"
+            row, join = "(t.app, t.name)::text" if name == "django_migrations" else "t::text", ""
+            if name in idless:
+                row, join = _WITHOUT_IDS[name]
+                join = join.format(schema=schemas.quote(schema))
             limit = None if name in whole else ROW_LIMIT
             at_most = f"LIMIT {limit + 1}" if limit else ""
-            parts.append(
-                f"SELECT {i}, (SELECT CASE WHEN count(*) > {limit or 'NULL'} THEN NULL ELSE "  # noqa: S608
-                "encode(sha256(convert_to(coalesce(string_agg(r, E'\\n' ORDER BY r COLLATE "
-                f"\"C\"), ''), 'UTF8')), 'hex') END FROM (SELECT {row} AS r FROM {relation} t "
-                f"{at_most}) x), (SELECT string_agg(s.relname || '=' || "
+            sequences = (
+                "NULL"
+                if name in idless
+                else "(SELECT string_agg(s.relname || '=' || "  # noqa: S608
                 "coalesce(pg_sequence_last_value(s.oid)::text, ''), ' ' ORDER BY s.relname) "
                 "FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
                 "WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass "
                 f"AND d.refobjid = {schemas.literal(relation)}::regclass "
                 "AND d.deptype IN ('a', 'i'))"
+            )
+            parts.append(
+                f"SELECT {i}, (SELECT CASE WHEN count(*) > {limit or 'NULL'} THEN NULL ELSE "  # noqa: S608
+                "encode(sha256(convert_to(coalesce(string_agg(r, E'\\n' ORDER BY r COLLATE "
+                f"\"C\"), ''), 'UTF8')), 'hex') END FROM (SELECT {row} AS r FROM {relation} t "
+                f"{join} {at_most}) x), {sequences}"
             )
         cursor.execute(" UNION ALL ".join(parts))
         for i, digest, sequences in cursor.fetchall():

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from django.core.management.base import CommandError
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models.signals import post_migrate
 from django.test import override_settings
 
@@ -179,13 +179,22 @@ def test_drifted_tenants_are_migrated_through_django_and_end_correct(deploy):
     ) == [("'x'::text",)]
 
 
-def test_tenants_whose_content_type_ids_differ_get_correct_permissions(deploy):
+@pytest.mark.parametrize("renumbered", [False, True], ids=["next-id", "renumbered"])
+def test_tenants_whose_content_type_ids_differ_get_correct_permissions(deploy, renumbered):
     tenants("low1", "low2", "low3", "high1", "high2", "high3")
     for name in ("high1", "high2", "high3"):
-        sql(f"SELECT setval('\"{name}\".django_content_type_id_seq', 500)")
+        with transaction.atomic():
+            if renumbered:
+                sql(f'UPDATE "{name}".django_content_type SET id = id + 500')
+                sql(f'UPDATE "{name}".auth_permission SET content_type_id = content_type_id + 500')
+            next_id = 600 if renumbered else 500
+            sql(f"SELECT setval('\"{name}\".django_content_type_id_seq', {next_id})")
 
     out, _ = deploy()
 
+    # The recording writes the coupon's content type and permissions (ids in them): the
+    # tenants that number them otherwise get witnesses of their own.
+    assert "3 tenant(s) like low1 number their content types or permissions otherwise" in out
     assert summary(out) == {**summary(out), "total": 6, "migrated": 4, "replayed": 2, "failed": 0}
     for name, low in (("low1", True), ("low3", True), ("high1", False), ("high3", False)):
         assert coupon_permissions(name) == WANTED
@@ -197,6 +206,38 @@ def test_tenants_whose_content_type_ids_differ_get_correct_permissions(deploy):
             f'SELECT count(*) FROM "{name}".auth_permission p LEFT JOIN "{name}".'
             "django_content_type ct ON ct.id = p.content_type_id WHERE ct.id IS NULL"
         ) == [(0,)]
+
+
+def test_a_schema_only_deploy_replays_whatever_the_content_type_ids(new_migrations):
+    package = new_migrations("shop", {"0004_colour": COLOUR})
+    tenants("old1", "old2", "old3", "new1", "new2", "new3")
+    # Tenants created at other times number their content types otherwise.
+    for name in ("new1", "new2", "new3"):
+        with transaction.atomic():
+            sql(f'UPDATE "{name}".django_content_type SET id = id + 500')
+            sql(f'UPDATE "{name}".auth_permission SET content_type_id = content_type_id + 500')
+    ids = {name: content_type_ids(name) for name in ("old1", "new1")}
+
+    with override_settings(MIGRATION_MODULES={"shop": package}):
+        out, _ = migrate(tenant=True)
+
+    # One group: the recording writes no row but django_migrations', so no id is in it.
+    assert "6 of 6 tenant(s) to migrate are in 1 group(s) of alike tenants" in out
+    assert summary(out) == {**summary(out), "total": 6, "migrated": 2, "replayed": 4, "failed": 0}
+    for name in ("old1", "old2", "old3", "new1", "new2", "new3"):
+        assert sql(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = 'shop_product' AND column_name = 'colour'",
+            [name],
+        ) == [(1,)], name
+        assert ("shop", "0004_colour") in recorded(name)
+    # Each keeps its own numbering.
+    assert {name: content_type_ids(name) for name in ("old1", "new1")} == ids
+    assert content_type_ids("new3") == ids["new1"] != ids["old1"]
+
+
+def content_type_ids(schema: str) -> list[tuple[int, str, str]]:
+    return sql(f'SELECT id, app_label, model FROM "{schema}".django_content_type ORDER BY id')
 
 
 COUNT_NOTES = """
