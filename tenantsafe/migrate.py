@@ -628,7 +628,8 @@ def _deploy_group(
     if rest:
         _after_the_first(opts, executor, stop, group, one, rest, results)
     for other in group.split_exactly(apart):
-        if len(other.tenants) >= deploy.MIN_GROUP:
+        # Each of these is alike to the ids, so its first witness splits it no further.
+        if len(other.tenants) >= deploy.MIN_GROUP and other.exact[0] is not None:
             _deploy_group(opts, executor, stop, other, results)
         else:
             results.extend(executor.run(other.tenants))
