@@ -195,20 +195,20 @@ def main(argv: list[str]) -> int:
         return _compare(env, ns)
 
 
+def _per_method() -> dict[str, Any]:
+    return {m: [] for m in METHODS}
+
+
 @dataclasses.dataclass
 class _Results:
     # Per method: each process's first save, the saves after it, and each round's median.
-    firsts: dict[str, list[float]] = dataclasses.field(default_factory=lambda: _per_method())
-    rest: dict[str, list[float]] = dataclasses.field(default_factory=lambda: _per_method())
-    rounds: dict[str, list[str]] = dataclasses.field(default_factory=lambda: _per_method())
+    firsts: dict[str, list[float]] = dataclasses.field(default_factory=_per_method)
+    rest: dict[str, list[float]] = dataclasses.field(default_factory=_per_method)
+    rounds: dict[str, list[str]] = dataclasses.field(default_factory=_per_method)
     # How tenantsafe provisioned each tenant ("replay: replayed").
     hows: list[str] = dataclasses.field(default_factory=list)
     # replay / clone of the same turn (after the first), which saw the same moment.
     turns: list[float] = dataclasses.field(default_factory=list)
-
-
-def _per_method() -> dict[str, Any]:
-    return {m: [] for m in METHODS}
 
 
 def _compare(env: _Env, ns: argparse.Namespace) -> int:
