@@ -29,9 +29,10 @@ This module finds the groups and replays; :mod:`tenantsafe.migrate` drives the w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,8 +179,10 @@ def _alike(alias: str, names: list[str]) -> list[list[tuple[str, str | None]]]:
     exact: dict[str, str | None] = {}
     for start in range(0, len(names), CHUNK):
         batch = names[start : start + CHUNK]
-        catalogs, loose = digests(alias, batch, KEYED, without_ids=KEYED)
-        exact.update(digests(alias, batch, KEYED)[1])
+        with _pinned(alias) as cursor:
+            catalogs = replay.catalogs(cursor, batch)
+            loose = replay.rows_digests(cursor, batch, KEYED, unlimited=CHECKED, without_ids=KEYED)
+            exact.update(replay.rows_digests(cursor, batch, KEYED, unlimited=CHECKED))
         for name in batch:
             keys[name] = (catalogs.get(name, ""), loose.get(name))
     split: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
@@ -191,17 +194,10 @@ def _alike(alias: str, names: list[str]) -> list[list[tuple[str, str | None]]]:
     return list(split.values())
 
 
-def digests(
-    alias: str,
-    names: Sequence[str],
-    tables: frozenset[str],
-    *,
-    own: TenantRef | None = None,
-    without_ids: frozenset[str] = frozenset(),
-) -> tuple[dict[str, str], dict[str, str | None]]:
-    """Catalog and row digests of ``names`` (``without_ids``: see replay.rows_digests), read
-    in one transaction with public's path; for ``own`` (then ``names`` is its schema only),
-    with the path its replay pins."""
+@contextlib.contextmanager
+def _pinned(alias: str, own: TenantRef | None = None) -> Iterator[Any]:
+    """A raw cursor in a transaction with public's path pinned; for ``own``, with the path its
+    replay pins."""
     connection: Any = connections[alias]
     if own is not None:
         path = replay.pinned_path(alias, own.schema, own.tenant_type)
@@ -215,15 +211,33 @@ def digests(
         connection.ensure_connection()
         with connection.connection.cursor() as cursor:
             guard.pin(connection, cursor, path)
-            return replay.catalogs(cursor, names), replay.rows_digests(
-                cursor, names, tables, unlimited=CHECKED, without_ids=without_ids & tables
-            )
+            yield cursor
+
+
+def digests(
+    alias: str,
+    names: Sequence[str],
+    tables: frozenset[str],
+    *,
+    own: TenantRef | None = None,
+    without_ids: frozenset[str] = frozenset(),
+) -> tuple[dict[str, str], dict[str, str | None]]:
+    """Catalog and row digests of ``names`` (``without_ids``: see replay.rows_digests), read
+    in one transaction with public's path; for ``own`` (then ``names`` is its schema only),
+    with the path its replay pins."""
+    with _pinned(alias, own) as cursor:
+        return replay.catalogs(cursor, names), replay.rows_digests(
+            cursor, names, tables, unlimited=CHECKED, without_ids=without_ids & tables
+        )
 
 
 def rows_of(alias: str, names: Sequence[str], tables: frozenset[str]) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for start in range(0, len(names), CHUNK):
-        found.update(digests(alias, names[start : start + CHUNK], tables)[1])
+        with _pinned(alias) as cursor:
+            found.update(
+                replay.rows_digests(cursor, names[start : start + CHUNK], tables, unlimited=CHECKED)
+            )
     return found
 
 
