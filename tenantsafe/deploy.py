@@ -41,7 +41,7 @@ from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 from django_tenants.utils import get_tenant_model
 
-from tenantsafe import guard, locks, plan, replay, schemas
+from tenantsafe import guard, locks, plan, replay, schemas, statements
 from tenantsafe.results import TenantRef
 
 logger = logging.getLogger("tenantsafe.deploy")
@@ -301,25 +301,20 @@ def witnessed(alias: str, recorder: replay.Recorder, tenant: TenantRef) -> Witne
     )
 
 
-# Statements that change the schema only, and the row migrate writes for each migration.
-_SCHEMA_ONLY = re.compile(
-    r'^(?:(?:CREATE|ALTER|DROP) (?:TABLE|(?:UNIQUE )?INDEX|SEQUENCE) "|COMMENT ON '
-    r'|INSERT INTO "django_migrations" \("app", "name", "applied"\) VALUES )'
+# The row migrate writes for each migration it applies.
+_RECORD_APPLIED = re.compile(
+    r'^INSERT INTO "django_migrations" \("app", "name", "applied"\) VALUES \([^;]*$'
 )
 
 
 def writes_no_rows(sql: str) -> bool:
     """Whether the recording ``sql`` writes no row but its django_migrations ones (so that
     no id of a content type or permission can be in what it writes)."""
-    parts = [part for part in sql.split("\n;\n") if part.strip()]
-    # A part holding more than one statement, or a query (CREATE TABLE ... AS SELECT), is
-    # not known to write nothing.
     return all(
-        _SCHEMA_ONLY.match(part) and ";" not in part and not _SELECT.search(part) for part in parts
+        statements.is_schema_change(part) or _RECORD_APPLIED.match(part)
+        for part in sql.split("\n;\n")
+        if part.strip()
     )
-
-
-_SELECT = re.compile(r"\bSELECT\b", re.IGNORECASE)
 
 
 class Mismatch(Exception):

@@ -59,12 +59,18 @@ _ADD_CONSTRAINT = re.compile(
 _REFERENCES = re.compile(r'\bREFERENCES ("[^"]+")')
 _NOT_INLINE = re.compile(r"\bNOT\s+VALID\b|\bUSING\s+INDEX\b|;", re.IGNORECASE)
 _ALTERS = re.compile(r'^\s*(?:ALTER|DROP)\s+TABLE\s+(?:IF\s+EXISTS\s+)?("[^"]+")', re.IGNORECASE)
-# What Django's schema editor sends between creating a table and adding its constraints. Any
-# other statement (rows written, a RunSQL) is a barrier no constraint is moved across: an
-# earlier constraint could change what it does (a cascade, a refused row).
-_SCHEMA_ONLY = re.compile(
-    r'^(?:CREATE TABLE "|CREATE (?:UNIQUE )?INDEX "|ALTER TABLE "|COMMENT ON )'
+# How Django's schema editor writes a change of the schema: one statement, quoted names.
+_SCHEMA_CHANGE = re.compile(
+    r'^(?:(?:CREATE|ALTER|DROP) (?:TABLE|(?:UNIQUE )?INDEX|SEQUENCE) "|COMMENT ON )'
 )
+_SELECT = re.compile(r"\bSELECT\b", re.IGNORECASE)
+
+
+def is_schema_change(sql: str) -> bool:
+    """Whether ``sql`` is one statement as Django's schema editor writes them, which reads and
+    writes no rows (a part holding more statements, or a query such as CREATE TABLE ... AS
+    SELECT, is not)."""
+    return bool(_SCHEMA_CHANGE.match(sql)) and ";" not in sql and not _SELECT.search(sql)
 
 
 def fold_constraints(parts: list[str]) -> list[str]:
@@ -77,10 +83,13 @@ def fold_constraints(parts: list[str]) -> list[str]:
     once = {name for name in created_names if creates.count(name) == 1}
     at: dict[str, int] = {}  # table -> index of its CREATE TABLE in the result
     altered: dict[str, int] = {}  # table -> index of the last statement altering it
-    barrier = -1  # index of the last statement that is not one of _SCHEMA_ONLY
+    # Index of the last statement that is not a schema change (rows written, a RunSQL): no
+    # constraint is moved across one, as an earlier constraint could change what it does (a
+    # cascade, a refused row).
+    barrier = -1
     result: list[str] = []
     for part in parts:
-        if not _SCHEMA_ONLY.match(part):
+        if not is_schema_change(part):
             barrier = len(result)
         created = _CREATE_TABLE.match(part)
         if created and created.group(1) in once and _ends_its_list(part, created.end(1) + 2):
