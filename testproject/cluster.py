@@ -132,38 +132,7 @@ class Cluster:
         if self.user is not None:
             os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
         self._started = True
-        data = self.dir / "data"
-        self._run(
-            self.bindir / "initdb",
-            "-D",
-            data,
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        )
-        self.port = free_port()
-        opts = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=300 -c max_locks_per_transaction=256"
-        )
-        self._run(
-            self.bindir / "pg_ctl",
-            "-D",
-            data,
-            "-l",
-            self.dir / "postgres.log",
-            "-o",
-            opts,
-            "-w",
-            "-t",
-            "60",
-            "start",
-        )
+        self.port = self._start_server(self.dir / "data")
         self._createdb("tenantsafe")
         if self.pgbouncer_bin:
             self._start_pgbouncer()
@@ -177,13 +146,60 @@ class Cluster:
             )
         return self
 
-    def _createdb(self, name: str) -> None:
+    def _start_server(self, data: Path, *options: str) -> int:
+        """initdb ``data`` and start a server on it (with ``name=value`` ``options``); its port."""
+        assert self.dir is not None
+        self._run(
+            self.bindir / "initdb",
+            "-D",
+            data,
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        port = free_port()
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(port),
+            "unix_socket_directories": str(self.dir),
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "max_connections": "300",
+            "max_locks_per_transaction": "256",
+            **dict(option.split("=", 1) for option in options),
+        }
+        # In the data directory, not on pg_ctl's command line: a test that stops a server
+        # (a Citus worker) starts it again with `pg_ctl start` alone.
+        with (data / "postgresql.conf").open("a") as conf:
+            conf.writelines(f"{name} = '{value}'\n" for name, value in settings.items())
+        self.pg_ctl_start(data)
+        return port
+
+    def pg_ctl_start(self, data: Path) -> None:
+        self._run(
+            self.bindir / "pg_ctl",
+            "-D",
+            data,
+            "-l",
+            data.parent / f"{data.name}.log",
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
+
+    def _createdb(self, name: str, port: int | None = None) -> None:
         self._run(
             self.bindir / "createdb",
             "-h",
             "127.0.0.1",
             "-p",
-            str(self.port),
+            str(port or self.port),
             "-U",
             "postgres",
             name,
@@ -211,6 +227,8 @@ class Cluster:
             "server_reset_query =\n"
             "ignore_startup_parameters = extra_float_digits,options\n"
             f"logfile = {self.dir / 'pgbouncer.log'}\n"
+            # For a process other than its starter to stop it (see stop_everything_in).
+            f"pidfile = {self.dir / 'pgbouncer.pid'}\n"
         )
         kwargs: dict[str, object] = {}
         if self.user is not None:
@@ -251,14 +269,29 @@ class Cluster:
                 self._bouncer.wait()
             self._bouncer = None
         assert self.dir is not None
-        data = self.dir / "data"
-        if (data / "postmaster.pid").exists():
-            with contextlib.suppress(ClusterUnavailable):
-                self._run(self.bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        self.stop_everything_in(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def stop_everything_in(self, directory: Path) -> None:
+        """Stop every server and pgbouncer under ``directory``, also those another process
+        started there (the Citus cluster a test process starts inside this one's directory)."""
+        for pidfile in sorted(directory.glob("**/pgbouncer.pid")):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pidfile.read_text().split()[0])
+                # Only the pgbouncer of that directory, never a process that reused its pid.
+                if str(pidfile.parent).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGTERM)
+        for pidfile in sorted(directory.glob("**/postmaster.pid")):
+            with contextlib.suppress(ClusterUnavailable):
+                self._run(
+                    self.bindir / "pg_ctl", "-D", pidfile.parent, "-m", "immediate", "-w", "stop"
+                )
+
     def environ(self) -> dict[str, str]:
-        env = {"DATABASE_URL": self.url}
+        assert self.dir is not None
+        # Where a test process may start the Citus cluster (testproject.citus_cluster), so
+        # that stopping this one stops it too.
+        env = {"DATABASE_URL": self.url, "TENANTSAFE_CLUSTER_DIR": str(self.dir)}
         if self.pooled_url:
             env["PGBOUNCER_URL"] = self.pooled_url
         return env
@@ -281,4 +314,5 @@ def throwaway_cluster(*, quiet: bool = False) -> Iterator[Cluster]:
         cluster.stop()
         os.environ.pop("DATABASE_URL", None)
         os.environ.pop("PGBOUNCER_URL", None)
+        os.environ.pop("TENANTSAFE_CLUSTER_DIR", None)
         signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,69 @@
+"""The Citus cluster the ``citus`` tests share, and a database of their own on it.
+
+One cluster per run (testproject.citus_cluster): a coordinator and two workers on loopback,
+with pgbouncer in transaction pooling in front of the coordinator, started by the first test
+that needs it. Locally these tests skip, saying why, when Citus is not installed; under CI
+they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testproject import citus_cluster
+from tests.citus.tools import CitusDatabase, clean
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+@pytest.fixture(scope="session")
+def citus_env() -> Iterator[dict[str, str]]:
+    """The cluster's URLs (``CITUS_URL``, ``CITUS_PGBOUNCER_URL``, ``CITUS_WORKER_URLS``)."""
+    missing = citus_cluster.missing()
+    if missing:
+        if under_ci():
+            pytest.fail(f"{missing}; under CI the Citus tests must run")
+        pytest.skip(missing)
+    parent = os.environ.get("TENANTSAFE_CLUSTER_DIR")
+    if parent:
+        # runtests.py's cluster directory: shared with the run's other processes, stopped
+        # with it.
+        yield citus_cluster.shared(Path(parent))
+        return
+    directory = Path(tempfile.mkdtemp(prefix="tenantsafe-citus-"))
+    directory.chmod(0o755)
+    try:
+        yield citus_cluster.shared(directory)
+    finally:
+        citus_cluster.CitusCluster(directory / "citus").stop_everything_in(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def citus_session_db(
+    citus_env: dict[str, str], request: pytest.FixtureRequest
+) -> Iterator[CitusDatabase]:
+    """A Citus database of this test process (xdist workers each have one), public migrated."""
+    worker = getattr(request.config, "workerinput", {}).get("workerid", "main")
+    database = CitusDatabase.create(citus_env, f"ts_citus_{worker}")
+    try:
+        database.migrate_public()
+        yield database
+    finally:
+        citus_cluster.drop_database(citus_env, database.name)
+
+
+@pytest.fixture
+def citus_db(citus_session_db: CitusDatabase) -> Iterator[CitusDatabase]:
+    """The process's Citus database, without tenants before and after the test."""
+    clean(citus_session_db)
+    yield citus_session_db
+    clean(citus_session_db)
