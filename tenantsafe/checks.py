@@ -18,7 +18,7 @@ from django.db import DatabaseError, connections
 from django.db.utils import load_backend
 from django.utils.module_loading import import_string
 
-from tenantsafe import guard
+from tenantsafe import citus, guard
 
 Messages = list[checks.CheckMessage]
 
@@ -38,6 +38,7 @@ def register() -> None:
     ):
         checks.register(check, "tenantsafe")
     checks.register(check_pooler, "tenantsafe", checks.Tags.database)
+    checks.register(check_citus, "tenantsafe", checks.Tags.database)
 
 
 def _tenant_alias() -> str:
@@ -393,6 +394,35 @@ def check_pooler(
                     "requests too. If nothing pools in between, set "
                     "TENANTSAFE_TRANSACTION_POOLER = False.",
                     id="tenantsafe.W003",
+                )
+            )
+    return messages
+
+
+def check_citus(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> Messages:
+    messages: Messages = []
+    for alias in databases or ():
+        connection = connections[alias]
+        if not hasattr(connection, "_get_cursor_search_paths"):
+            continue
+        try:
+            found = citus.detect(connection)
+        except DatabaseError:
+            continue  # unreachable: the command itself (or W004) says so
+        if found.installed and not found.sharding:
+            messages.append(
+                checks.Warning(
+                    f"Database {alias!r} is a Citus database without schema-based sharding "
+                    "(citus.enable_schema_based_sharding is off): every new tenant schema stays "
+                    "on the coordinator.",
+                    hint="Run ALTER DATABASE <name> SET citus.enable_schema_based_sharding = on "
+                    "on the coordinator, then distribute the tenants made meanwhile "
+                    "(tenantsafe_doctor lists them).",
+                    id="tenantsafe.W007",
                 )
             )
     return messages

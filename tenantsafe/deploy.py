@@ -41,7 +41,7 @@ from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 from django_tenants.utils import get_tenant_model
 
-from tenantsafe import guard, locks, plan, replay, schemas, statements
+from tenantsafe import citus, guard, locks, plan, replay, schemas, statements
 from tenantsafe.results import TenantRef
 
 logger = logging.getLogger("tenantsafe.deploy")
@@ -341,7 +341,7 @@ def replay_into(
         connection.ensure_connection()
         with connection.connection.cursor() as cursor:
             guard.pin(connection, cursor, path)
-            cursor.execute(witness.sql)
+            citus.execute_batch(connection, cursor, witness.sql)
             catalog = replay.catalogs(cursor, [tenant.schema]).get(tenant.schema)
             rows = replay.rows_digests(
                 cursor,

@@ -23,7 +23,7 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, guard, plan, pooler, schemas, spares, tenants
+from tenantsafe import conf, guard, plan, pooler, schemas, sharding, spares, tenants
 from tenantsafe.results import TenantRef
 
 ERROR = "error"
@@ -47,6 +47,8 @@ class Report:
     tenants: int = 0
     current: int = 0
     pooler: dict[str, Any] = field(default_factory=dict)
+    # On Citus: each worker's tenants, and each tenant's node (see tenantsafe.sharding).
+    citus: dict[str, Any] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     elapsed: float = 0.0
 
@@ -154,6 +156,9 @@ def _diagnose(alias: str, checked: list[Finding]) -> Report:
     report.findings.extend(_tenant_tables_in_public(alias, public, rows))
     report.pooler = _pooler(alias)
     report.findings.append(Finding(INFO, "pooler", None, report.pooler["description"]))
+    report.findings.extend(
+        _citus(alias, report, [r.schema for r in valid if r.schema in namespaces])
+    )
     report.elapsed = time.monotonic() - started
     return report
 
@@ -404,3 +409,46 @@ def render(report: Report) -> list[str]:
     else:
         lines.append("No problems found.")
     return lines
+
+
+# How many tenants' names a node's line shows; --json lists them all.
+SHOWN = 10
+
+
+def _citus(alias: str, report: Report, names: list[str]) -> list[Finding]:
+    """On Citus: the tenants of each worker, and the tenants left on the coordinator."""
+    layout = sharding.layout(alias)
+    if layout is None:
+        return []
+    per_node = layout.per_node(names)
+    report.citus = {
+        "sharding": layout.sharding,
+        "nodes": {node: len(held) for node, held in per_node.items()},
+        "tenants": {name: layout.nodes.get(name) or None for name in names},
+    }
+    findings = []
+    for node, held in per_node.items():
+        listed = ", ".join(quoted(name) for name in held[:SHOWN])
+        more = f" and {len(held) - SHOWN} more (--json lists them)" if len(held) > SHOWN else ""
+        findings.append(
+            Finding(
+                INFO,
+                "citus-node",
+                None,
+                f"Citus node {quoted(node)} holds {len(held)} tenant(s)"
+                + (f": {listed}{more}." if held else "."),
+                {"node": node, "tenants": held},
+            )
+        )
+    for name in layout.undistributed(names):
+        findings.append(
+            Finding(
+                WARNING,
+                "citus-undistributed",
+                name,
+                f"Tenant {quoted(name)} is not distributed: its schema lives on the coordinator "
+                "(it was created before schema-based sharding was on). Distribute it with "
+                f"manage.py tenantsafe_citus distribute --schema {name}.",
+            )
+        )
+    return findings

@@ -63,7 +63,7 @@ from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.db.backends.signals import connection_created
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
-from tenantsafe import conf, pooler, schemas
+from tenantsafe import citus, conf, pooler, schemas
 from tenantsafe.errors import (
     LockLostError,
     PooledStatementError,
@@ -196,6 +196,9 @@ def _log_pin(path: list[str], current: str | None) -> None:
 
 def pin(connection: Any, cursor: Any, path: list[str], *, local: bool = True) -> None:
     """Set ``path`` as the path on ``cursor`` and verify it, or raise SearchPathError."""
+    if local:
+        for setting in citus.local_settings(connection, _lock_timeout(_state(connection).terms)):
+            cursor.execute(setting)
     cursor.execute(_PIN_SQL, [schemas.path(path), local])
     _, current = cursor.fetchone()
     expected = path[0]
@@ -211,6 +214,10 @@ def pin(connection: Any, cursor: Any, path: list[str], *, local: bool = True) ->
         if not cursor.fetchone()[0]:
             raise LockLostError(state.terms.fence.schema if state.terms.fence else expected)
     state.pinned = tuple(path) if local else None
+
+
+def _lock_timeout(terms: Terms | None) -> int | None:
+    return terms.lock_timeout_ms if terms is not None else None
 
 
 def _terms_sql(terms: Terms) -> str:
@@ -330,7 +337,13 @@ def _guard(
         with connection.wrap_database_errors:
             return _streamed(connection, raw, path, execute, sql, params, many, context)
 
-    if text and not many and not named and _merges(raw, raw_cursor):
+    if (
+        text
+        and not many
+        and not named
+        and _merges(raw, raw_cursor)
+        and citus.merges(connection, text, _lock_timeout(state.terms))
+    ):
         return _merged(connection, raw, raw_cursor, path, execute, text, params, context)
     if not named and _pipelines(raw):
         return _pipelined(connection, raw, path, execute, sql, params, many, context, own)
@@ -414,11 +427,14 @@ def _pipelined(
     # Explicit BEGIN/COMMIT: a sync psycopg issued inside the pipeline would end an implicit
     # transaction between the check and the statement, but cannot end this one.
     state = _state(connection)
+    settings = citus.local_settings(connection, _lock_timeout(state.terms))
     helper = raw.cursor()
     try:
         with raw.pipeline():
             if own:
                 helper.execute("BEGIN")
+            for setting in settings:
+                helper.execute(setting)
             helper.execute(_check_sql(tuple(path), False, state.terms))
             result = execute(sql, params, many, context)
             if own:
@@ -506,8 +522,14 @@ def _outside_transaction(
 def _begin_pinned(connection: Any, cursor: Any, path: list[str]) -> None:
     """``BEGIN`` and the check in one simple query: an explicit transaction pinned to ``path``."""
     state = _state(connection)
+    settings = citus.local_settings(connection, _lock_timeout(state.terms))
     try:
-        cursor.execute(f"BEGIN;\n{_check_sql(tuple(path), False, state.terms)}")
+        if settings:
+            for statement in ("BEGIN", *settings):
+                cursor.execute(statement)
+            cursor.execute(_check_sql(tuple(path), False, state.terms))
+        else:
+            cursor.execute(f"BEGIN;\n{_check_sql(tuple(path), False, state.terms)}")
     except Exception as exc:
         state.pinned = None
         with contextlib.suppress(Exception):

@@ -50,7 +50,16 @@ from django_tenants.utils import (
     get_tenant_model,
 )
 
-from tenantsafe import conf, guard, locks, own_tables, schemas, statements, tenants
+from tenantsafe import (
+    citus,
+    conf,
+    guard,
+    locks,
+    own_tables,
+    schemas,
+    statements,
+    tenants,
+)
 
 if is_psycopg3:
     import psycopg
@@ -568,7 +577,7 @@ def _leaves(alias: str, tenant_type: str, sql: str, expected: str) -> bool:
             with connection.connection.cursor() as cursor:
                 cursor.execute("CREATE SCHEMA %s" % schemas.quote(scratch))
                 guard.pin(connection, cursor, path)
-                cursor.execute(sql)
+                citus.execute_batch(connection, cursor, sql)
                 # Deferred constraints are checked at commit, which this never reaches.
                 cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
                 alike = fingerprint(cursor, scratch) == expected
@@ -909,8 +918,9 @@ def replay(alias: str, tenant: Any) -> bool:
                 # Pinned for this transaction only and checked, as the guard does: through a
                 # transaction pooler the batch below runs on this same server connection.
                 guard.pin(connection, cursor, path)
-                # One round trip: the statements as one multi-statement query.
-                cursor.execute(recording.sql)
+                # One round trip: the statements as one multi-statement query (on Citus, one
+                # pipeline of them).
+                citus.execute_batch(connection, cursor, recording.sql)
                 if fingerprint(cursor, schema) != recording.fingerprint:
                     raise _Mismatch
     except _Mismatch:
