@@ -134,3 +134,46 @@ def execute_batch(connection: Any, cursor: Any, sql: str) -> None:
         return
     for statement in statements:
         cursor.execute(statement)
+
+
+_SHARD_SUFFIX = re.compile(r"_\d+$")
+
+
+def blockers(cursor: Any, schema: str, names: list[str]) -> list[tuple[str, str, str, str]]:
+    """Who holds locks on the shards of ``schema``'s tables ``names``, on any node: (table,
+    "pid P on node H:P", state, query). A lock a migration waits for on a worker is not in
+    the coordinator's pg_locks."""
+    cursor.execute(
+        "SELECT DISTINCT l.relation_name, l.pid, n.nodename || ':' || n.nodeport, a.state, "
+        "left(a.query, 100) FROM citus_locks l "
+        "JOIN pg_catalog.pg_dist_node n ON n.nodeid = l.nodeid "
+        "LEFT JOIN citus_stat_activity a ON a.global_pid = l.global_pid AND a.nodeid = l.nodeid "
+        "WHERE l.granted AND l.relation_name LIKE %s AND l.global_pid <> citus_backend_gpid() "
+        "ORDER BY 1, 2",
+        [schema.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ".%"],
+    )
+    found = []
+    for relation, pid, node, state, query in cursor.fetchall():
+        table = _SHARD_SUFFIX.sub("", relation.split(".", 1)[1])
+        if table in names:
+            found.append((table, f"{pid} on node {node}", state, query))
+    return found
+
+
+# How Citus reports a node it could not reach for a statement.
+_UNREACHABLE = re.compile(
+    r"connection to the remote node (?:[^@\s]+@)?(\S+:\d+) failed with the following error: "
+    r"([^\n]*)|failure on connection marked as essential: (\S+:\d+)"
+)
+
+
+def unreachable_node(exc: BaseException) -> str:
+    """The Citus node ``exc`` says could not be reached ("host:port (why)"); empty if none."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        found = _UNREACHABLE.search(str(seen))
+        if found:
+            node, why = found.group(1) or found.group(3), (found.group(2) or "").strip()
+            return f"{node} ({why.rstrip('.')})" if why else node
+        seen = seen.__cause__ or seen.__context__
+    return ""

@@ -27,7 +27,18 @@ from django_tenants.migration_executors.multiproc import get_pool
 from django_tenants.signals import schema_migrated, schema_pre_migration
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import deploy, guard, locks, plan, progress, replay, schemas, spares, stopping
+from tenantsafe import (
+    citus,
+    deploy,
+    guard,
+    locks,
+    plan,
+    progress,
+    replay,
+    schemas,
+    spares,
+    stopping,
+)
 from tenantsafe.errors import SchemaNameError, SearchPathError
 from tenantsafe.options import RunOptions
 from tenantsafe.results import (
@@ -175,6 +186,8 @@ def _blockers(alias: str, schema: str, sql: str) -> str:
                 [schema, names],
             )
             rows = cursor.fetchall()
+            if not rows and citus.is_citus(connection):
+                rows = citus.blockers(cursor, schema, names)
     except Exception:
         logger.debug("cannot read who holds the locks in %s", schema, exc_info=True)
         rows = []
@@ -341,6 +354,13 @@ def _failure(
         return (
             f"lock timeout ({opts.lock_timeout_ms} ms) on {_short(waits.sql)!r} waiting for "
             f"{held}; {tried}. Run again once that lock is released, or raise --lock-timeout."
+        )
+    node = citus.unreachable_node(exc)
+    if node:
+        # Not this connection: a worker. Every DDL statement needs every node with metadata.
+        return (
+            f"Citus node {node} is unreachable. Run again once it is back: schema changes "
+            "need every node, data changes the node of the tenant."
         )
     if _is_connection_lost(exc) and not isinstance(exc, SearchPathError):
         return f"the connection to the database was lost: {_one_line(exc)}"
