@@ -25,6 +25,7 @@ from typing import Any
 from django.db import connections, transaction
 
 from tenantsafe import citus, locks, schemas
+from tenantsafe.errors import ShardingError
 
 logger = logging.getLogger("tenantsafe.sharding")
 
@@ -89,10 +90,6 @@ class Moved:
     source: str
     target: str
     seconds: float
-
-
-class ShardingError(Exception):
-    """A tenant cannot be distributed or moved; the message says which and why."""
 
 
 @contextlib.contextmanager

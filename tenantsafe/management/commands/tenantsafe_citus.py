@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from tenantsafe import schemas, sharding, tenants
+from tenantsafe.errors import ShardingError
 
 
 class Command(BaseCommand):
@@ -60,7 +61,7 @@ class Command(BaseCommand):
                     "extension is not installed in it)."
                 )
             self._run(alias, options)
-        except sharding.ShardingError as exc:
+        except ShardingError as exc:
             raise CommandError(f"tenantsafe_citus: {exc}") from exc
         except DatabaseError as exc:
             raise CommandError(
