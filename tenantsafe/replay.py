@@ -902,9 +902,10 @@ def replay(alias: str, tenant: Any) -> bool:
         )
         return False
     except DatabaseError as exc:
-        if sqlstate(exc) == "42P06":
-            # The schema appeared meanwhile (another process provisioned it): not the
-            # recording's fault.
+        if sqlstate(exc) == "42P06" or citus.unreachable_node(exc):
+            # The schema appeared meanwhile (another process provisioned it), or a Citus node
+            # could not be reached (or was restarted since this session last used it): not
+            # the recording's fault.
             return False
         # Something in the recording depends on more than the schema (a row a data
         # migration read in public, say): stop trusting it and migrate instead.

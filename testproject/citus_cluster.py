@@ -167,8 +167,26 @@ def stop_worker(env: dict[str, str], number: int) -> None:
 
 
 def start_worker(env: dict[str, str], number: int) -> None:
+    """Start worker ``number`` again, and have pgbouncer replace its server connections:
+    a coordinator session that had a connection to the worker cached fails its next DDL once
+    ("failure on connection marked as essential"), which the next test must not meet."""
     node = CitusCluster(Path(env["CITUS_DIR"]))
     node.pg_ctl_start(worker_data(env, number))
+    port = env["CITUS_PGBOUNCER_URL"].rsplit(":", 1)[1].split("/")[0]
+    node._run(
+        node.bindir / "psql",
+        "-X",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-U",
+        "postgres",
+        "-d",
+        "pgbouncer",
+        "-c",
+        "RECONNECT",
+    )
 
 
 def own(directory: Path) -> Any:

@@ -132,7 +132,7 @@ def test_a_worker_stopped_mid_deploy_fails_its_tenants_only_and_the_next_run_com
             {"notes": new_migrations("notes", {"0004_deployed": NOTE})}
         ),
     }
-    names = [f"w{n}" for n in range(6)]
+    names = [f"w{n}" for n in range(4)]
     tenants(citus_db, names)
     nodes = citus_db.nodes()
     first = names[0]
@@ -179,7 +179,7 @@ def deployed(database: CitusDatabase, names: list[str]) -> dict[str, bool]:
 def test_a_schema_deploy_with_a_worker_stopped_fails_every_tenant_whole_and_the_next_run_completes(
     citus_db, shop_deploy
 ):
-    names = [f"s{n}" for n in range(4)]
+    names = [f"s{n}" for n in range(2)]
     tenants(citus_db, names)
     before = fingerprint(citus_db.url, names[0])
 
@@ -191,7 +191,7 @@ def test_a_schema_deploy_with_a_worker_stopped_fails_every_tenant_whole_and_the_
 
     # Citus applies DDL on every node: no tenant's schema can change while one is down.
     assert result.returncode == 1, result.stderr[-3000:]
-    assert summary(result.stdout)["failed"] == 4
+    assert summary(result.stdout)["failed"] == 2
     node = f"127.0.0.1:{worker_port(citus_db, 2)}"
     assert f"Citus node {node}" in result.stderr, result.stderr
     # Nothing half-applied: each tenant's migration rolled back whole.
