@@ -103,9 +103,18 @@ def _leased(alias: str, schema: str) -> Iterator[None]:
             lease.complete()
 
 
-def _timed(alias: str, schema: str, run: Callable[[Any], None]) -> tuple[str, str, float]:
+# Told the holder of a lease the operation waits for (its "holder" text).
+Waiting = Callable[[str, str], None]
+
+
+def _timed(
+    alias: str, schema: str, run: Callable[[Any], None], waiting: Waiting | None
+) -> tuple[str, str, float]:
     before = _node_of(alias, schema)
     started = time.monotonic()
+    held = locks.unfinished(alias, [schema])
+    if held and waiting is not None:
+        waiting(schema, held[schema])
     with _leased(alias, schema):
         connection: Any = connections[alias]
         connection.set_schema_to_public()
@@ -119,7 +128,7 @@ def _node_of(alias: str, schema: str) -> str:
     return found.nodes.get(schema, "") if found is not None else ""
 
 
-def distribute(alias: str, schema: str) -> Moved:
+def distribute(alias: str, schema: str, *, waiting: Waiting | None = None) -> Moved:
     """Make ``schema`` a distributed schema, under its lease; its rows move to a worker (the
     local copy Citus keeps on the coordinator is truncated)."""
     known = layout(alias)
@@ -136,7 +145,7 @@ def distribute(alias: str, schema: str) -> Moved:
         with transaction.atomic(using=alias):
             _distribute(cursor, schema)
 
-    source, target, seconds = _timed(alias, schema, run)
+    source, target, seconds = _timed(alias, schema, run, waiting)
     return Moved(schema, source, target, seconds)
 
 
@@ -150,7 +159,9 @@ def _distribute(cursor: Any, schema: str) -> None:
     )
 
 
-def move(alias: str, schema: str, node: str, mode: str = "auto") -> Moved:
+def move(
+    alias: str, schema: str, node: str, mode: str = "auto", *, waiting: Waiting | None = None
+) -> Moved:
     """Move distributed ``schema`` to ``node`` ("host:port"), under its lease."""
     known = layout(alias)
     if known is None or schema not in known.nodes:
@@ -170,7 +181,7 @@ def move(alias: str, schema: str, node: str, mode: str = "auto") -> Moved:
             [schemas.quote(schema), host, int(port), mode],
         )
 
-    source, target, seconds = _timed(alias, schema, run)
+    source, target, seconds = _timed(alias, schema, run, waiting)
     return Moved(schema, source, target, seconds)
 
 
@@ -189,7 +200,7 @@ def rebalance_plan(alias: str) -> list[tuple[str, str]]:
     return list(planned.items())
 
 
-def rebalance(alias: str, mode: str = "auto") -> Iterator[Moved]:
+def rebalance(alias: str, mode: str = "auto", *, waiting: Waiting | None = None) -> Iterator[Moved]:
     """Apply Citus's rebalance plan one tenant at a time, each under its lease."""
     for schema, target in rebalance_plan(alias):
-        yield move(alias, schema, target, mode)
+        yield move(alias, schema, target, mode, waiting=waiting)

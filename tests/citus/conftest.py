@@ -8,16 +8,17 @@ they fail instead.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from testproject import citus_cluster
-from tests.citus.tools import CitusDatabase, clean
+from tests.citus.tools import POOLER_SAFE, CitusDatabase, clean
 
 
 def under_ci() -> bool:
@@ -59,6 +60,16 @@ def citus_session_db(
         yield database
     finally:
         citus_cluster.drop_database(citus_env, database.name)
+
+
+@pytest.fixture
+def shop_deploy(new_migrations: Callable[..., str]) -> dict[str, str]:
+    """The environment of a deploy with shop's two new migrations (an added column with its
+    index, a new model)."""
+    from tests.test_deploy import COLOUR, COUPON
+
+    package = new_migrations("shop", {"0004_colour": COLOUR, "0005_coupon": COUPON})
+    return {**POOLER_SAFE, "TESTPROJECT_MIGRATION_MODULES": json.dumps({"shop": package})}
 
 
 @pytest.fixture

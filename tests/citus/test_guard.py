@@ -132,10 +132,10 @@ def test_guarded_workers_through_pgbouncer_never_touch_another_tenant(citus_db):
         assert len(titles) == len(mine) + 1 == rounds * 2 + 1, (schema, titles[:5])
         assert not [t for t in mine if t.endswith("rolled-back")]
         indexes = citus_db.sql(
-            "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND indexname LIKE 'note%%'",
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND indexname ~ '^note_'",
             [schema],
         )
         assert sorted(i for (i,) in indexes) == ["note_0", "note_1", "note_2", "note_body"]
     assert citus_db.sql(
-        "SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' AND indexname LIKE 'note%'"
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' AND indexname ~ '^note_'"
     ) == [(0,)]

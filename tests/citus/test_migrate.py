@@ -4,32 +4,15 @@ replayed to alike tenants, lock timeouts that reach the workers, a worker stoppe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import pytest
 
 from testproject import citus_cluster
-from tests.citus.tools import POOLER_SAFE, CitusDatabase
-from tests.dbtools import fingerprint, pool_load, register_tenants, summary
+from tests.citus.tools import POOLER_SAFE, CitusDatabase, tenants
+from tests.dbtools import fingerprint, pool_load, summary
 from tests.faults import hold, open_read, runs
-from tests.test_deploy import COLOUR, COUPON
 
 pytestmark = [pytest.mark.citus, pytest.mark.slow]
-
-
-def tenants(database: CitusDatabase, names: list[str]) -> None:
-    """Tenant rows and schemas, migrated (through pgbouncer)."""
-    register_tenants(database.url, names)
-    result = database.manage("migrate_schemas_safe", "--tenant", "-v0")
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.fixture
-def shop_deploy(new_migrations: Callable[..., str]) -> dict[str, str]:
-    """The environment of a deploy with shop's two new migrations (an added column with its
-    index, a new model)."""
-    package = new_migrations("shop", {"0004_colour": COLOUR, "0005_coupon": COUPON})
-    return {**POOLER_SAFE, "TESTPROJECT_MIGRATION_MODULES": json.dumps({"shop": package})}
 
 
 def deploy(database: CitusDatabase, env: dict[str, str], *args: str):

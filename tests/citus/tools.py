@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from testproject import citus_cluster
-from testproject.dbtools import connect, manage, with_dbname
+from testproject.dbtools import connect, manage, register_tenants, with_dbname
 
 # The deploy these tests model goes through pgbouncer: no CREATE INDEX CONCURRENTLY migration.
 POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
@@ -54,6 +54,10 @@ class CitusDatabase:
         )
         return result
 
+    def connection(self) -> Any:
+        """A direct autocommit connection to the coordinator (close it: ``with``)."""
+        return connect(self.url)
+
     def sql(self, statement: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
         with connect(self.url) as conn:
             cursor = conn.execute(statement, params)
@@ -80,3 +84,10 @@ def clean(database: CitusDatabase) -> None:
         for table in OWN_TABLES:
             if conn.execute("SELECT to_regclass(%s)", [f"public.{table}"]).fetchone()[0]:
                 conn.execute(f"DELETE FROM public.{table}")
+
+
+def tenants(database: CitusDatabase, names: list[str]) -> None:
+    """Tenant rows and schemas, migrated (through pgbouncer)."""
+    register_tenants(database.url, names)
+    result = database.manage("migrate_schemas_safe", "--tenant", "-v0")
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -73,16 +73,25 @@ class Command(BaseCommand):
         action = options["action"]
         if action == "distribute":
             names = options["schema"] or _undistributed(alias)
-            self._report((sharding.distribute(alias, name) for name in names), "distributed")
-        elif action == "move":
             self._report(
-                [sharding.move(alias, options["schema"], options["to"], options["mode"])], "moved"
+                (sharding.distribute(alias, name, waiting=self._waiting) for name in names),
+                "distributed",
             )
+        elif action == "move":
+            moved = sharding.move(
+                alias, options["schema"], options["to"], options["mode"], waiting=self._waiting
+            )
+            self._report([moved], "moved")
         elif options["plan"]:
             for schema, target in sharding.rebalance_plan(alias):
                 self.stdout.write(f"tenantsafe_citus: would move {schema} to {target}")
         else:
-            self._report(sharding.rebalance(alias, options["mode"]), "moved")
+            self._report(sharding.rebalance(alias, options["mode"], waiting=self._waiting), "moved")
+
+    def _waiting(self, schema: str, holder: str) -> None:
+        self.stdout.write(f"tenantsafe_citus: waiting for {schema}'s lease, held by {holder}")
+        # Seen now, not when the wait is over.
+        self.stdout.flush()
 
     def _report(self, done: Iterable[sharding.Moved], verb: str) -> None:
         count = 0
