@@ -102,7 +102,7 @@ def test_guarded_workers_through_pgbouncer_never_touch_another_tenant(citus_db):
     seed(citus_db)
     assert {citus_db.nodes()[name] for name in TENANTS} == set(citus_db.worker_ports)
     env = {**os.environ, **POOLER_SAFE, "DATABASE_URL": citus_db.pooled}
-    rounds = 15
+    rounds = 10
 
     with pool_load(citus_db.pooled, [f'"{s}", public' for s in TENANTS] + ["public"], clients=3):
         procs = [
