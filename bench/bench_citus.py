@@ -12,7 +12,7 @@ set) gets, one after the other:
   replays the recording. Per tenant: the median of the replays (and the first, apart).
 - **deploy**: ``migrate_schemas_safe --tenant`` with two new shop migrations (a column with
   its index, a new model): two witnesses through Django, the others by replay. Per tenant: the
-  command's wall time divided by the tenants.
+  run's time (its summary line) divided by the tenants.
 - **guard**: queries per second on one tenant, in one process, with
   ``TENANTSAFE_RUNTIME_GUARD`` off and on; on Citus also with the pinned form that Citus needs
   for DDL and for lock timeouts (a pipeline: ``BEGIN``, the check, the statement, ``COMMIT``)
@@ -182,14 +182,15 @@ def report(single: dict[str, Any], citus: dict[str, Any], tenants: int) -> None:
     rows = [
         ("provisioning, first (migrates) s", "first"),
         ("provisioning by replay, s/tenant", "replay"),
-        ("deploy, s/tenant (wall/tenants)", "deploy"),
+        ("deploy, s/tenant (run/tenants)", "deploy"),
     ]
     for label, key in rows:
         print(f"{label:34} {single[key]:12.3f} {citus[key]:12.3f} {citus[key] / single[key]:13.2f}")
     for name in ("off", "guard", "guard/pipeline"):
         a, b = single["guard"].get(name), citus["guard"].get(name)
         left = f"{a:12.0f}" if a else f"{'-':>12}"
-        print(f"{'queries/s, guard ' + name:34} {left} {b:12.0f} {b / a if a else 0:13.2f}")
+        ratio = f"{b / a:13.2f}" if a else f"{'-':>13}"
+        print(f"{'queries/s, ' + name:34} {left} {b:12.0f} {ratio}")
     for label, data in (("single node", single), ("Citus", citus)):
         off = data["guard"]["off"]
         costs = ", ".join(
