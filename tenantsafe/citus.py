@@ -71,12 +71,18 @@ _DEPARSED = re.compile(
 )
 
 
+def deparsed(sql: str) -> bool:
+    """Whether Citus deparses ``sql`` for the workers (a query or DML), rather than sending
+    them the query string it came in."""
+    return bool(_DEPARSED.match(sql))
+
+
 def merges(connection: Any, sql: str, lock_timeout_ms: int | None) -> bool:
     """Whether the guard may send its check and ``sql`` as one simple query."""
     if not is_citus(connection):
         return True
     # A lock_timeout must reach the workers: SET LOCAL, a query of its own (local_settings).
-    return lock_timeout_ms is None and bool(_DEPARSED.match(sql))
+    return lock_timeout_ms is None and deparsed(sql)
 
 
 def local_settings(connection: Any, lock_timeout_ms: int | None) -> tuple[str, ...]:
