@@ -25,6 +25,12 @@ How a statement is pinned, cheapest first:
 * step by step (named cursors, psycopg2 ``executemany``): ``BEGIN``, the pin verified in Python,
   the statement, ``COMMIT``.
 
+On a Citus coordinator (:mod:`tenantsafe.citus`) only queries and DML are merged: Citus sends
+some DDL on to the workers as the whole query string, which they refuse when it holds more than
+one statement, so other statements are pipelined (or pinned step by step). A lock timeout there
+is also sent as ``SET LOCAL`` statements of their own after ``BEGIN``, so that it reaches the
+workers; with one, nothing is merged.
+
 The check raises inside PostgreSQL when ``current_schema()`` is not the tenant's schema, so the
 transaction is aborted before the statement runs; the error is re-raised as
 :class:`SearchPathError`.
