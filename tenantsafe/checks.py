@@ -7,7 +7,7 @@ pooler check needs the database and runs only under ``check --database <alias>``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from django.apps import AppConfig, apps
@@ -357,17 +357,24 @@ def check_provisioning(app_configs: Sequence[AppConfig] | None = None, **kwargs:
     return messages
 
 
+def _tenant_connections(databases: Sequence[str] | None) -> Iterator[tuple[str, Any]]:
+    """The connections of ``databases`` that switch schemas (django-tenants' backend)."""
+    for alias in databases or ():
+        connection = connections[alias]
+        if hasattr(connection, "_get_cursor_search_paths"):
+            yield alias, connection
+
+
 def check_pooler(
     app_configs: Sequence[AppConfig] | None = None,
     databases: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> Messages:
     messages: Messages = []
-    for alias in databases or ():
-        connection = connections[alias]
-        # Only django-tenants connections switch schemas; tenantsafe's guard (on during
-        # migrate_schemas_safe, or everywhere with TENANTSAFE_RUNTIME_GUARD) pins the path.
-        if not hasattr(connection, "_get_cursor_search_paths") or guard.is_active(connection):
+    for alias, connection in _tenant_connections(databases):
+        # tenantsafe's guard (on during migrate_schemas_safe, or everywhere with
+        # TENANTSAFE_RUNTIME_GUARD) pins the path.
+        if guard.is_active(connection):
             continue
         try:
             pooled = guard.is_pooled(connection)
@@ -405,10 +412,7 @@ def check_citus(
     **kwargs: Any,
 ) -> Messages:
     messages: Messages = []
-    for alias in databases or ():
-        connection = connections[alias]
-        if not hasattr(connection, "_get_cursor_search_paths"):
-            continue
+    for alias, connection in _tenant_connections(databases):
         try:
             found = citus.detect(connection)
         except DatabaseError:

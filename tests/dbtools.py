@@ -54,6 +54,7 @@ __all__ = [
     "pool_load",
     "pooled_url",
     "public_tables",
+    "python_workers",
     "recorded",
     "reference_fingerprint",
     "register_tenants",
@@ -124,6 +125,28 @@ def pool_load(url: str, paths: list[str], *, clients: int = 4) -> Iterator[None]
         for thread in threads:
             thread.join(30)
     assert not errors, errors
+
+
+def python_workers(code: str, groups: list[list[str]], env: dict[str, str]) -> dict[str, Any]:
+    """``python -c code *group`` in a process of its own per group, all at once, from the
+    repository root with ``env``: the JSON objects their last lines print, merged."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, *group],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for group in groups
+    ]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    merged: dict[str, Any] = {}
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        merged.update(json.loads(out.strip().splitlines()[-1]))
+    return merged
 
 
 # Through Django's connection (the test database), always on the public schema's path.

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from tests.citus.tools import POOLER_SAFE, CitusDatabase
-from tests.dbtools import ROOT, pool_load, register_tenants
+from tests.dbtools import pool_load, python_workers, register_tenants
 
 pytestmark = [pytest.mark.citus, pytest.mark.slow]
 
@@ -104,24 +102,10 @@ def test_guarded_workers_through_pgbouncer_never_touch_another_tenant(citus_db):
     env = {**os.environ, **POOLER_SAFE, "DATABASE_URL": citus_db.pooled}
     rounds = 10
 
+    args = [str(rounds), json.dumps(SEEDED)]
     with pool_load(citus_db.pooled, [f'"{s}", public' for s in TENANTS] + ["public"], clients=3):
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, str(rounds), json.dumps(SEEDED), *pair],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for pair in (TENANTS[:2], TENANTS[2:])
-        ]
-        outputs = [proc.communicate(timeout=300) for proc in procs]
+        results = python_workers(WORKER, [[*args, *TENANTS[:2]], [*args, *TENANTS[2:]]], env)
 
-    results = {}
-    for proc, (out, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
-        results.update(json.loads(out.strip().splitlines()[-1]))
     assert {s: (r["wrong"], r["errors"]) for s, r in results.items()} == {
         s: ([], []) for s in TENANTS
     }
