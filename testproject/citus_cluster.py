@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from testproject.cluster import Cluster, ClusterUnavailable, find_pg_bindir
 
@@ -156,14 +155,14 @@ def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
-def worker_data(env: dict[str, str], number: int) -> Path:
+def _worker_data(env: dict[str, str], number: int) -> Path:
     return Path(env["CITUS_DIR"]) / f"worker{number}"
 
 
 def stop_worker(env: dict[str, str], number: int) -> None:
     """Stop worker ``number`` (1-based) the way a crash would: immediately."""
     node = CitusCluster(Path(env["CITUS_DIR"]))
-    node._run(node.bindir / "pg_ctl", "-D", worker_data(env, number), "-m", "immediate", "stop")
+    node._run(node.bindir / "pg_ctl", "-D", _worker_data(env, number), "-m", "immediate", "stop")
 
 
 def start_worker(env: dict[str, str], number: int) -> None:
@@ -171,7 +170,7 @@ def start_worker(env: dict[str, str], number: int) -> None:
     a coordinator session that had a connection to the worker cached fails its next DDL once
     ("failure on connection marked as essential"), which the next test must not meet."""
     node = CitusCluster(Path(env["CITUS_DIR"]))
-    node.pg_ctl_start(worker_data(env, number))
+    node.pg_ctl_start(_worker_data(env, number))
     port = env["CITUS_PGBOUNCER_URL"].rsplit(":", 1)[1].split("/")[0]
     node._run(
         node.bindir / "psql",
@@ -187,8 +186,3 @@ def start_worker(env: dict[str, str], number: int) -> None:
         "-c",
         "RECONNECT",
     )
-
-
-def own(directory: Path) -> Any:
-    """A Citus cluster of the caller's own in ``directory`` (not yet existing), started."""
-    return CitusCluster(directory).start()
