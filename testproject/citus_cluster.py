@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from testproject.cluster import Cluster, ClusterUnavailable, find_pg_bindir
+from testproject.cluster import Cluster, ClusterUnavailable, find_pg_bindir, find_pgbouncer
 
 INSTALL_HINT = (
     "Citus is not installed for this PostgreSQL ({lib}/citus.so is missing): "
@@ -41,7 +41,11 @@ def missing() -> str:
     if bindir is None:
         return "no PostgreSQL server binaries (initdb, pg_ctl) found"
     lib = bindir.parent / "lib"
-    return "" if (lib / "citus.so").exists() else INSTALL_HINT.format(lib=lib)
+    if not (lib / "citus.so").exists():
+        return INSTALL_HINT.format(lib=lib)
+    if find_pgbouncer() is None:
+        return "pgbouncer is not installed (apt-get install pgbouncer)"
+    return ""
 
 
 class CitusCluster(Cluster):
