@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 from django.db import migrations
 from django.db.migrations.loader import MigrationLoader
+from django.db.migrations.operations.base import Operation
 
 from tenantsafe.migrate.groups import Group, refusal
 from tenantsafe.results import TenantRef
@@ -69,18 +72,23 @@ def test_refusal_of_plans_from_the_test_project(loader, steps, why):
 
 def test_a_run_python_inside_separate_database_and_state_is_refused_too():
     loader = MigrationLoader(None)
-    hidden = migrations.Migration("0099_hidden", "shop")
-    hidden.operations = [
-        migrations.SeparateDatabaseAndState(
-            database_operations=[migrations.RunPython(migrations.RunPython.noop)],
-        )
-    ]
-    only_state = migrations.Migration("0098_state", "shop")
-    only_state.operations = [
-        migrations.SeparateDatabaseAndState(
-            state_operations=[migrations.RunPython(migrations.RunPython.noop)],
-        )
-    ]
+
+    class Hidden(migrations.Migration):
+        operations: ClassVar[list[Operation]] = [
+            migrations.SeparateDatabaseAndState(
+                database_operations=[migrations.RunPython(migrations.RunPython.noop)],
+            )
+        ]
+
+    class OnlyState(migrations.Migration):
+        operations: ClassVar[list[Operation]] = [
+            migrations.SeparateDatabaseAndState(
+                state_operations=[migrations.RunPython(migrations.RunPython.noop)],
+            )
+        ]
+
+    hidden = Hidden("0099_hidden", "shop")
+    only_state = OnlyState("0098_state", "shop")
     loader.graph.add_node(("shop", "0099_hidden"), hidden)
     loader.graph.add_node(("shop", "0098_state"), only_state)
 
