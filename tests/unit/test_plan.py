@@ -132,6 +132,7 @@ def squashed(new_migrations: Callable[..., str]) -> Iterator[None]:
         ([SQUASH, NOTES[2]], Plan(())),
         # Partly applied: the replaced migrations are used, not the squash.
         (NOTES[:1], Plan(forwards(NOTES[1], NOTES[2]))),
+        ([SQUASH, NOTES[0]], Plan(forwards(NOTES[1], NOTES[2]))),
         ([], Plan(forwards(SQUASH, NOTES[2]))),
     ],
 )
