@@ -48,7 +48,7 @@ def run_forked(work: Work, tenants: Sequence[TenantRef], alias: str) -> list[Ten
     todo: deque[Chunk] = deque(items[i : i + chunk] for i in range(0, len(items), chunk))
     results: dict[int, TenantResult] = {}
     connections[alias].close()
-    workers = [_Worker(work, alias) for _ in range(min(processes(), len(todo)))]
+    workers = [_Worker(work, alias) for _ in range(min(max(processes(), 1), len(todo)))]
     try:
         for worker in workers:
             worker.give(todo)
