@@ -636,7 +636,7 @@ def test_a_worker_process_killed_mid_tenant_fails_its_tenants_and_the_run_comple
     names = ["w1", "w2", "w3", "w4", "w5", "w6"]
     with tenant_database(names) as url, faults.runs() as start, faults.hold("seed", "w3") as held:
         run = start(url, *MIGRATE, "--executor=multiprocessing", env=env(held.env))
-        worker = held.wait(run)["pid"]
+        worker = held.wait(run, in_worker=True)["pid"]
         os.kill(worker, signal.SIGKILL)
         assert run.wait(120) == 1, run.stderr[-3000:]
 
