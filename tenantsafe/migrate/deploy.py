@@ -28,8 +28,13 @@ that recording into the others. The rule that decides when that is the same as m
 its results as they come (a second signal may end it anywhere). Where a tenant goes is decided
 in two places: :meth:`DeployRun.run` (a group to witness and replay, or the rest) and
 :meth:`DeployRun._after_the_first` (within a group: replay, or not); every tenant that replay
-does not take goes through :meth:`DeployRun._without_replay`. A tenant path runs on the
-executor (:meth:`tenantsafe.migrate.executor.Executor.run`), replays on its connections.
+does not take goes through :meth:`DeployRun._without_replay`. Another way of migrating a
+tenant (say, a warm migration from a project state computed once per applied set) is a
+:data:`~tenantsafe.migrate.executor.TenantPath`, a callable ``(tenant, place) -> result``:
+:meth:`~tenantsafe.migrate.executor.Executor.run` runs it in order or on the forked workers,
+which inherit it with whatever it holds (nothing of it is pickled), under the run's stop rules;
+``_without_replay`` is where it would stand in for the path through Django. Replays run on the
+executor's connections (:meth:`~tenantsafe.migrate.executor.Executor.on_connections`).
 """
 
 from __future__ import annotations
