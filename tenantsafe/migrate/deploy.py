@@ -7,7 +7,7 @@ that recording into the others. The rule that decides when that is the same as m
 
 1. **Groups** (:mod:`tenantsafe.migrate.groups`). Tenants are alike when they have the same
    tenant type and applied migrations (hence the same plan), the same catalog
-   (:func:`tenantsafe.replay.catalogs`) and the same content types and permissions, the small
+   (:func:`tenantsafe.recording.catalogs`) and the same content types and permissions, the small
    tables post_migrate reads, compared without their ids (tenants created at different times
    often number them differently). Plans that unapply, hold a ``RunPython`` or a non-atomic
    migration are never replayed, nor are groups of fewer than ``MIN_GROUP`` tenants.
@@ -48,7 +48,7 @@ from django.db import DatabaseError, connections
 from django_tenants.migration_executors import base as upstream
 from django_tenants.signals import schema_migrated, schema_pre_migration
 
-from tenantsafe import guard, locks, replay
+from tenantsafe import guard, locks, recording
 from tenantsafe.errors import ReplayMismatch, SearchPathError
 from tenantsafe.migrate import failures
 from tenantsafe.migrate.executor import Executor
@@ -163,7 +163,7 @@ class DeployRun:
             why = one.problem
         elif one.tables and before.get(second.schema) is None:
             why = (
-                f"{second.schema} has more than {replay.ROW_LIMIT} rows in a table the "
+                f"{second.schema} has more than {recording.ROW_LIMIT} rows in a table the "
                 "recording read"
             )
         else:
@@ -200,7 +200,7 @@ class DeployRun:
         """Migrate ``tenant`` through Django, recording what it sent; None when it cannot
         stand for others."""
         connection: Any = connections[self.alias]
-        recorder = replay.Recorder(tenant.schema)
+        recorder = recording.Recorder(tenant.schema)
         connection.execute_wrappers.insert(0, recorder)
         try:
             result = self.executor.attempt(tenant)

@@ -12,7 +12,7 @@ from django.db import connections
 from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 
-from tenantsafe import guard, plan, replay, schemas
+from tenantsafe import guard, plan, recording, schemas
 from tenantsafe.results import TenantRef
 
 WITNESSES = 2
@@ -121,9 +121,11 @@ def _alike(alias: str, names: list[str]) -> list[list[tuple[str, str | None]]]:
     for start in range(0, len(names), CHUNK):
         batch = names[start : start + CHUNK]
         with pinned(alias) as cursor:
-            catalogs = replay.catalogs(cursor, batch)
-            loose = replay.rows_digests(cursor, batch, KEYED, unlimited=CHECKED, without_ids=KEYED)
-            exact.update(replay.rows_digests(cursor, batch, KEYED, unlimited=CHECKED))
+            catalogs = recording.catalogs(cursor, batch)
+            loose = recording.rows_digests(
+                cursor, batch, KEYED, unlimited=CHECKED, without_ids=KEYED
+            )
+            exact.update(recording.rows_digests(cursor, batch, KEYED, unlimited=CHECKED))
         for name in batch:
             keys[name] = (catalogs.get(name, ""), loose.get(name))
     split: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
@@ -141,7 +143,7 @@ def pinned(alias: str, own: TenantRef | None = None) -> Iterator[Any]:
     replay pins."""
     connection: Any = connections[alias]
     if own is not None:
-        path = replay.pinned_path(alias, own.schema, own.tenant_type)
+        path = recording.pinned_path(alias, own.schema, own.tenant_type)
     else:
         connection.set_schema_to_public()
         path = guard.search_path(connection)
@@ -155,6 +157,8 @@ def rows_of(alias: str, names: Sequence[str], tables: frozenset[str]) -> dict[st
     for start in range(0, len(names), CHUNK):
         with pinned(alias) as cursor:
             found.update(
-                replay.rows_digests(cursor, names[start : start + CHUNK], tables, unlimited=CHECKED)
+                recording.rows_digests(
+                    cursor, names[start : start + CHUNK], tables, unlimited=CHECKED
+                )
             )
     return found

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from django.db import DatabaseError
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import locks, progress, replay, schemas, spares, stopping
+from tenantsafe import locks, progress, recording, schemas, spares, stopping
 from tenantsafe.migrate import failures
 from tenantsafe.migrate.deploy import DeployRun, replays
 from tenantsafe.migrate.executor import Executor
@@ -18,7 +18,7 @@ from tenantsafe.results import FAILED, NOT_ATTEMPTED, Summary, TenantRef, Tenant
 
 # Tables of tenantsafe's own in public, which a run or a signup elsewhere may create while
 # this run migrates tenants (they are no tenant's).
-_OWN_TABLES = frozenset({locks.TABLE, replay.TABLE, spares.TABLE})
+_OWN_TABLES = frozenset({locks.TABLE, recording.TABLE, spares.TABLE})
 
 
 def run(opts: RunOptions, *, public: bool, tenants: Sequence[TenantRef]) -> Summary:

@@ -11,7 +11,7 @@ from typing import Any
 from django.db import connections
 from django_tenants.utils import get_tenant_model
 
-from tenantsafe import guard, locks, replay, statements
+from tenantsafe import guard, locks, recording, statements
 from tenantsafe.errors import ReplayMismatch
 from tenantsafe.migrate.groups import CHECKED, KEYED, pinned
 from tenantsafe.results import TenantRef
@@ -89,17 +89,17 @@ def writes_no_rows(sql: str) -> bool:
     return all(
         statements.is_schema_change(part)
         or (statements.RECORD_APPLIED.match(part) and ";" not in part)
-        for part in sql.split("\n;\n")
+        for part in sql.split(recording.SEPARATOR)
         if part.strip()
     )
 
 
-def witnessed(alias: str, recorder: replay.Recorder, tenant: TenantRef) -> Witness:
+def witnessed(alias: str, recorder: recording.Recorder, tenant: TenantRef) -> Witness:
     """The witness ``recorder`` was around, after its migration finished."""
     schema = recorder.schema
     row = get_tenant_model()._default_manager.db_manager(alias).filter(schema_name=schema).first()
-    identifying = replay.identifying(row, alias) if row is not None else [schema]
-    sql, problem = replay.taken(alias, recorder, identifying)
+    identifying = recording.identifying(row, alias) if row is not None else [schema]
+    sql, problem = recording.taken(alias, recorder, identifying)
     connection: Any = connections[alias]
     connection.set_schema_to_public()
     with connection.cursor() as cursor:
@@ -134,11 +134,11 @@ def digests(
     own: TenantRef | None = None,
     without_ids: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, str], dict[str, str | None]]:
-    """Catalog and row digests of ``names`` (``without_ids``: see replay.rows_digests), read
+    """Catalog and row digests of ``names`` (``without_ids``: see recording.rows_digests), read
     in one transaction with public's path; for ``own`` (then ``names`` is its schema only),
     with the path its replay pins."""
     with pinned(alias, own) as cursor:
-        return replay.catalogs(cursor, names), replay.rows_digests(
+        return recording.catalogs(cursor, names), recording.rows_digests(
             cursor, names, tables, unlimited=CHECKED, without_ids=without_ids & tables
         )
 
@@ -153,12 +153,12 @@ def replay_into(
 ) -> None:
     """Apply ``witness``'s recording to ``tenant`` in one transaction; raises ReplayMismatch (and
     rolls back) when the tenant is not then like the witness, or DatabaseError."""
-    path = replay.pinned_path(alias, tenant.schema, tenant.tenant_type)
+    path = recording.pinned_path(alias, tenant.schema, tenant.tenant_type)
     terms = guard.Terms(lease.fence, lock_timeout_ms)
     with guard.pinned_transaction(alias, path, terms=terms) as cursor:
         cursor.execute(witness.sql)
-        catalog = replay.catalogs(cursor, [tenant.schema]).get(tenant.schema)
-        rows = replay.rows_digests(
+        catalog = recording.catalogs(cursor, [tenant.schema]).get(tenant.schema)
+        rows = recording.rows_digests(
             cursor,
             [tenant.schema],
             witness.checked,
