@@ -3,6 +3,7 @@ may merge its check into, how a recording is cut into statements, which node an 
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from tenantsafe.citus import deparsed, split, unreachable_node
@@ -74,3 +75,25 @@ def test_an_unreachable_node_is_read_from_the_error_and_its_causes(message, node
     wrapped.__cause__ = OSError(message)
 
     assert unreachable_node(wrapped) == node
+
+
+def test_a_tenant_failed_by_an_unreachable_worker_is_not_reported_as_a_lost_connection():
+    from django.db import utils as db
+
+    from tenantsafe.migrate import failures
+    from tenantsafe.options import RunOptions
+
+    # What Citus raises (SQLSTATE 08006), as Django wraps it.
+    error = db.OperationalError("connection to the remote node ... failed")
+    error.__cause__ = psycopg.errors.ConnectionFailure(
+        "connection to the remote node postgres@10.0.0.3:5432 failed with the following error: "
+        "Connection refused\n\tIs the server running on that host and accepting TCP/IP "
+        "connections?"
+    )
+    opts = RunOptions(database="default", migrate={})
+
+    assert failures.is_connection_lost(error)
+    assert failures.failure(error, opts, "acme", failures.LockWaits(), 1) == (
+        "Citus node 10.0.0.3:5432 (Connection refused) is unreachable. Run again once it is "
+        "back: schema changes need every node, data changes the node of the tenant."
+    )
