@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -94,10 +93,10 @@ STATEMENTS: list[tuple[str, dict[str, Any], Strategy]] = [
     ("facts", "expected"), [row[1:] for row in STATEMENTS], ids=[row[0] for row in STATEMENTS]
 )
 def test_statement(facts, expected):
-    assert decide(dataclasses.replace(DEFAULT, **facts)) is expected
+    assert decide(DEFAULT._replace(**facts)) is expected
 
 
-DRIVER = dataclasses.replace(DEFAULT, driver=True, sql=None, merges=False, pipelines=False)
+DRIVER = DEFAULT._replace(driver=True, sql=None, merges=False, pipelines=False)
 
 DRIVER_CALLS: list[tuple[str, dict[str, Any], Strategy]] = [
     ("autocommit: a transaction of its own", {}, S.OWN_TRANSACTION),
@@ -114,16 +113,16 @@ DRIVER_CALLS: list[tuple[str, dict[str, Any], Strategy]] = [
     ("facts", "expected"), [row[1:] for row in DRIVER_CALLS], ids=[row[0] for row in DRIVER_CALLS]
 )
 def test_driver_call(facts, expected):
-    assert decide(dataclasses.replace(DRIVER, **facts)) is expected
+    assert decide(DRIVER._replace(**facts)) is expected
 
 
 def test_own_means_idle_in_autocommit():
     assert DEFAULT.own
-    assert not dataclasses.replace(DEFAULT, status=INTRANS).own
-    assert not dataclasses.replace(DEFAULT, autocommit=False).own
+    assert not DEFAULT._replace(status=INTRANS).own
+    assert not DEFAULT._replace(autocommit=False).own
 
 
 def test_text_is_the_statement_only_when_it_is_a_str():
     assert DEFAULT.text == "SELECT 1"
-    assert dataclasses.replace(DEFAULT, sql=b"SELECT 1").text is None
+    assert DEFAULT._replace(sql=b"SELECT 1").text is None
     assert DRIVER.text is None
