@@ -14,9 +14,10 @@ set) gets, one after the other:
   its index, a new model): two witnesses through Django, the others by replay. Per tenant: the
   run's time (its summary line) divided by the tenants.
 - **guard**: queries per second on one tenant, in one process, with
-  ``TENANTSAFE_RUNTIME_GUARD`` off and on; on Citus also with the pinned form that Citus needs
-  for DDL and for lock timeouts (a pipeline: ``BEGIN``, the check, the statement, ``COMMIT``)
-  forced onto every query. ``--rounds`` interleaved rounds, medians.
+  ``TENANTSAFE_RUNTIME_GUARD`` off, on, and on with a lock timeout in its terms (what
+  ``migrate_schemas_safe`` adds: on Citus that is the pinned form Citus needs for DDL too, a
+  pipeline of ``BEGIN``, ``SET LOCAL`` statements, the check, the statement and ``COMMIT``).
+  ``--rounds`` interleaved rounds, medians.
 
 Direct connections (the forms are the same through pgbouncer). Needs Citus
 (``bash ../shared/citus/install.sh``).
@@ -105,7 +106,7 @@ def guard_child(queries: int, rounds: int) -> None:
     from django.conf import settings
     from django.db import connection as default
 
-    from tenantsafe import citus
+    from tenantsafe import guard
     from testproject.customers.models import Client
     from testproject.shop.models import Category
 
@@ -120,18 +121,17 @@ def guard_child(queries: int, rounds: int) -> None:
             Category.objects.filter(pk=first.pk).first()
         return queries / (time.perf_counter() - started)
 
-    variants: dict[str, list[float]] = {"off": [], "guard": [], "guard/pipeline": []}
-    on_citus = citus.is_citus(connection)
-    original = citus.merges
+    # "guard+lock_timeout" is the form migrate_schemas_safe gives every statement: on Citus
+    # not merged (a pipeline: BEGIN, SET LOCALs, the check, the statement, COMMIT), as DDL is.
+    timeout = guard.Terms(lock_timeout_ms=5000)
+    variants: dict[str, list[float]] = {"off": [], "guard": [], "guard+lock_timeout": []}
     for _ in range(rounds):
         for name in variants:
-            if name == "guard/pipeline" and not on_citus:
-                continue
             settings.TENANTSAFE_RUNTIME_GUARD = name != "off"
-            # The pinned form of DDL and of lock timeouts on Citus, for every query.
-            citus.merges = (lambda *a: False) if name == "guard/pipeline" else original
-            variants[name].append(run())
-    print(json.dumps({name: statistics.median(v) for name, v in variants.items() if v}))
+            terms = name == "guard+lock_timeout"
+            with guard.with_terms(connection, timeout) if terms else contextlib.nullcontext():
+                variants[name].append(run())
+    print(json.dumps({name: statistics.median(v) for name, v in variants.items()}))
 
 
 def measure(
@@ -186,7 +186,7 @@ def report(single: dict[str, Any], citus: dict[str, Any], tenants: int) -> None:
     ]
     for label, key in rows:
         print(f"{label:34} {single[key]:12.3f} {citus[key]:12.3f} {citus[key] / single[key]:13.2f}")
-    for name in ("off", "guard", "guard/pipeline"):
+    for name in ("off", "guard", "guard+lock_timeout"):
         a, b = single["guard"].get(name), citus["guard"].get(name)
         left = f"{a:12.0f}" if a else f"{'-':>12}"
         ratio = f"{b / a:13.2f}" if a else f"{'-':>13}"

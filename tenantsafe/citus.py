@@ -1,98 +1,30 @@
-"""Citus, schema-based sharding: what tenantsafe sends differently to a Citus coordinator.
+"""Citus, schema-based sharding: what tenantsafe does differently on a Citus coordinator,
+outside the guard (whose part is :mod:`tenantsafe.guard.citus`).
 
 With ``citus.enable_schema_based_sharding`` every tenant schema lives on one worker node and
-the coordinator routes each query there. Two things found on a three-node cluster
-(``bench/probe_citus.py``, docs/citus.md) change how statements may be sent:
-
-* For some DDL (``CREATE INDEX``, most ``ALTER TABLE`` forms, renames) Citus sends the workers
-  the query string it was given, and for a multi-statement simple query that is the whole
-  string, which the workers refuse ("cannot insert multiple commands into a prepared
-  statement"). Queries and DML are deparsed per shard. So the guard merges its check only into
-  those (:func:`merges`), and a recording is replayed one statement at a time, in one pipeline
-  where the driver has them (:func:`execute_batch`).
-* ``lock_timeout`` set with ``set_config(..., true)`` bounds the waits on the coordinator only;
-  a DDL or an ``UPDATE`` waiting on a worker waits on. ``SET LOCAL`` reaches the workers of the
-  transaction when ``citus.propagate_set_commands`` is ``'local'``, but Citus sends them its
-  whole query string too: :func:`local_settings` are statements to send each on its own.
-
-Whether a connection reaches Citus is read once per server connection (Django's), like
-:mod:`tenantsafe.pooler`.
+the coordinator routes each query there. For some DDL Citus sends the workers the query string
+it was given, which they refuse when it holds several statements ("cannot insert multiple
+commands into a prepared statement"; ``bench/probe_citus.py``, docs/citus.md): a recording is
+replayed one statement at a time, in one pipeline where the driver has them
+(:func:`execute_batch`). A migration that waits for a lock on a worker waits for a shard's lock
+there (:func:`blockers`), and a node that cannot be reached fails the statement with an error
+that names it (:func:`unreachable_node`).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
+from tenantsafe.guard.citus import Citus, detect, is_citus
+
 if is_psycopg3:
     import psycopg
 
-
-@dataclass(frozen=True)
-class Citus:
-    # The citus extension exists in the database.
-    installed: bool
-    # citus.enable_schema_based_sharding, as this connection sees it.
-    sharding: bool
-
-
-NOT_CITUS = Citus(False, False)
-
-
-def detect(connection: Any) -> Citus:
-    """What ``connection``'s database is, read once per server connection."""
-    connection.ensure_connection()
-    raw = connection.connection
-    cached: tuple[int, Citus] | None = getattr(connection, "_tenantsafe_citus", None)
-    if cached is not None and cached[0] == id(raw):
-        return cached[1]
-    with raw.cursor() as cursor:
-        cursor.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus'), "
-            "coalesce(current_setting('citus.enable_schema_based_sharding', true), 'off')"
-        )
-        installed, sharding = cursor.fetchone()
-    found = Citus(bool(installed), installed and sharding == "on") if installed else NOT_CITUS
-    connection._tenantsafe_citus = (id(raw), found)
-    return found
-
-
-def is_citus(connection: Any) -> bool:
-    return detect(connection).installed
-
-
-# Queries and DML: Citus deparses them for the worker, so they may share a query string.
-_DEPARSED = re.compile(
-    r"^\s*\(*\s*(?:SELECT|INSERT|UPDATE|DELETE|WITH|VALUES|TABLE|MERGE)\b", re.IGNORECASE
-)
-
-
-def deparsed(sql: str) -> bool:
-    """Whether Citus deparses ``sql`` for the workers (a query or DML), rather than sending
-    them the query string it came in."""
-    return bool(_DEPARSED.match(sql))
-
-
-def merges(connection: Any, sql: str, lock_timeout_ms: int | None) -> bool:
-    """Whether the guard may send its check and ``sql`` as one simple query."""
-    if not is_citus(connection):
-        return True
-    # A lock_timeout must reach the workers: SET LOCAL, a query of its own (local_settings).
-    return lock_timeout_ms is None and deparsed(sql)
-
-
-def local_settings(connection: Any, lock_timeout_ms: int | None) -> tuple[str, ...]:
-    """Statements to send, each alone, at the start of a pinned transaction."""
-    if lock_timeout_ms is None or not is_citus(connection):
-        return ()
-    return (
-        "SELECT set_config('citus.propagate_set_commands', 'local', true)",
-        f"SET LOCAL lock_timeout = '{int(lock_timeout_ms)}ms'",
-    )
+__all__ = ["Citus", "blockers", "detect", "execute_batch", "is_citus", "split", "unreachable_node"]
 
 
 # A multi-statement string's tokens that may hold a ';' that ends nothing: quoted strings

@@ -6,7 +6,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tenantsafe.citus import deparsed, split, unreachable_node
+from tenantsafe.citus import split, unreachable_node
+from tenantsafe.guard.citus import deparsed
 
 CASES = [
     # A ';' inside a quoted string, an E'' string with a backslash-escaped quote, a doubled
