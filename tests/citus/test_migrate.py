@@ -1,5 +1,6 @@
 """migrate_schemas_safe on Citus, through pgbouncer with other clients on the pool: deploys
-replayed to alike tenants, lock timeouts that reach the workers, a worker stopped mid-deploy."""
+replayed to alike tenants, lock timeouts that reach the workers, a worker stopped mid-deploy;
+and directly connected, the migration that cannot run through a pooler."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from testproject import citus_cluster
 from tests.citus.tools import POOLER_SAFE, CitusDatabase, tenants
-from tests.dbtools import fingerprint, pool_load, summary
+from tests.dbtools import connect, fingerprint, pool_load, register_tenants, summary
 from tests.faults import hold, open_read, runs
 
 pytestmark = [pytest.mark.citus, pytest.mark.slow]
@@ -186,3 +187,46 @@ def test_a_schema_deploy_with_a_worker_stopped_fails_every_tenant_whole_and_the_
     after = fingerprint(citus_db.url, names[0])
     assert ("shop", "0005_coupon") in after["migrations"]
     assert [n for n in names if fingerprint(citus_db.url, n) != after] == []
+
+
+def test_directly_connected_the_whole_project_migrates_its_concurrent_index_onto_the_workers(
+    citus_db,
+):
+    names = ["direct1", "direct2"]
+    register_tenants(citus_db.url, names)
+    # The whole test project: its search app's CREATE INDEX CONCURRENTLY cannot run through a
+    # pooler, so the guard pins the session's path for it, on the coordinator directly.
+    whole = {"TESTPROJECT_POOLER_SAFE": ""}
+
+    result = citus_db.manage("migrate_schemas_safe", "--tenant", pooled=False, env=whole)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary(result.stdout)["failed"] == 0
+    nodes = citus_db.nodes()
+    assert all(nodes[name] in citus_db.worker_ports for name in names), nodes
+    assert citus_db.sql(
+        "SELECT n.nspname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relname = 'search_term_idx' "
+        "ORDER BY 1"
+    ) == [(name, True) for name in names]
+    # The shards' indexes (search_term_idx_<shard id>; every node also has the shells of every
+    # distributed table): valid, each on its tenant's worker.
+    shards = []
+    for port, worker in zip(citus_db.worker_ports, citus_db.worker_urls, strict=True):
+        with connect(worker) as conn:
+            # Citus hides shards from the catalog on a node with metadata.
+            conn.execute("SET citus.override_table_visibility = off")
+            shards += [
+                (name, port, valid)
+                for name, valid in conn.execute(
+                    "SELECT n.nspname, i.indisvalid FROM pg_index i "
+                    "JOIN pg_class c ON c.oid = i.indexrelid "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.relname ~ '^search_term_idx_[0-9]+$'"
+                ).fetchall()
+            ]
+    assert sorted(shards) == [(name, nodes[name], True) for name in names]
+    assert citus_db.sql(
+        "SELECT count(*) FROM pg_indexes WHERE indexname = 'search_term_idx' "
+        "AND schemaname = 'public'"
+    ) == [(0,)]
