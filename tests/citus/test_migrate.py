@@ -230,3 +230,33 @@ def test_directly_connected_the_whole_project_migrates_its_concurrent_index_onto
         "SELECT count(*) FROM pg_indexes WHERE indexname = 'search_term_idx' "
         "AND schemaname = 'public'"
     ) == [(0,)]
+
+
+def test_a_run_killed_mid_tenant_leaves_nothing_half_applied_and_the_next_run_completes(citus_db):
+    names = ["k1", "k2"]
+    register_tenants(citus_db.url, names)
+
+    with runs() as start, hold("seed", "k2") as held:
+        # Held inside shop 0002's transaction, which has written to k2's shard on its worker.
+        run = start(
+            citus_db.pooled, "migrate_schemas_safe", "--tenant", env={**POOLER_SAFE, **held.env}
+        )
+        held.wait(run)
+        run.kill()
+
+    # shop 0001 committed; 0002's rows and record went with the killed transaction.
+    assert citus_db.sql("SELECT name FROM k2.django_migrations WHERE app = 'shop'") == [
+        ("0001_initial",)
+    ]
+    assert citus_db.sql("SELECT count(*) FROM k2.shop_category") == [(0,)]
+
+    again = deploy(citus_db, {})
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert summary(again.stdout)["failed"] == 0
+    assert citus_db.sql("SELECT count(*) FROM k2.shop_category") == [(3,)]
+    assert fingerprint(citus_db.url, "k2") == fingerprint(citus_db.url, "k1")
+    # No distributed transaction of the killed run left prepared on a worker.
+    for worker in citus_db.worker_urls:
+        with connect(worker) as conn:
+            assert conn.execute("SELECT gid FROM pg_prepared_xacts").fetchall() == []
