@@ -12,7 +12,7 @@ set) gets, one after the other:
   replays the recording. Per tenant: the median of the replays (and the first, apart).
 - **deploy**: ``migrate_schemas_safe --tenant`` with two new shop migrations (a column with
   its index, a new model): two witnesses through Django, the others by replay. Per tenant: the
-  run's time (its summary line) divided by the tenants.
+  command's wall time divided by the tenants (its summary line is printed too).
 - **guard**: queries per second on one tenant, in one process, with
   ``TENANTSAFE_RUNTIME_GUARD`` off, on, and on with a lock timeout in its terms (what
   ``migrate_schemas_safe`` adds: on Citus that is the pinned form Citus needs for DDL too, a
