@@ -22,12 +22,14 @@ from django.core.management.color import Style
 from django.db import DatabaseError, connections
 from django.db.migrations.loader import MigrationLoader
 from django.db.models.signals import post_migrate
+from django.test.utils import override_settings
 from django_tenants.migration_executors import base as upstream
 from django_tenants.migration_executors.multiproc import get_pool
 from django_tenants.signals import schema_migrated, schema_pre_migration
 from django_tenants.utils import get_public_schema_name
 
 from tenantsafe import (
+    conf,
     deploy,
     guard,
     locks,
@@ -38,6 +40,7 @@ from tenantsafe import (
     spares,
     statements,
     stopping,
+    warm,
 )
 from tenantsafe.errors import (
     PlanError,
@@ -509,12 +512,15 @@ def _run(
     public_before = schemas.public_tables(alias) if tenants else set()
     todo, answered, planned = _answer_from_read(opts, tenants)
     results.extend(answered)
-    with progress.reporting(
-        stream=opts.stdout,
-        verbosity=opts.verbosity,
-        check=opts.check,
-        todo=todo,
-        answered=answered,
+    with (
+        progress.reporting(
+            stream=opts.stdout,
+            verbosity=opts.verbosity,
+            check=opts.check,
+            todo=todo,
+            answered=answered,
+        ),
+        _warm(opts),
     ):
         if planned is not None and opts.plan and opts.replay:
             _show_groups(opts, planned)
@@ -532,6 +538,29 @@ def _run(
             problems.append(
                 "public gained tables while tenants were migrated: " + ", ".join(sorted(gained))
             )
+
+
+@contextlib.contextmanager
+def _warm(opts: RunOptions) -> Iterator[None]:
+    """Tenants migrated through Django share the run's graph and states (tenantsafe.warm)."""
+    if (
+        opts.plan
+        or opts.check
+        or not conf.warm_migrations()
+        or getattr(settings, "TENANT_BASE_MIGRATE_COMMAND", None)
+    ):
+        yield
+        return
+    try:
+        planner = plan.Planner(opts.app_label, opts.migration_name)
+    except PlanError:
+        yield
+        return
+    with (
+        override_settings(TENANT_BASE_MIGRATE_COMMAND=warm.COMMAND, TENANT_LIMIT_SET_CALLS=True),
+        warm.warming(opts.database, planner),
+    ):
+        yield
 
 
 @dataclass(frozen=True)
