@@ -308,3 +308,144 @@ def test_a_runpython_that_fails_in_one_tenant_rolls_that_tenant_back(deploy):
     assert_alike(pairs)
     assert ("shop", "0004_check") not in fingerprint(database_url(), "b3")["migrations"]
     assert sql('SELECT DISTINCT deploy_rank FROM "b4".shop_product') == [(7,)]
+
+
+DATABASE_AND_STATE = """
+    from django.db import migrations, models
+
+
+    class Migration(migrations.Migration):
+        dependencies = [("shop", "0003_product_sku")]
+
+        operations = [
+            migrations.SeparateDatabaseAndState(
+                state_operations=[
+                    migrations.AddField(
+                        model_name="product",
+                        name="note",
+                        field=models.TextField(default=""),
+                    ),
+                ],
+                database_operations=[
+                    migrations.RunSQL(
+                        "ALTER TABLE shop_product ADD COLUMN note text NOT NULL DEFAULT 'n/a'",
+                        "ALTER TABLE shop_product DROP COLUMN note",
+                    ),
+                ],
+            ),
+            migrations.RunSQL(
+                [("UPDATE shop_product SET sku = %s WHERE price_cents > %s", ["big", 2])],
+                migrations.RunSQL.noop,
+                state_operations=[
+                    migrations.AlterField(
+                        model_name="product",
+                        name="sku",
+                        field=models.CharField(max_length=32, default="-"),
+                    ),
+                ],
+            ),
+        ]
+"""
+
+
+def test_separate_database_and_state_and_runsql_with_parameters(deploy):
+    pairs = twins()
+
+    out = deploy({"0004_note": DATABASE_AND_STATE})(pairs)
+
+    assert summary(out)["failed"] == 0
+    assert_alike(pairs)
+    assert sql('SELECT sku, note FROM "b4".shop_product WHERE price_cents > 2') == [
+        ("big", "n/a"),
+        ("big", "n/a"),
+    ]
+
+
+NOT_ATOMIC = """
+    from django.db import migrations, models
+
+
+    def rank(apps, schema_editor):
+        Product = apps.get_model("shop", "Product")
+        db = schema_editor.connection.alias
+        for product in Product.objects.using(db):
+            product.deploy_rank = product.price_cents * 2
+            product.save(update_fields=["deploy_rank"])
+
+
+    class Migration(migrations.Migration):
+        atomic = False
+        dependencies = [("shop", "0003_product_sku")]
+
+        operations = [
+            migrations.AddField(
+                model_name="product", name="deploy_rank", field=models.IntegerField(default=0)
+            ),
+            migrations.RunPython(rank, migrations.RunPython.noop, atomic=True),
+        ]
+"""
+
+
+def test_a_non_atomic_migration(deploy):
+    pairs = twins()
+
+    out = deploy({"0004_rank": NOT_ATOMIC})(pairs)
+
+    assert summary(out)["failed"] == 0
+    assert_alike(pairs)
+    assert sql('SELECT deploy_rank FROM "b3".shop_product ORDER BY id') == [(2,), (4,), (6,)]
+
+
+@pytest.fixture
+def notes_on_migrate() -> Iterator[None]:
+    """A user's post_migrate handler: a note in the tenant naming how many products it has
+    and which migrations the plan applied."""
+
+    def write(sender: Any, app_config: Any, apps: Any, plan: Any, using: str, **kw: Any) -> None:
+        # Only for the deploy (create_tenant's full migration sends it too).
+        if app_config.label != "notes" or not plan or len(plan) > 3:
+            return
+        Note = apps.get_model("notes", "Note")
+        Product = apps.get_model("shop", "Product")
+        applied = ",".join(f"{m.app_label}.{m.name}" for m, _ in plan)
+        count = Product.objects.using(using).count()
+        Note.objects.using(using).create(title=f"{count} products after {applied}", body="")
+
+    post_migrate.connect(write, dispatch_uid="test_notes_on_migrate")
+    yield
+    post_migrate.disconnect(dispatch_uid="test_notes_on_migrate")
+
+
+def test_a_post_migrate_handler_that_writes_rows_in_each_tenant(deploy, notes_on_migrate):
+    pairs = twins()
+
+    out = deploy({"0004_rank": RANK})(pairs)
+
+    assert summary(out)["failed"] == 0
+    assert_alike(pairs)
+    assert sql('SELECT title FROM "b4".notes_note ORDER BY id')[-1] == (
+        "4 products after shop.0004_rank",
+    )
+
+
+def test_a_plan_that_unapplies(deploy):
+    pairs = twins()
+    run = deploy({"0004_rank": RANK})
+    run(pairs)
+
+    out = run(pairs, "shop", "0003_product_sku")
+
+    assert summary(out)["failed"] == 0
+    assert_alike(pairs)
+    assert ("shop", "0004_rank") not in fingerprint(database_url(), "b1")["migrations"]
+
+
+def test_fake(deploy):
+    pairs = twins()
+
+    out = deploy({"0004_rank": RANK})(pairs, "--fake")
+
+    assert summary(out)["failed"] == 0
+    assert_alike(pairs)
+    assert ("shop", "0004_rank") in fingerprint(database_url(), "b1")["migrations"]
+    assert "deploy_rank" not in str(fingerprint(database_url(), "b1")["columns"])
