@@ -38,8 +38,9 @@ historical model class, say), and a ``pre_migrate``/``post_migrate`` handler tha
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any
@@ -68,6 +69,41 @@ _runs: dict[str, WarmRun] = registry.cache("tenantsafe.warm.runs")
 
 # What the command class path is while a run serves tenants warm.
 COMMAND = "tenantsafe.warm.Command"
+
+# The RunPython operation running now in this thread (its migration and place), for a
+# recorder that keeps a data migration's own statements apart from the schema's.
+_python: contextvars.ContextVar[Python | None] = contextvars.ContextVar(
+    "tenantsafe_warm_python", default=None
+)
+
+
+@dataclass(frozen=True)
+class Python:
+    """A RunPython operation of a plan: ``operations[index]`` of migration ``app``.``name``."""
+
+    app: str
+    name: str
+    index: int
+
+
+_watchers: contextvars.ContextVar[tuple[Callable[[Python], None], ...]] = contextvars.ContextVar(
+    "tenantsafe_warm_watchers", default=()
+)
+
+
+def running_python() -> Python | None:
+    """The RunPython operation whose code is running in this thread, if any."""
+    return _python.get()
+
+
+@contextlib.contextmanager
+def watching_python(callback: Callable[[Python], None]) -> Iterator[None]:
+    """Call ``callback`` in this thread as each RunPython of a warm migration starts."""
+    token = _watchers.set((*_watchers.get(), callback))
+    try:
+        yield
+    finally:
+        _watchers.reset(token)
 
 
 @dataclass(frozen=True)
@@ -166,13 +202,22 @@ class _Applied:
     def apply(self, project_state: ProjectState, schema_editor: Any) -> ProjectState:
         migration = self._migration
         steps = self._warm.steps(migration, project_state)
-        for step in steps:
+        for index, step in enumerate(steps):
             atomic_operation = step.operation.atomic or (
                 migration.atomic and step.operation.atomic is not False
             )
-            if isinstance(step.operation, RunPython):
-                _settle(step.before)
-            _forwards(migration, step, schema_editor, atomic_operation)
+            if not isinstance(step.operation, RunPython):
+                _forwards(migration, step, schema_editor, atomic_operation)
+                continue
+            _settle(step.before)
+            python = Python(migration.app_label, migration.name, index)
+            for watcher in _watchers.get():
+                watcher(python)
+            token = _python.set(python)
+            try:
+                _forwards(migration, step, schema_editor, atomic_operation)
+            finally:
+                _python.reset(token)
         return steps[-1].after if steps else project_state
 
 
