@@ -40,12 +40,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any
 
 from django.apps import apps as global_apps
+from django.conf import settings
 from django.core.management.base import no_translations
 from django.core.management.commands import migrate
 from django.core.management.sql import emit_post_migrate_signal, emit_pre_migrate_signal
@@ -56,19 +57,22 @@ from django.db.migrations.migration import Migration
 from django.db.migrations.operations import RunPython
 from django.db.migrations.recorder import MigrationRecorder
 from django.db.migrations.state import ModelState, ProjectState
+from django.test.utils import override_settings
 from django.utils.module_loading import module_has_submodule
 
-from tenantsafe import plan, registry
+from tenantsafe import conf, plan, registry
+from tenantsafe.errors import PlanError
+from tenantsafe.options import RunOptions
 
-logger = logging.getLogger("tenantsafe.warm")
+logger = logging.getLogger("tenantsafe.migrate")
 
 Key = tuple[str, str]
 
 # The runs in progress, by database alias (a run registers itself for its duration).
-_runs: dict[str, WarmRun] = registry.cache("tenantsafe.warm.runs")
+_runs: dict[str, WarmRun] = registry.cache("tenantsafe.migrate.warm.runs")
 
 # What the command class path is while a run serves tenants warm.
-COMMAND = "tenantsafe.warm.Command"
+COMMAND = "tenantsafe.migrate.warm.Command"
 
 # The RunPython operation running now in this thread (its migration and place), for a
 # recorder that keeps a data migration's own statements apart from the schema's.
@@ -157,6 +161,19 @@ class WarmPlan:
                 state = after
             self._steps[key] = found
         return found
+
+    def prepare(self) -> None:
+        """Compute every state of the plan now (no database is needed): forked workers then
+        inherit them instead of each computing its own."""
+        executor = _Executor(None, None, self)
+        state = self.before(executor)
+        for migration, _ in self.plan:
+            steps = self.steps(migration, state)
+            state = steps[-1].after if steps else state
+            for step in steps:
+                if isinstance(step.operation, RunPython):
+                    _settle(step.before)
+        self.post_apps(state)
 
     def post_apps(self, state: ProjectState) -> Any:
         """The ``apps`` Django's migrate gives ``post_migrate``, from the plan's last state."""
@@ -285,6 +302,22 @@ class WarmRun:
         # Django refuses a graph with conflicts in every tenant: let it say so.
         self.usable = not planner.loader.detect_conflicts()
 
+    def prepare(self, applied_sets: Iterable[frozenset[Key] | None]) -> None:
+        """Make the warm plans of ``applied_sets`` (forwards ones) before any tenant needs
+        them; one that cannot be made is left to the first tenant (which then goes through
+        Django's own migrate if it cannot be made then either)."""
+        for applied in set(applied_sets):
+            if applied is None:
+                continue
+            warm = self.plan_for(applied)
+            if warm is None or not warm.plan or any(back for _, back in warm.plan):
+                continue
+            try:
+                warm.prepare()
+            except Exception:
+                logger.debug("cannot prepare the warm plan of an applied set", exc_info=True)
+                self._plans[applied] = None
+
     def plan_for(self, applied: frozenset[Key]) -> WarmPlan | None:
         if applied not in self._plans:
             found = self.planner.executor_plan(applied)
@@ -294,6 +327,33 @@ class WarmRun:
                 else WarmPlan(found.loader, found.applied, found.targets, found.plan)
             )
         return self._plans[applied]
+
+
+@contextlib.contextmanager
+def serving(opts: RunOptions, applied_sets: Iterable[frozenset[Key] | None] = ()) -> Iterator[None]:
+    """While the block runs, the tenants ``opts``' run migrates through Django are served warm
+    (unless turned off, or a project's own TENANT_BASE_MIGRATE_COMMAND is set: its command may
+    do more than Django's). ``applied_sets``: those the run's read found, prepared first."""
+    if (
+        opts.plan
+        or opts.check
+        or not conf.warm_migrations()
+        or getattr(settings, "TENANT_BASE_MIGRATE_COMMAND", None)
+    ):
+        yield
+        return
+    try:
+        planner = plan.Planner(opts.app_label, opts.migration_name)
+    except PlanError:
+        # migrate reports the bad target in each tenant.
+        yield
+        return
+    with (
+        override_settings(TENANT_BASE_MIGRATE_COMMAND=COMMAND),
+        warming(opts.database, planner) as run,
+    ):
+        run.prepare(applied_sets)
+        yield
 
 
 @contextlib.contextmanager
@@ -386,4 +446,4 @@ def _import_management_modules() -> None:
             import_module(".management", app_config.name)
 
 
-__all__ = ["COMMAND", "Command", "WarmPlan", "WarmRun", "warming"]
+__all__ = ["COMMAND", "Command", "WarmPlan", "WarmRun", "serving", "warming"]
