@@ -74,12 +74,6 @@ _runs: dict[str, WarmRun] = registry.cache("tenantsafe.migrate.warm.runs")
 # What the command class path is while a run serves tenants warm.
 COMMAND = "tenantsafe.migrate.warm.Command"
 
-# The RunPython operation running now in this thread (its migration and place), for a
-# recorder that keeps a data migration's own statements apart from the schema's.
-_python: contextvars.ContextVar[Python | None] = contextvars.ContextVar(
-    "tenantsafe_warm_python", default=None
-)
-
 
 @dataclass(frozen=True)
 class Python:
@@ -89,21 +83,34 @@ class Python:
     name: str
     index: int
 
+    @property
+    def marker(self) -> str:
+        """Where this RunPython runs, as a part of a recording (an SQL comment)."""
+        return f"{_MARKER}{self.app} {self.name} {self.index}"
 
-_watchers: contextvars.ContextVar[tuple[Callable[[Python], None], ...]] = contextvars.ContextVar(
+    @classmethod
+    def at(cls, part: str) -> Python | None:
+        """The RunPython a recording's ``part`` marks; None for a statement."""
+        if not part.startswith(_MARKER):
+            return None
+        app, name, index = part[len(_MARKER) :].split(" ")
+        return cls(app, name, int(index))
+
+
+_MARKER = "-- tenantsafe: RunPython "
+
+# Watches a RunPython of a warm migration: entered as it starts, left when it ends.
+Watcher = Callable[[Python], contextlib.AbstractContextManager[Any]]
+_watchers: contextvars.ContextVar[tuple[Watcher, ...]] = contextvars.ContextVar(
     "tenantsafe_warm_watchers", default=()
 )
 
 
-def running_python() -> Python | None:
-    """The RunPython operation whose code is running in this thread, if any."""
-    return _python.get()
-
-
 @contextlib.contextmanager
-def watching_python(callback: Callable[[Python], None]) -> Iterator[None]:
-    """Call ``callback`` in this thread as each RunPython of a warm migration starts."""
-    token = _watchers.set((*_watchers.get(), callback))
+def watching_python(watcher: Watcher) -> Iterator[None]:
+    """Have ``watcher`` watch each RunPython of a warm migration in this thread (a recorder
+    keeps a data migration's own statements apart from the schema's)."""
+    token = _watchers.set((*_watchers.get(), watcher))
     try:
         yield
     finally:
@@ -175,6 +182,10 @@ class WarmPlan:
                     _settle(step.before)
         self.post_apps(state)
 
+    def step(self, python: Python) -> Step:
+        """The RunPython ``python`` of this plan with its states (computed already)."""
+        return self._steps[(python.app, python.name)][python.index]
+
     def post_apps(self, state: ProjectState) -> Any:
         """The ``apps`` Django's migrate gives ``post_migrate``, from the plan's last state."""
         if self._post_apps is None:
@@ -228,13 +239,10 @@ class _Applied:
                 continue
             _settle(step.before)
             python = Python(migration.app_label, migration.name, index)
-            for watcher in _watchers.get():
-                watcher(python)
-            token = _python.set(python)
-            try:
+            with contextlib.ExitStack() as watched:
+                for watcher in _watchers.get():
+                    watched.enter_context(watcher(python))
                 _forwards(migration, step, schema_editor, atomic_operation)
-            finally:
-                _python.reset(token)
         return steps[-1].after if steps else project_state
 
 
@@ -327,6 +335,11 @@ class WarmRun:
                 else WarmPlan(found.loader, found.applied, found.targets, found.plan)
             )
         return self._plans[applied]
+
+
+def current(alias: str) -> WarmRun | None:
+    """The warm run serving ``alias`` now, if any."""
+    return _runs.get(alias)
 
 
 @contextlib.contextmanager
