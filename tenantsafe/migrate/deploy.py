@@ -55,7 +55,7 @@ from tenantsafe.migrate.executor import Executor
 from tenantsafe.migrate.groups import MIN_GROUP, WITNESSES, Group, Grouping, grouped, rows_of
 from tenantsafe.migrate.output import say
 from tenantsafe.migrate.skipping import Planned
-from tenantsafe.migrate.warm import WarmPlan
+from tenantsafe.migrate.states import WarmPlan, watching_python
 from tenantsafe.migrate.witness import Witness, pythons, replay_into, witnessed
 from tenantsafe.options import RunOptions
 from tenantsafe.results import MIGRATED, NOT_ATTEMPTED, REPLAYED, TenantRef, TenantResult
@@ -209,7 +209,7 @@ class DeployRun:
         recorder = recording.Recorder(tenant.schema)
         connection.execute_wrappers.insert(0, recorder)
         try:
-            with warm.watching_python(lambda python: recorder.aside(python.marker)):
+            with watching_python(lambda python: recorder.aside(python.marker)):
                 result = self.executor.attempt(tenant)
         finally:
             connection.execute_wrappers.remove(recorder)

@@ -14,7 +14,7 @@ from django_tenants.utils import get_tenant_model
 from tenantsafe import guard, locks, recording, statements
 from tenantsafe.errors import ReplayMismatch
 from tenantsafe.migrate.groups import CHECKED, KEYED, pinned
-from tenantsafe.migrate.warm import Python, WarmPlan
+from tenantsafe.migrate.states import Python, WarmPlan
 from tenantsafe.results import TenantRef
 
 
