@@ -63,3 +63,9 @@ def warm_migrations() -> bool:
     """Whether migrate_schemas_safe shares the migration graph and project states between the
     tenants it migrates through Django (tenantsafe.warm)."""
     return bool(getattr(settings, "TENANTSAFE_WARM_MIGRATIONS", True))
+
+
+def subprocess_parallel() -> int:
+    """django-tenants' TENANT_SUBPROCESS_PARALLEL: the workers ``--executor=subprocess`` gets
+    when no --parallel is given."""
+    return max(1, int(getattr(settings, "TENANT_SUBPROCESS_PARALLEL", 1) or 1))
