@@ -20,7 +20,21 @@ from django.db.models.signals import post_migrate
 from django.test import override_settings
 
 from tenantsafe.testing import create_tenant
-from tests.dbtools import database_url, fingerprint, migrate, sql, summary
+from tests.dbtools import (
+    connect,
+    database_url,
+    direct_url,
+    fingerprint,
+    fresh_database,
+    manage,
+    migrate,
+    pool_load,
+    pooled_url,
+    register_tenants,
+    sql,
+    summary,
+    with_dbname,
+)
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
 
@@ -456,3 +470,58 @@ def test_fake(deploy):
     assert_alike(pairs)
     assert ("shop", "0004_rank") in fingerprint(database_url(), "b1")["migrations"]
     assert "deploy_rank" not in str(fingerprint(database_url(), "b1")["columns"])
+
+
+@pytest.mark.pooler
+def test_a_runpython_deploy_through_pgbouncer_with_other_clients_on_the_pool(new_migrations):
+    """The twins in their own database: the ``a`` twins migrated by plain migrate_schemas
+    directly, the ``b`` twins by migrate_schemas_safe through pgbouncer while other clients
+    keep switching the pool's server connections between the tenants' paths."""
+    pooled = pooled_url()
+    package = new_migrations("shop", {"0004_rank": RANK})
+    env = {"TESTPROJECT_POOLER_SAFE": "1"}
+    deploy_env = {**env, "TESTPROJECT_MIGRATION_MODULES": f'{{"shop": "{package}"}}'}
+    pairs = [(f"a{k}", f"b{k}") for k in range(1, 7)]
+    with fresh_database("data") as database:
+        direct = with_dbname(direct_url(), database)
+        assert manage(direct, "migrate_schemas", "--shared", "-v0", env=env).returncode == 0
+        register_tenants(direct, [name for pair in pairs for name in pair])
+        result = manage(direct, "migrate_schemas_safe", "--tenant", "-v0", env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with connect(direct) as conn:
+            for k, pair in enumerate(pairs, start=1):
+                for name in pair:
+                    conn.execute(
+                        f'INSERT INTO "{name}".shop_product (name, sku, price_cents) '
+                        "SELECT 'p' || g, '', g FROM generate_series(1, %s) g",
+                        [k],
+                    )
+        for a, _ in pairs:
+            result = manage(direct, "migrate_schemas", "--tenant", "-s", a, "-v0", env=deploy_env)
+            assert result.returncode == 0, result.stderr[-3000:]
+
+        paths = [f'"{name}", public' for pair in pairs for name in pair]
+        with pool_load(with_dbname(pooled, database), paths):
+            result = manage(
+                with_dbname(pooled, database),
+                "migrate_schemas_safe",
+                "--tenant",
+                env=deploy_env,
+            )
+
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert summary(result.stdout) == {
+            **summary(result.stdout),
+            "total": 12,
+            "migrated": 2,
+            "replayed": 4,
+            "failed": 0,
+        }
+        with connect(direct) as conn:
+            ranks = {
+                b: conn.execute(f'SELECT DISTINCT deploy_rank FROM "{b}".shop_product').fetchall()
+                for _, b in pairs
+            }
+        assert ranks == {b: [(k,)] for k, (_, b) in enumerate(pairs, start=1)}
+        for a, b in pairs:
+            assert fingerprint(direct, b) == fingerprint(direct, a), b
