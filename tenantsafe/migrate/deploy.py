@@ -9,8 +9,10 @@ that recording into the others. The rule that decides when that is the same as m
    tenant type and applied migrations (hence the same plan), the same catalog
    (:func:`tenantsafe.recording.catalogs`) and the same content types and permissions, the small
    tables post_migrate reads, compared without their ids (tenants created at different times
-   often number them differently). Plans that unapply, hold a ``RunPython`` or a non-atomic
-   migration are never replayed, nor are groups of fewer than ``MIN_GROUP`` tenants.
+   often number them differently). Plans that unapply or hold a non-atomic migration are
+   never replayed, nor are groups of fewer than ``MIN_GROUP`` tenants. A plan that holds
+   ``RunPython`` is, when the witnesses migrate warm: their recordings mark where each
+   RunPython ran, and each replay runs it in the tenant (:func:`witness.replay_into`).
 2. **Witnesses** (:mod:`tenantsafe.migrate.witness`). The first two tenants of a group are
    migrated through Django, recorded. Replay is used only when both recordings are the same
    text, name neither witness (schema, domain, field values), read the same tables, and leave
