@@ -71,15 +71,16 @@ def product_rows(schema: str) -> list[tuple[Any, ...]]:
     return sql(f'SELECT row_to_json(p)::text FROM "{schema}".shop_product p ORDER BY id')
 
 
-def twins(count: int = TWINS) -> list[tuple[str, str]]:
-    """``count`` pairs of alike tenants; tenant ``k`` of each pair has ``k`` products."""
+def twins(count: int = TWINS, *, name: str = "") -> list[tuple[str, str]]:
+    """``count`` pairs of alike tenants; tenant ``k`` of each pair has ``k`` products. Their
+    ``name`` field is ``name``, else their schema's name in capitals."""
     pairs = []
     for k in range(1, count + 1):
         pair = (f"a{k}", f"b{k}")
-        for name in pair:
-            create_tenant(name, name=name.upper())
+        for schema in pair:
+            create_tenant(schema, name=name or schema.upper())
             sql(
-                f'INSERT INTO "{name}".shop_product (name, sku, price_cents) '
+                f'INSERT INTO "{schema}".shop_product (name, sku, price_cents) '
                 "SELECT 'p' || g, '', g FROM generate_series(1, %s) g",
                 [k],
             )
@@ -525,3 +526,47 @@ def test_a_runpython_deploy_through_pgbouncer_with_other_clients_on_the_pool(new
         assert ranks == {b: [(k,)] for k, (_, b) in enumerate(pairs, start=1)}
         for a, b in pairs:
             assert fingerprint(direct, b) == fingerprint(direct, a), b
+
+
+def multi_type_settings() -> dict[str, Any]:
+    """Two tenant types: ``retail`` tenants have every tenant app, ``journal`` tenants all
+    but shop. The test project's tenant model has no type field of its own; ``name`` serves
+    as one (its values must not be words the recordings hold, such as app labels: a recording
+    that names its tenant is never replayed)."""
+    from django.conf import settings
+
+    tenant_apps = list(settings.TENANT_APPS)
+    return {
+        "HAS_MULTI_TYPE_TENANTS": True,
+        "MULTI_TYPE_DATABASE_FIELD": "name",
+        "TENANT_TYPES": {
+            "public": {"APPS": list(settings.SHARED_APPS), "URLCONF": "testproject.urls_public"},
+            "retail": {"APPS": tenant_apps, "URLCONF": "testproject.urls"},
+            "journal": {
+                "APPS": [app for app in tenant_apps if app != "testproject.shop"],
+                "URLCONF": "testproject.urls",
+            },
+        },
+    }
+
+
+def test_multi_type_tenants(deploy):
+    """Each tenant type is its own group: the retail tenants get the column and their own
+    counts, the journal tenants (whose router skips shop) only the django_migrations row."""
+    with override_settings(**multi_type_settings()):
+        shops = twins(4, name="retail")
+        notes = [(f"na{k}", f"nb{k}") for k in range(1, 5)]
+        for pair in notes:
+            for schema in pair:
+                create_tenant(schema, name="journal")
+
+        out = deploy({"0004_rank": RANK})(shops + notes)
+
+    assert summary(out) == {**summary(out), "failed": 0, "migrated": 4, "replayed": 4}
+    assert_alike(shops)
+    url = database_url()
+    for a, b in notes:
+        assert fingerprint(url, b) == fingerprint(url, a), b
+        assert "shop_product" not in str(fingerprint(url, b)["columns"])
+        assert ("shop", "0004_rank") in fingerprint(url, b)["migrations"]
+    assert sql('SELECT DISTINCT deploy_rank FROM "b3".shop_product') == [(3,)]
