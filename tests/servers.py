@@ -1,0 +1,308 @@
+"""Real servers for the integration tests, started once per test run and shared.
+
+A pytest plugin (``pytest_plugins`` in conftest.py): session fixtures start each server on
+loopback the first time a test asks for it and stop it when the run ends.
+
+* ``site``: a migrated database with six tenants, each holding its own products;
+* ``small_pool``: a pgbouncer of its own in transaction pooling with four server connections
+  per database (the suite's shared one has eight), in front of the throwaway cluster;
+* ``redis_url``: a Redis, the Celery broker and result backend;
+* :func:`uvicorn` and :func:`celery_worker` run the test project in processes of their own.
+
+Locally a test skips when a server's binary is absent; under CI it fails instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testproject.cluster import free_port
+from testproject.dbtools import (
+    ROOT,
+    connect,
+    direct_url,
+    fresh_database,
+    manage,
+    register_tenants,
+    with_dbname,
+)
+from tests.faults import bouncer, wait_for
+
+POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
+# Products per tenant, each a different number, so a read in the wrong schema shows.
+PRODUCTS = {f"s{n}": [f"s{n}-{i}" for i in range(n + 2)] for n in range(6)}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false"}
+
+
+def require(binary: str | None, what: str, install: str) -> str:
+    """``binary``'s path; without it the test skips, or fails under CI."""
+    if binary is None:
+        message = f"{what} is not installed ({install})"
+        if in_ci():
+            pytest.fail(f"{message}: under CI every integration test must run")
+        pytest.skip(message)
+    return binary
+
+
+@dataclass(frozen=True)
+class Site:
+    """A migrated database with the tenants of ``PRODUCTS``."""
+
+    direct: str
+    name: str
+
+    def through(self, pooler: str) -> str:
+        return with_dbname(pooler, self.name)
+
+    def notes(self) -> dict[str, list[str]]:
+        """Every tenant's note titles, read directly and schema-qualified."""
+        with connect(self.direct) as conn:
+            return {
+                schema: sorted(
+                    row[0]
+                    for row in conn.execute(f'SELECT title FROM "{schema}".notes_note').fetchall()
+                )
+                for schema in PRODUCTS
+            }
+
+    def clear_notes(self) -> None:
+        with connect(self.direct) as conn:
+            for schema in PRODUCTS:
+                conn.execute(f'TRUNCATE "{schema}".notes_note CASCADE')
+
+    def idle_in_transaction(self) -> list[str]:
+        """The queries of server sessions on the site's database idle in a transaction."""
+        with connect(with_dbname(self.direct, "postgres")) as conn:
+            rows = conn.execute(
+                "SELECT query FROM pg_stat_activity WHERE datname = %s "
+                "AND state LIKE 'idle in transaction%%'",
+                [self.name],
+            ).fetchall()
+        return [row[0] for row in rows]
+
+
+@pytest.fixture(scope="session")
+def site() -> Iterator[Site]:
+    with fresh_database("asyncsite") as name:
+        direct = with_dbname(direct_url(), name)
+        for part in ("--shared", "--tenant"):
+            result = manage(direct, "migrate_schemas_safe", part, "-v0", env=POOLER_SAFE)
+            assert result.returncode == 0, result.stderr
+            if part == "--shared":
+                register_tenants(direct, list(PRODUCTS))
+        with connect(direct) as conn:
+            for schema, names in PRODUCTS.items():
+                for product in names:
+                    conn.execute(
+                        f'INSERT INTO "{schema}".shop_product (name, sku, price_cents) '
+                        "VALUES (%s, '', 0)",
+                        [product],
+                    )
+        yield Site(direct, name)
+
+
+@pytest.fixture(scope="session")
+def small_pool() -> Iterator[str]:
+    """A pgbouncer URL (database ``postgres``): transaction pooling, 4 server connections."""
+    with bouncer(direct_url(), pool_size=4) as pool:
+        yield pool.url("postgres")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    binary = require(shutil.which("redis-server"), "redis-server", "apt-get install redis-server")
+    import redis
+
+    workdir = Path(tempfile.mkdtemp(prefix="tenantsafe-redis-"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait_for(lambda: redis.Redis.from_url(url).ping(), "redis-server", proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_for(ready: Any, what: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    """Until ``ready()`` answers without raising; fails at once if ``proc`` exits."""
+
+    def answered() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} before it was ready")
+        try:
+            return bool(ready())
+        except Exception:
+            return False
+
+    wait_for(what, answered, timeout=timeout, interval=0.1)
+
+
+def project_env(database_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a process running the test project on ``database_url``."""
+    return {
+        **os.environ,
+        **POOLER_SAFE,
+        "DATABASE_URL": database_url,
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        **settings,
+    }
+
+
+class Group:
+    """A process started in a session of its own, stopped with everything it started."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                args,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop(self, grace: float = 10) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)
+        # Workers the process started may outlive it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: dict[str, Any]
+
+
+def get(base: tuple[str, int], path: str, host: str, timeout: float = 10) -> Response:
+    """GET ``path`` with ``Host: host``; raises TimeoutError when no answer comes in time."""
+    conn = http.client.HTTPConnection(*base, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        raw = response.read()
+    finally:
+        conn.close()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = {"text": raw.decode(errors="replace")[-2000:]}
+    return Response(response.status, body)
+
+
+@contextlib.contextmanager
+def uvicorn(env: dict[str, str], *, workers: int = 1) -> Iterator[tuple[tuple[str, int], Group]]:
+    """uvicorn serving ``testproject.asgi``: ((host, port), its process group)."""
+    base = ("127.0.0.1", free_port())
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "testproject.asgi:application",
+        "--host",
+        base[0],
+        "--port",
+        str(base[1]),
+        "--workers",
+        str(workers),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--timeout-graceful-shutdown",
+        "5",
+    ]
+    workdir = Path(tempfile.mkdtemp(prefix="tenantsafe-uvicorn-"))
+    server = Group(args, env, workdir / "uvicorn.log")
+    try:
+        # Any answer from Django (the public schema has no pages: 404) means it is serving.
+        _wait_for(lambda: get(base, "/", "localhost", 2).status, "uvicorn", server.proc)
+        yield base, server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def celery_app(redis_url: str) -> Any:
+    """The test project's Celery app, in this process, on the test run's Redis."""
+    from testproject.celery import app
+
+    app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    return app
+
+
+@contextlib.contextmanager
+def celery_worker(env: dict[str, str], *, pool: str, concurrency: int) -> Iterator[str]:
+    """A Celery worker consuming queue ``pool`` (its name too) until the block ends."""
+    from testproject.celery import app
+
+    name = f"{pool}@tenantsafe"
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "testproject.celery",
+        "worker",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--queues",
+        pool,
+        "--hostname",
+        name,
+        "--loglevel",
+        "WARNING",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    workdir = Path(tempfile.mkdtemp(prefix="tenantsafe-celery-"))
+    worker = Group(args, env, workdir / "worker.log")
+    try:
+        ready = lambda: app.control.ping(destination=[name], timeout=0.5)  # noqa: E731
+        _wait_for(ready, f"celery worker {name}", worker.proc)
+        yield pool
+    except BaseException:
+        print(worker.output(), file=sys.stderr)
+        raise
+    finally:
+        worker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

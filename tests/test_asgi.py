@@ -1,0 +1,143 @@
+"""The run-time guard under a real ASGI server: uvicorn serving the test project's async views
+(the async ORM: acreate, acount, aiterator) and sync views, through pgbouncer in transaction
+pooling with four server connections that other clients use at the same time."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.dbtools import pool_load
+from tests.faults import wait_for
+from tests.servers import PRODUCTS, Response, Site, get, project_env, uvicorn
+
+pytestmark = [pytest.mark.pooler, pytest.mark.slow]
+
+GUARDED = {"TESTPROJECT_RUNTIME_GUARD": "1"}
+# What the other clients of the pool set, as django-tenants does for the tenants it serves.
+BUSY = [f'"{schema}", public' for schema in PRODUCTS] + ["public"]
+
+
+def load(
+    base: tuple[str, int], requests: list[tuple[str, str]], *, concurrency: int = 50
+) -> list[Response | BaseException]:
+    """GET every (path, host) of ``requests``, ``concurrency`` at a time; each answer or the
+    exception it raised. After the first request that gets no answer in time the rest are
+    not sent (a frozen server would only make each of them wait as long)."""
+    frozen = threading.Event()
+
+    def one(request: tuple[str, str]) -> Response | BaseException:
+        if frozen.is_set():
+            return TimeoutError("not sent: an earlier request got no answer")
+        try:
+            return get(base, *request, timeout=10)
+        except TimeoutError as exc:
+            frozen.set()
+            return exc
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, requests))
+
+
+def wrong(answers: list[Response | BaseException], expect: Any) -> list[str]:
+    """The answers that are not what ``expect(request_index, body)`` says they must be."""
+    bad = []
+    for n, answer in enumerate(answers):
+        if isinstance(answer, BaseException):
+            bad.append(f"{n}: {type(answer).__name__}: {answer}")
+        elif answer.status != 200 or not expect(n, answer.body):
+            bad.append(f"{n}: {answer.status} {answer.body}")
+    return bad
+
+
+def no_transaction_left(site: Site) -> None:
+    # Abandoned streams end when their requests do (request_finished), just after the
+    # response is sent: wait for that, boundedly.
+    stuck: list[str] = []
+
+    def none_stuck() -> bool:
+        stuck[:] = site.idle_in_transaction()
+        return not stuck
+
+    wait_for(f"no session idle in transaction (now: {stuck})", none_stuck, timeout=20)
+
+
+@pytest.fixture(scope="module")
+def guarded_server(site: Site, small_pool: str) -> Iterator[tuple[str, int]]:
+    """uvicorn with two workers, the guard on, through the small pool."""
+    env = project_env(site.through(small_pool), **GUARDED)
+    with uvicorn(env, workers=2) as (base, _):
+        yield base
+
+
+def test_async_and_sync_views_through_pgbouncer_stay_in_their_tenant(
+    site: Site, small_pool: str, guarded_server: tuple[str, int]
+) -> None:
+    site.clear_notes()
+    paths = ["/async/notes/add/", "/notes/add/", "/products/"]
+    schemas = list(PRODUCTS)
+    requests = [
+        (f"{paths[n % 3]}?title={schemas[n % 6]}:{n}", f"{schemas[n % 6]}.localhost")
+        for n in range(600)
+    ]
+
+    def expect(n: int, body: dict[str, Any]) -> bool:
+        schema = schemas[n % 6]
+        if body["schema"] != schema or body["products"] != PRODUCTS[schema]:
+            return False
+        # The async view also reads current_schema() and counts notes on the async ORM.
+        return n % 3 != 0 or (body["current_schema"] == schema and body["notes"] >= 1)
+
+    with pool_load(site.through(small_pool), BUSY, clients=2):
+        answers = load(guarded_server, requests)
+    assert wrong(answers, expect) == []
+    written = {
+        schema: sorted(
+            f"{schema}:{n}" for n in range(600) if schemas[n % 6] == schema and n % 3 != 2
+        )
+        for schema in schemas
+    }
+    # No note in another tenant's schema, none missing.
+    assert site.notes() == written
+    no_transaction_left(site)
+
+
+@pytest.mark.xfail(strict=True, reason="#21: an abandoned aiterator freezes the worker")
+def test_leaving_aiterator_early_under_concurrency_does_not_freeze_the_server(
+    site: Site, small_pool: str
+) -> None:
+    """``break`` out of ``async for ... in qs.aiterator()``: Django closes the cursor from
+    the event loop's thread when the async generator is collected, while the connection
+    belongs to the request's thread. The guard must not block the loop there."""
+    env = project_env(site.through(small_pool), **GUARDED)
+    schemas = list(PRODUCTS)
+    requests = [
+        (
+            "/async/products/first/" + ("?then=count" if n % 2 else ""),
+            f"{schemas[n % 6]}.localhost",
+        )
+        for n in range(300)
+    ]
+
+    def expect(n: int, body: dict[str, Any]) -> bool:
+        schema = schemas[n % 6]
+        count = {"count": len(PRODUCTS[schema])} if n % 2 else {}
+        return body == {"schema": schema, "first": PRODUCTS[schema][0], **count}
+
+    with uvicorn(env, workers=1) as (base, server):
+        with pool_load(site.through(small_pool), BUSY, clients=2):
+            answers = load(base, requests)
+            bad = wrong(answers, expect)
+            stuck = site.idle_in_transaction()
+            if bad:
+                # Frozen: stop it now, so that its sessions give the pool's server
+                # connections back and the other clients get them again.
+                server.stop(grace=0)
+        assert bad == [], (len(bad), bad[:3], stuck, server.output())
+    no_transaction_left(site)
