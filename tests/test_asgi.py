@@ -84,7 +84,7 @@ def test_async_and_sync_views_through_pgbouncer_stay_in_their_tenant(
     schemas = list(PRODUCTS)
     requests = [
         (f"{paths[n % 3]}?title={schemas[n % 6]}:{n}", f"{schemas[n % 6]}.localhost")
-        for n in range(600)
+        for n in range(300)
     ]
 
     def expect(n: int, body: dict[str, Any]) -> bool:
@@ -99,7 +99,7 @@ def test_async_and_sync_views_through_pgbouncer_stay_in_their_tenant(
     assert wrong(answers, expect) == []
     written = {
         schema: sorted(
-            f"{schema}:{n}" for n in range(600) if schemas[n % 6] == schema and n % 3 != 2
+            f"{schema}:{n}" for n in range(300) if schemas[n % 6] == schema and n % 3 != 2
         )
         for schema in schemas
     }
