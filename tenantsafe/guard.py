@@ -52,9 +52,8 @@ import contextlib
 import functools
 import logging
 import threading
-import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import connections
@@ -63,7 +62,7 @@ from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.db.backends.signals import connection_created
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
-from tenantsafe import conf, pooler, schemas
+from tenantsafe import conf, pooler, schemas, statements
 from tenantsafe.errors import (
     LockLostError,
     PooledStatementError,
@@ -72,6 +71,7 @@ from tenantsafe.errors import (
 )
 from tenantsafe.locks import Fence
 from tenantsafe.statements import NON_TRANSACTIONAL, SETTING, TRANSACTION_CONTROL
+from tenantsafe.streams import Stream, owns
 
 if is_psycopg3:
     import psycopg
@@ -104,18 +104,10 @@ class Terms:
 
 
 @dataclass
-class _Stream:
-    """A transaction the guard holds open for server-side cursors (by name) through a pooler."""
-
-    path: tuple[str, ...]
-    cursors: dict[str, weakref.ref[_GuardedCursor]] = field(default_factory=dict)
-
-
-@dataclass
 class _State:
     pinned: tuple[str, ...] | None = None
     terms: Terms | None = None
-    stream: _Stream | None = None
+    stream: Stream | None = None
     # The check merged into the last statement (and whether it was %-escaped): left out of
     # connection.queries.
     merged: tuple[str, bool] | None = None
@@ -297,9 +289,7 @@ def _guard(
 ) -> Any:
     connection = context["connection"]
     state = _state(connection)
-    if state.stream is not None:
-        # Any other statement ends the stream: the pooler's server connection is not kept
-        # for the statements around a cursor being read.
+    if state.stream is not None and not _joins_stream(connection, state.stream, sql, many, context):
         _end_stream(connection)
     if not is_active(connection) or not hasattr(connection, "_get_cursor_search_paths"):
         return execute(sql, params, many, context)
@@ -318,6 +308,8 @@ def _guard(
     raw = connection.connection
     status = raw.info.transaction_status
     named = bool(getattr(raw_cursor, "name", None))
+    if state.stream is not None:
+        return _joined(connection, raw, path, execute, sql, params, context)
     if text is not None and NON_TRANSACTIONAL.match(text):
         with _pin_cursor(raw, raw_cursor, named) as pin_cursor, connection.wrap_database_errors:
             return _outside_transaction(
@@ -503,11 +495,20 @@ def _outside_transaction(
     return execute(sql, params, many, context)
 
 
-def _begin_pinned(connection: Any, cursor: Any, path: list[str]) -> None:
-    """``BEGIN`` and the check in one simple query: an explicit transaction pinned to ``path``."""
+def _begin_pinned(connection: Any, cursor: Any, path: list[str], *, isolation: bool = False) -> Any:
+    """``BEGIN`` and the check in one simple query: an explicit transaction pinned to ``path``.
+    With ``isolation``, the transaction's isolation level, read in the same query."""
     state = _state(connection)
+    check = _check_sql(tuple(path), False, state.terms)
+    level = None
     try:
-        cursor.execute(f"BEGIN;\n{_check_sql(tuple(path), False, state.terms)}")
+        if not isolation:
+            cursor.execute(f"BEGIN;\n{check}")
+        else:
+            cursor.execute(f"BEGIN;\n{check}, current_setting('transaction_isolation')")
+            if is_psycopg3:
+                cursor.nextset()  # past BEGIN's result; psycopg2 keeps only the last one
+            level = cursor.fetchone()[1]
     except Exception as exc:
         state.pinned = None
         with contextlib.suppress(Exception):
@@ -518,6 +519,7 @@ def _begin_pinned(connection: Any, cursor: Any, path: list[str]) -> None:
         raise failure from exc
     _log_pin(path, path[0])
     state.pinned = tuple(path)
+    return level
 
 
 def _streamed(
@@ -537,7 +539,7 @@ def _streamed(
     wrapper: _GuardedCursor = context["cursor"]
     state = _state(connection)
     with contextlib.closing(raw.cursor()) as helper:
-        _begin_pinned(connection, helper, path)
+        level = _begin_pinned(connection, helper, path, isolation=True)
         try:
             result = execute(sql, params, many, context)
         except BaseException:
@@ -545,20 +547,90 @@ def _streamed(
                 helper.execute("ROLLBACK")
             state.pinned = None
             raise
-    stream = _Stream(tuple(path))
-    stream.cursors[wrapper.cursor.name] = weakref.ref(wrapper)
+    stream = Stream(tuple(path), read_committed=level == "read committed")
+    stream.add(wrapper.cursor.name, wrapper)
     state.stream = stream
     wrapper._tenantsafe_stream = stream
+    wrapper._tenantsafe_streamed = True
     wrapper._tenantsafe_rows = None
+    return result
+
+
+def _joins_stream(connection: Any, stream: Stream, sql: Any, many: bool, context: Any) -> bool:
+    """Whether ``sql`` runs in the open stream's transaction, which then stays open.
+
+    Under READ COMMITTED a read there sees what it would see in a transaction of its own (a
+    snapshot of its own), so it joins: the stream keeps streaming. Anything else (a write, a
+    lock, another server-side cursor, Django's own transactions, REPEATABLE READ or
+    SERIALIZABLE) ends the stream first. Cursors another thread closed are closed here.
+    """
+    abandoned, live = stream.settle()
+    for driver_cursor in abandoned:
+        with connection.wrap_database_errors:
+            driver_cursor.close()
+    return (
+        live
+        and stream.read_committed
+        and not many
+        and isinstance(sql, str)
+        and statements.joins_stream(sql)
+        and not getattr(context["cursor"].cursor, "name", None)
+        and is_active(connection)
+    )
+
+
+# Around a read that joins a stream: its failure must not abort the stream's transaction.
+_SAVEPOINT = "SAVEPOINT tenantsafe_read"
+_RELEASE = "RELEASE SAVEPOINT tenantsafe_read"
+
+
+def _joined(
+    connection: Any,
+    raw: Any,
+    path: list[str],
+    execute: Callable[..., Any],
+    sql: Any,
+    params: Any,
+    context: dict[str, Any],
+) -> Any:
+    """A read in the stream's transaction, behind a savepoint; pinned to ``path`` unless the
+    transaction already is (psycopg 3: one pipeline, one round trip)."""
+    state = _state(connection)
+    check = state.pinned != tuple(path)
+    helper = raw.cursor()
+    try:
+        if _pipelines(raw):
+            with raw.pipeline():
+                helper.execute(_SAVEPOINT)
+                if check:
+                    helper.execute(_check_sql(tuple(path), False, state.terms))
+                result = execute(sql, params, False, context)
+                helper.execute(_RELEASE)
+        else:
+            helper.execute(_SAVEPOINT)
+            if check:
+                pin(connection, helper, path)
+            result = execute(sql, params, False, context)
+            helper.execute(_RELEASE)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            helper.execute(f"ROLLBACK TO {_SAVEPOINT}")
+            helper.execute(_RELEASE)
+        failure = _check_failure(exc, path, state.terms)
+        if failure is None:
+            raise
+        raise failure from exc
+    finally:
+        helper.close()
+    state.pinned = tuple(path)
     return result
 
 
 def _end_stream(connection: Any, *, keep_rows: bool = True) -> None:
     """End the stream's transaction; a cursor still open reads its remaining rows from memory.
 
-    Never from a finalizer: a garbage-collected cursor is closed here, by name, at the
-    connection's next use (the driver's connection may be busy, or owned by another thread,
-    while the collector runs).
+    The connection's owner only (``tenantsafe.streams``), never from a finalizer: a cursor
+    collected or closed by another thread is closed here, at the connection's next use.
     """
     state = _state(connection)
     stream = state.stream
@@ -566,17 +638,20 @@ def _end_stream(connection: Any, *, keep_rows: bool = True) -> None:
         return
     state.stream = None
     state.pinned = None
+    cursors, abandoned = stream.end()
     raw = connection.connection
     if raw is None or raw.closed:
         return
     status = raw.info.transaction_status
     with contextlib.closing(raw.cursor()) as helper:
-        for name, ref in stream.cursors.items():
-            wrapper = ref()
+        for name, wrapper in cursors:
             if wrapper is not None:
-                wrapper._tenantsafe_detach(keep_rows and status == _INTRANS)
+                wrapper._tenantsafe_detach(stream, keep_rows and status == _INTRANS)
             elif status == _INTRANS:
                 helper.execute(f"CLOSE {connection.ops.quote_name(name)}")
+        for driver_cursor in abandoned:
+            # Before COMMIT, which would materialize a WITH HOLD cursor's remaining rows.
+            driver_cursor.close()
         if status == _INTRANS:
             helper.execute("COMMIT")
         elif status == _INERROR:
@@ -630,8 +705,10 @@ class _GuardedCursor(CursorWrapper):
     """
 
     # The stream this (server-side) cursor is read in; rows once it was detached from it.
-    _tenantsafe_stream: _Stream | None = None
+    _tenantsafe_stream: Stream | None = None
     _tenantsafe_rows: collections.deque[Any] | None = None
+    # Declared in a stream once: only the connection's owner may close its driver cursor.
+    _tenantsafe_streamed = False
 
     def callproc(self, procname: Any, params: Any = None, kparams: Any = None) -> Any:
         with _pinned(self):
@@ -711,7 +788,15 @@ class _GuardedCursor(CursorWrapper):
             yield from rows
 
     def close(self) -> None:
-        if self._tenantsafe_stream is not None:
+        stream = self._tenantsafe_stream
+        if self._tenantsafe_streamed and not owns(self.db):
+            # Another thread (an event loop collecting an abandoned async iterator): no
+            # driver call, which would wait for the owner's; the owner closes it.
+            if stream is not None and stream.abandon(self.cursor.name, self.cursor):
+                self._tenantsafe_stream = None
+                self._tenantsafe_rows = collections.deque()
+            return
+        if stream is not None:
             self._tenantsafe_release()
             self._tenantsafe_rows = None
         self.cursor.close()
@@ -736,15 +821,12 @@ class _GuardedCursor(CursorWrapper):
         stream = self._tenantsafe_stream
         assert stream is not None
         self._tenantsafe_stream = None
-        stream.cursors.pop(self.cursor.name, None)
+        last = stream.release(self.cursor.name)
         self.cursor.close()
-        if not stream.cursors and _state(self.db).stream is stream:
+        if last and _state(self.db).stream is stream:
             _end_stream(self.db)
 
-    def _tenantsafe_detach(self, keep_rows: bool) -> None:
-        stream = self._tenantsafe_stream
-        assert stream is not None
-        self._tenantsafe_stream = None
+    def _tenantsafe_detach(self, stream: Stream, keep_rows: bool) -> None:
         rows = self.cursor.fetchall() if keep_rows else []
         if rows:
             logger.warning(
@@ -758,6 +840,7 @@ class _GuardedCursor(CursorWrapper):
             )
         self._tenantsafe_rows = collections.deque(rows) if keep_rows else None
         self.cursor.close()
+        self._tenantsafe_stream = None
 
 
 _guarded_classes: dict[type[CursorWrapper], type[CursorWrapper]] = {}

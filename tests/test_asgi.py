@@ -108,7 +108,6 @@ def test_async_and_sync_views_through_pgbouncer_stay_in_their_tenant(
     no_transaction_left(site)
 
 
-@pytest.mark.xfail(strict=True, reason="#21: an abandoned aiterator freezes the worker")
 def test_leaving_aiterator_early_under_concurrency_does_not_freeze_the_server(
     site: Site, small_pool: str
 ) -> None:

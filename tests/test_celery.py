@@ -17,13 +17,13 @@ from tests.servers import PRODUCTS, Site, celery_worker, project_env
 pytestmark = [pytest.mark.pooler, pytest.mark.slow]
 
 BUSY = [f'"{schema}", public' for schema in PRODUCTS] + ["public"]
-WORKERS = {
-    "prefork": {"concurrency": 4, "TESTPROJECT_CONN_MAX_AGE": "0"},
-    "threads": {
-        "concurrency": 8,
-        "TESTPROJECT_CONN_MAX_AGE": "none",
-        "TESTPROJECT_TENANT_CACHE_SECONDS": "300",
-    },
+# pool: (concurrency, settings)
+WORKERS: dict[str, tuple[int, dict[str, str]]] = {
+    "prefork": (4, {"TESTPROJECT_CONN_MAX_AGE": "0"}),
+    "threads": (
+        8,
+        {"TESTPROJECT_CONN_MAX_AGE": "none", "TESTPROJECT_TENANT_CACHE_SECONDS": "300"},
+    ),
 }
 TASKS = 120
 
@@ -32,14 +32,14 @@ TASKS = 120
 def worker(request: Any, site: Site, small_pool: str, celery_app: Any) -> Iterator[str]:
     """A guarded worker through the small pool; the name of its pool (and queue)."""
     pool = request.param
-    settings = {k: v for k, v in WORKERS[pool].items() if k != "concurrency"}
+    concurrency, settings = WORKERS[pool]
     env = project_env(
         site.through(small_pool),
         TESTPROJECT_RUNTIME_GUARD="1",
         TESTPROJECT_REDIS_URL=celery_app.conf.broker_url,
         **settings,
     )
-    with celery_worker(env, pool=pool, concurrency=int(WORKERS[pool]["concurrency"])) as queue:
+    with celery_worker(env, pool=pool, concurrency=concurrency) as queue:
         yield queue
 
 
@@ -93,7 +93,6 @@ def test_tasks_write_and_read_only_their_tenants_schema(
     if worker == "threads":
         # Threads that miss the cache together each look the tenant up: at most one per
         # thread and tenant.
-        concurrency = int(WORKERS["threads"]["concurrency"])
-        assert sum(lookups.values()) <= concurrency * len(PRODUCTS) < TASKS
+        assert sum(lookups.values()) <= WORKERS["threads"][0] * len(PRODUCTS) < TASKS
     else:
         assert lookups == tasks
