@@ -309,7 +309,8 @@ def _guard(
     status = raw.info.transaction_status
     named = bool(getattr(raw_cursor, "name", None))
     if state.stream is not None:
-        return _joined(connection, raw, path, execute, sql, params, context)
+        with connection.wrap_database_errors:
+            return _joined(connection, raw, path, execute, sql, params, context)
     if text is not None and NON_TRANSACTIONAL.match(text):
         with _pin_cursor(raw, raw_cursor, named) as pin_cursor, connection.wrap_database_errors:
             return _outside_transaction(
@@ -560,19 +561,23 @@ def _joins_stream(connection: Any, stream: Stream, sql: Any, many: bool, context
     """Whether ``sql`` runs in the open stream's transaction, which then stays open.
 
     Under READ COMMITTED a read there sees what it would see in a transaction of its own (a
-    snapshot of its own), so it joins: the stream keeps streaming. Anything else (a write, a
-    lock, another server-side cursor, Django's own transactions, REPEATABLE READ or
-    SERIALIZABLE) ends the stream first. Cursors another thread closed are closed here.
+    snapshot of its own), so it joins: the stream keeps streaming. So does a session
+    setting. Anything else (a write, a lock, another server-side cursor, Django's own
+    transactions, REPEATABLE READ or SERIALIZABLE) ends the stream first. Cursors another
+    thread closed are closed here.
     """
     abandoned, live = stream.settle()
     for driver_cursor in abandoned:
         with connection.wrap_database_errors:
             driver_cursor.close()
+    if not live or many or not isinstance(sql, str):
+        return False
+    if SETTING.match(sql):
+        # django-tenants' SET search_path before a cursor's first statement: a session
+        # setting, which a transaction does not change the meaning of.
+        return True
     return (
-        live
-        and stream.read_committed
-        and not many
-        and isinstance(sql, str)
+        stream.read_committed
         and statements.joins_stream(sql)
         and not getattr(context["cursor"].cursor, "name", None)
         and is_active(connection)
