@@ -15,12 +15,8 @@ Locally a test skips when a server's binary is absent; under CI it fails instead
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -32,14 +28,14 @@ import pytest
 
 from testproject.cluster import free_port
 from testproject.dbtools import (
-    ROOT,
     connect,
     direct_url,
     fresh_database,
     manage,
     with_dbname,
 )
-from tests.faults import bouncer, wait_for
+from testproject.serving import Group
+from tests.faults import bouncer
 
 POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
 # Products per tenant, each a different number, so a read in the wrong schema shows.
@@ -138,35 +134,15 @@ def redis_url() -> Iterator[str]:
 
     workdir = Path(tempfile.mkdtemp(prefix="tenantsafe-redis-"))
     port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(workdir)]
+    server = Group(args, dict(os.environ), workdir / "redis.log")
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        _wait_for(lambda: redis.Redis.from_url(url).ping(), "redis-server", proc)
+        server.wait_until(lambda: redis.Redis.from_url(url).ping(), "redis-server")
         yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _wait_for(ready: Any, what: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
-    """Until ``ready()`` answers without raising; fails at once if ``proc`` exits."""
-
-    def answered() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode} before it was ready")
-        try:
-            return bool(ready())
-        except Exception:
-            return False
-
-    wait_for(what, answered, timeout=timeout, interval=0.1)
 
 
 def project_env(database_url: str, **settings: str) -> dict[str, str]:
@@ -178,90 +154,6 @@ def project_env(database_url: str, **settings: str) -> dict[str, str]:
         "DJANGO_SETTINGS_MODULE": "testproject.settings",
         **settings,
     }
-
-
-class Group:
-    """A process started in a session of its own, stopped with everything it started."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                args,
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def stop(self, grace: float = 10) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(grace)
-        # Workers the process started may outlive it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: dict[str, Any]
-
-
-def get(base: tuple[str, int], path: str, host: str, timeout: float = 10) -> Response:
-    """GET ``path`` with ``Host: host``; raises TimeoutError when no answer comes in time."""
-    conn = http.client.HTTPConnection(*base, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Host": host})
-        response = conn.getresponse()
-        raw = response.read()
-    finally:
-        conn.close()
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        body = {"text": raw.decode(errors="replace")[-2000:]}
-    return Response(response.status, body)
-
-
-@contextlib.contextmanager
-def uvicorn(env: dict[str, str], *, workers: int = 1) -> Iterator[tuple[tuple[str, int], Group]]:
-    """uvicorn serving ``testproject.asgi``: ((host, port), its process group)."""
-    base = ("127.0.0.1", free_port())
-    args = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "testproject.asgi:application",
-        "--host",
-        base[0],
-        "--port",
-        str(base[1]),
-        "--workers",
-        str(workers),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        "--timeout-graceful-shutdown",
-        "5",
-    ]
-    workdir = Path(tempfile.mkdtemp(prefix="tenantsafe-uvicorn-"))
-    server = Group(args, env, workdir / "uvicorn.log")
-    try:
-        # Any answer from Django (the public schema has no pages: 404) means it is serving.
-        _wait_for(lambda: get(base, "/", "localhost", 2).status, "uvicorn", server.proc)
-        yield base, server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -303,8 +195,7 @@ def celery_worker(env: dict[str, str], *, pool: str, concurrency: int) -> Iterat
     workdir = Path(tempfile.mkdtemp(prefix="tenantsafe-celery-"))
     worker = Group(args, env, workdir / "worker.log")
     try:
-        ready = lambda: app.control.ping(destination=[name], timeout=0.5)  # noqa: E731
-        _wait_for(ready, f"celery worker {name}", worker.proc)
+        worker.wait_until(lambda: app.control.ping(destination=[name], timeout=0.5), name)
         yield pool
     except BaseException:
         print(worker.output(), file=sys.stderr)

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from testproject.serving import Response, get, uvicorn
 from tests.dbtools import pool_load
 from tests.faults import wait_for
-from tests.servers import PRODUCTS, Response, Site, get, project_env, uvicorn
+from tests.servers import PRODUCTS, Site, project_env
 
 pytestmark = [pytest.mark.pooler, pytest.mark.slow]
 
