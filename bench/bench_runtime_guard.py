@@ -2,6 +2,9 @@
 
     python -m bench.bench_runtime_guard [--queries 1000] [--rounds 7]
 
+Through pgbouncer it also measures an ASGI row and an iterate-and-read loop's memory
+(``bench/_async.py``).
+
 Prepares one database with a migrated tenant, then measures, directly and through pgbouncer
 (when installed), in one worker process per endpoint:
 
@@ -36,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from bench import _async
 from bench._db import median, server
 
 VARIANTS = ["default", "guard", "guard+limit", "guard/pipeline", "guard/steps"]
@@ -221,7 +225,7 @@ def prepare(url: str) -> None:
 
     result = manage(url, "migrate_schemas_safe", "--shared", "-v0", env=POOLER_SAFE)
     assert result.returncode == 0, result.stderr
-    register_tenants(url, ["bench"])
+    register_tenants(url, ["bench", "bigstream"])
     result = manage(url, "migrate_schemas_safe", "--tenant", "-v0", env=POOLER_SAFE)
     assert result.returncode == 0, result.stderr
     with connect(url) as conn:
@@ -235,6 +239,7 @@ def prepare(url: str) -> None:
             "SELECT 'note ' || n, repeat('x', 100), n % 2 = 0 "
             f"FROM generate_series(1, {ITERATOR_ROWS}) n"
         )
+    _async.prepare_stream(url)
 
 
 def run_worker(url: str, queries: int, rounds: int, direct: str | None = None) -> dict[str, Any]:
@@ -293,6 +298,13 @@ def main() -> None:
                 )
                 for label, url in endpoints.items()
             }
+            if "pgbouncer" in endpoints:
+                pooled = endpoints["pgbouncer"]
+                asgi = _async.asgi(direct, pooled, rounds=ns.rounds)
+                memory = {
+                    "guard, pgbouncer": _async.stream_memory(pooled, True),
+                    "default, direct": _async.stream_memory(direct, False),
+                }
         for label, data in results.items():
             report(label, data)
         ratio = results["direct"]["ratio"]["orm get"]["guard"]
@@ -303,6 +315,17 @@ def main() -> None:
                 f"iterator(), guard through pgbouncer / default direct: {paired:.2f} "
                 "(paired in one process; target >= 0.80)"
             )
+            print(
+                f"ASGI (uvicorn, 1 worker), requests per second: guard through pgbouncer "
+                f"{asgi['guarded']:.0f}, default direct {asgi['direct']:.0f}: "
+                f"{asgi['ratio']:.2f} (paired by round; target >= 0.85)"
+            )
+            for label, used in memory.items():
+                print(
+                    f"iterate-and-read over {_async.STREAM_ROWS:,} rows, {label}: tracemalloc "
+                    f"peak {used['tracemalloc_peak'] / 1e6:.1f} MB, resident set grew "
+                    f"{used['rss_growth'] / 1e6:.1f} MB"
+                )
 
 
 if __name__ == "__main__":
