@@ -636,7 +636,8 @@ def _joined(
     """A read in the stream's transaction, behind a savepoint; pinned to ``path`` unless the
     transaction already is (psycopg 3: one pipeline, one round trip)."""
     state = _state(connection)
-    check = state.pinned != tuple(path)
+    pinned = state.pinned
+    check = pinned != tuple(path)
     helper = raw.cursor()
     try:
         if _pipelines(raw):
@@ -653,6 +654,8 @@ def _joined(
             result = execute(sql, params, False, context)
             helper.execute(_RELEASE)
     except Exception as exc:
+        # The rollback undoes a path the check set: the transaction's is the one before.
+        state.pinned = pinned
         with contextlib.suppress(Exception):
             helper.execute(f"ROLLBACK TO {_SAVEPOINT}")
             helper.execute(_RELEASE)

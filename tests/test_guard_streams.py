@@ -112,6 +112,22 @@ def test_a_read_for_another_tenant_during_an_iteration_sees_that_tenant(tenant, 
     assert MEMORY not in caplog.text
 
 
+def test_a_failed_read_for_another_tenant_leaves_the_next_one_pinned(tenant):
+    other = make_tenant("streams_other")
+    connection.set_tenant(tenant)
+    rows = Product.objects.order_by("name").iterator(chunk_size=1)
+    assert next(rows).name == "streams-p0"
+    connection.set_tenant(other)
+    with pytest.raises(DatabaseError, match="division by zero"), connection.cursor() as cursor:
+        cursor.execute("SELECT 1 / (count(*) - count(*)) FROM shop_product")
+    # The savepoint's rollback took the other tenant's path with it: pinned again.
+    assert Product.objects.order_by("name").values_list("name", flat=True)[0] == (
+        "streams_other-p0"
+    )
+    connection.set_tenant(tenant)
+    assert [p.name for p in rows] == [f"streams-{name}" for name in NAMES[1:]]
+
+
 @pytest.mark.parametrize(
     "statement",
     ["UPDATE shop_product SET price_cents = 1", "SELECT id FROM shop_product FOR UPDATE"],
