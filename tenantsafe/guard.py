@@ -531,12 +531,14 @@ def _outside_transaction(
     return execute(sql, params, many, context)
 
 
-def _begin_pinned(connection: Any, cursor: Any, path: list[str], *, isolation: bool = False) -> Any:
+def _begin_pinned(
+    connection: Any, cursor: Any, path: list[str], *, isolation: bool = False
+) -> str | None:
     """``BEGIN`` and the check in one simple query: an explicit transaction pinned to ``path``.
     With ``isolation``, the transaction's isolation level, read in the same query."""
     state = _state(connection)
     check = _check_sql(tuple(path), False, state.terms)
-    level = None
+    level: str | None = None
     try:
         if not isolation:
             cursor.execute(f"BEGIN;\n{check}")
