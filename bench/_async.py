@@ -138,5 +138,30 @@ def stream_memory(url: str, guarded: bool) -> dict[str, Any]:
     return data
 
 
+def measure(direct: str, pooled: str, *, rounds: int) -> dict[str, Any]:
+    return {
+        "asgi": asgi(direct, pooled, rounds=rounds),
+        "memory": {
+            "guard, pgbouncer": stream_memory(pooled, True),
+            "default, direct": stream_memory(direct, False),
+        },
+    }
+
+
+def report(rows: dict[str, Any]) -> None:
+    asgi = rows["asgi"]
+    print(
+        f"ASGI (uvicorn, 1 worker), requests per second: guard through pgbouncer "
+        f"{asgi['guarded']:.0f}, default direct {asgi['direct']:.0f}: "
+        f"{asgi['ratio']:.2f} (paired by round; target >= 0.85)"
+    )
+    for label, used in rows["memory"].items():
+        print(
+            f"iterate-and-read over {STREAM_ROWS:,} rows, {label}: tracemalloc peak "
+            f"{used['tracemalloc_peak'] / 1e6:.1f} MB, resident set grew "
+            f"{used['rss_growth'] / 1e6:.1f} MB"
+        )
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--stream-memory"]:
     print(json.dumps(stream_memory_worker()))

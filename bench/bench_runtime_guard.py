@@ -277,6 +277,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--async-only", action="store_true", help="only the ASGI and stream memory rows"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.worker:
@@ -297,35 +300,25 @@ def main() -> None:
                     url, ns.queries, ns.rounds, direct if label == "pgbouncer" else None
                 )
                 for label, url in endpoints.items()
+                if not ns.async_only
             }
             if "pgbouncer" in endpoints:
-                pooled = endpoints["pgbouncer"]
-                asgi = _async.asgi(direct, pooled, rounds=ns.rounds)
-                memory = {
-                    "guard, pgbouncer": _async.stream_memory(pooled, True),
-                    "default, direct": _async.stream_memory(direct, False),
-                }
+                rows = _async.measure(direct, endpoints["pgbouncer"], rounds=ns.rounds)
         for label, data in results.items():
             report(label, data)
-        ratio = results["direct"]["ratio"]["orm get"]["guard"]
-        print(f"\nguard / default, ORM autocommit queries, direct: {ratio:.2f} (target >= 0.80)")
+        if results:
+            ratio = results["direct"]["ratio"]["orm get"]["guard"]
+            print(
+                f"\nguard / default, ORM autocommit queries, direct: {ratio:.2f} (target >= 0.80)"
+            )
         if "pgbouncer" in results:
             paired = results["pgbouncer"]["iterator_against_direct"]
             print(
                 f"iterator(), guard through pgbouncer / default direct: {paired:.2f} "
                 "(paired in one process; target >= 0.80)"
             )
-            print(
-                f"ASGI (uvicorn, 1 worker), requests per second: guard through pgbouncer "
-                f"{asgi['guarded']:.0f}, default direct {asgi['direct']:.0f}: "
-                f"{asgi['ratio']:.2f} (paired by round; target >= 0.85)"
-            )
-            for label, used in memory.items():
-                print(
-                    f"iterate-and-read over {_async.STREAM_ROWS:,} rows, {label}: tracemalloc "
-                    f"peak {used['tracemalloc_peak'] / 1e6:.1f} MB, resident set grew "
-                    f"{used['rss_growth'] / 1e6:.1f} MB"
-                )
+        if "pgbouncer" in endpoints:
+            _async.report(rows)
 
 
 if __name__ == "__main__":
