@@ -35,7 +35,7 @@ def load(
         if frozen.is_set():
             return TimeoutError("not sent: an earlier request got no answer")
         try:
-            return get(base, *request, timeout=10)
+            return get(base, *request, timeout=30)
         except TimeoutError as exc:
             frozen.set()
             return exc
