@@ -6,7 +6,7 @@ handlers); the SQL it sends is a few milliseconds. Tenants that are alike get th
 that recording into the others. The rule that decides when that is the same as migrating:
 
 1. **Groups.** Tenants are alike when they have the same tenant type and applied migrations
-   (hence the same plan), the same catalog (:func:`tenantsafe.replay.catalogs`) and the same
+   (hence the same plan), the same catalog (:func:`tenantsafe.recording.catalogs`) and the same
    content types and permissions, the small tables post_migrate reads, compared without
    their ids (tenants created at different times often number them differently). Plans that
    unapply, hold a ``RunPython`` or a non-atomic migration are never replayed, nor are groups
@@ -41,7 +41,7 @@ from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 from django_tenants.utils import get_tenant_model
 
-from tenantsafe import guard, locks, plan, replay, schemas, statements
+from tenantsafe import guard, locks, plan, recording, schemas, statements
 from tenantsafe.errors import ReplayMismatch
 from tenantsafe.results import TenantRef
 
@@ -181,9 +181,11 @@ def _alike(alias: str, names: list[str]) -> list[list[tuple[str, str | None]]]:
     for start in range(0, len(names), CHUNK):
         batch = names[start : start + CHUNK]
         with _pinned(alias) as cursor:
-            catalogs = replay.catalogs(cursor, batch)
-            loose = replay.rows_digests(cursor, batch, KEYED, unlimited=CHECKED, without_ids=KEYED)
-            exact.update(replay.rows_digests(cursor, batch, KEYED, unlimited=CHECKED))
+            catalogs = recording.catalogs(cursor, batch)
+            loose = recording.rows_digests(
+                cursor, batch, KEYED, unlimited=CHECKED, without_ids=KEYED
+            )
+            exact.update(recording.rows_digests(cursor, batch, KEYED, unlimited=CHECKED))
         for name in batch:
             keys[name] = (catalogs.get(name, ""), loose.get(name))
     split: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
@@ -201,7 +203,7 @@ def _pinned(alias: str, own: TenantRef | None = None) -> Iterator[Any]:
     replay pins."""
     connection: Any = connections[alias]
     if own is not None:
-        path = replay.pinned_path(alias, own.schema, own.tenant_type)
+        path = recording.pinned_path(alias, own.schema, own.tenant_type)
     else:
         connection.set_schema_to_public()
         path = guard.search_path(connection)
@@ -217,11 +219,11 @@ def digests(
     own: TenantRef | None = None,
     without_ids: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, str], dict[str, str | None]]:
-    """Catalog and row digests of ``names`` (``without_ids``: see replay.rows_digests), read
+    """Catalog and row digests of ``names`` (``without_ids``: see recording.rows_digests), read
     in one transaction with public's path; for ``own`` (then ``names`` is its schema only),
     with the path its replay pins."""
     with _pinned(alias, own) as cursor:
-        return replay.catalogs(cursor, names), replay.rows_digests(
+        return recording.catalogs(cursor, names), recording.rows_digests(
             cursor, names, tables, unlimited=CHECKED, without_ids=without_ids & tables
         )
 
@@ -231,7 +233,9 @@ def rows_of(alias: str, names: Sequence[str], tables: frozenset[str]) -> dict[st
     for start in range(0, len(names), CHUNK):
         with _pinned(alias) as cursor:
             found.update(
-                replay.rows_digests(cursor, names[start : start + CHUNK], tables, unlimited=CHECKED)
+                recording.rows_digests(
+                    cursor, names[start : start + CHUNK], tables, unlimited=CHECKED
+                )
             )
     return found
 
@@ -245,7 +249,7 @@ _RETURNING = re.compile(
 )
 
 
-def depends_on(recorder: replay.Recorder, tables: set[str]) -> frozenset[str]:
+def depends_on(recorder: recording.Recorder, tables: set[str]) -> frozenset[str]:
     """The tables of ``tables`` (the schema's) whose rows the recorded statements depend on."""
     named: set[str] = set()
 
@@ -265,12 +269,12 @@ def depends_on(recorder: replay.Recorder, tables: set[str]) -> frozenset[str]:
     return frozenset((named & tables) - {"django_migrations"})
 
 
-def witnessed(alias: str, recorder: replay.Recorder, tenant: TenantRef) -> Witness:
+def witnessed(alias: str, recorder: recording.Recorder, tenant: TenantRef) -> Witness:
     """The witness ``recorder`` was around, after its migration finished."""
     schema = recorder.schema
     row = get_tenant_model()._default_manager.db_manager(alias).filter(schema_name=schema).first()
-    identifying = replay.identifying(row, alias) if row is not None else [schema]
-    sql, problem = replay.taken(alias, recorder, identifying)
+    identifying = recording.identifying(row, alias) if row is not None else [schema]
+    sql, problem = recording.taken(alias, recorder, identifying)
     connection: Any = connections[alias]
     connection.set_schema_to_public()
     with connection.cursor() as cursor:
@@ -302,7 +306,7 @@ def writes_no_rows(sql: str) -> bool:
     return all(
         statements.is_schema_change(part)
         or (statements.RECORD_APPLIED.match(part) and ";" not in part)
-        for part in sql.split("\n;\n")
+        for part in sql.split(recording.SEPARATOR)
         if part.strip()
     )
 
@@ -317,12 +321,12 @@ def replay_into(
 ) -> None:
     """Apply ``witness``'s recording to ``tenant`` in one transaction; raises ReplayMismatch (and
     rolls back) when the tenant is not then like the witness, or DatabaseError."""
-    path = replay.pinned_path(alias, tenant.schema, tenant.tenant_type)
+    path = recording.pinned_path(alias, tenant.schema, tenant.tenant_type)
     terms = guard.Terms(lease.fence, lock_timeout_ms)
     with guard.pinned_transaction(alias, path, terms=terms) as cursor:
         cursor.execute(witness.sql)
-        catalog = replay.catalogs(cursor, [tenant.schema]).get(tenant.schema)
-        rows = replay.rows_digests(
+        catalog = recording.catalogs(cursor, [tenant.schema]).get(tenant.schema)
+        rows = recording.rows_digests(
             cursor,
             [tenant.schema],
             witness.checked,

@@ -33,7 +33,7 @@ from tenantsafe import (
     locks,
     plan,
     progress,
-    replay,
+    recording,
     schemas,
     spares,
     statements,
@@ -526,7 +526,9 @@ def _run(
         # tenantsafe's own tables (leases, recordings) may appear meanwhile: create_tenant or
         # a signup in another process creates them on first use.
         gained = (
-            schemas.public_tables(alias) - public_before - {locks.TABLE, replay.TABLE, spares.TABLE}
+            schemas.public_tables(alias)
+            - public_before
+            - {locks.TABLE, recording.TABLE, spares.TABLE}
         )
         if gained:
             problems.append(
@@ -669,7 +671,10 @@ def _after_the_first(
     elif one.problem:
         why = one.problem
     elif one.tables and before.get(second.schema) is None:
-        why = f"{second.schema} has more than {replay.ROW_LIMIT} rows in a table the recording read"
+        why = (
+            f"{second.schema} has more than {recording.ROW_LIMIT} rows in a table the "
+            "recording read"
+        )
     else:
         why = ""
     if one is None or why:
@@ -709,7 +714,7 @@ def _witness(
 ) -> tuple[TenantResult, deploy.Witness | None]:
     """Migrate ``tenant`` through Django, recording what it sent."""
     connection: Any = connections[opts.database]
-    recorder = replay.Recorder(tenant.schema)
+    recorder = recording.Recorder(tenant.schema)
     connection.execute_wrappers.insert(0, recorder)
     try:
         result = _attempt(opts, stop, tenant)
