@@ -1,4 +1,4 @@
-"""Server-side cursors under the guard through a pooler (a *stream*, tenantsafe/streams.py):
+"""Server-side cursors under the guard through a pooler (a *stream*, tenantsafe/guard/streams.py):
 reads during an iteration keep it streaming, and a cursor closed from a thread that does not
 own the connection (an event loop collecting an abandoned async iterator) never waits for it.
 
@@ -19,7 +19,7 @@ import pytest
 from django.db import DatabaseError, connections, transaction
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
-from tenantsafe import guard
+from tenantsafe.guard import state as guard_state
 from testproject.customers.models import Client
 from testproject.shop.models import Category, Product
 from tests.dbtools import add_tenant, connection, pooled_url
@@ -76,7 +76,7 @@ def test_reads_during_an_iteration_keep_it_streaming(tenant, caplog):
         seen.append(product.name)
         # A read per row, as ``order.customer`` does: it runs in the stream's transaction.
         assert Product.objects.get(pk=product.pk).name == product.name
-        streaming.append(guard._state(connection).stream is not None)
+        streaming.append(guard_state.of(connection).stream is not None)
     assert seen == [f"streams-{name}" for name in NAMES]
     assert all(streaming)
     assert MEMORY not in caplog.text
@@ -229,7 +229,7 @@ def test_the_owner_and_another_thread_racing_on_streams_leave_nothing_open(tenan
     assert errors == []
     assert Product.objects.count() == len(NAMES)
     assert status() == IDLE
-    assert guard._state(connection).stream is None
+    assert guard_state.of(connection).stream is None
     assert server_cursors() == []
 
 

@@ -2,8 +2,9 @@
 
 Through a transaction pooler a server-side cursor cannot outlive its transaction, so the guard
 declares it in a pinned transaction of its own and keeps that open while the cursor is read
-(``tenantsafe.guard``). This module keeps the stream's books: which cursors read in it, which
-of them were closed from a thread that may not touch the connection, and whether it ended.
+(``strategies``; ``cursor`` reads and ends it). This module keeps the stream's books: which
+cursors read in it, which of them were closed from a thread that may not touch the
+connection, and whether it ended.
 
 Who may do what (the contract):
 
