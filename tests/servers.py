@@ -15,6 +15,7 @@ Locally a test skips when a server's binary is absent; under CI it fails instead
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -54,6 +55,11 @@ def require(binary: str | None, what: str, install: str) -> str:
             pytest.fail(f"{message}: under CI every integration test must run")
         pytest.skip(message)
     return binary
+
+
+def require_module(name: str, install: str) -> None:
+    """Python package ``name`` importable; without it the test skips, or fails under CI."""
+    require(name if importlib.util.find_spec(name) else None, f"Python package {name}", install)
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ def small_pool() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     binary = require(shutil.which("redis-server"), "redis-server", "apt-get install redis-server")
+    require_module("redis", "pip install redis")
     import redis
 
     workdir = Path(tempfile.mkdtemp(prefix="tenantsafe-redis-"))
@@ -159,6 +166,8 @@ def project_env(database_url: str, **settings: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def celery_app(redis_url: str) -> Any:
     """The test project's Celery app, in this process, on the test run's Redis."""
+    for name in ("celery", "tenant_schemas_celery"):
+        require_module(name, f"pip install {name.replace('_', '-')}")
     from testproject.celery import app
 
     app.conf.update(broker_url=redis_url, result_backend=redis_url)
