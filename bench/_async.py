@@ -14,13 +14,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench._db import median
+from bench._db import median, run_json
 
 PATHS = ["/products/", "/async/products/first/?then=count", "/async/notes/add/?title=bench"]
 STREAM_ROWS = 100_000
@@ -126,16 +125,7 @@ def stream_memory(url: str, guarded: bool) -> dict[str, Any]:
         "DATABASE_URL": url,
         "TESTPROJECT_RUNTIME_GUARD": "1" if guarded else "0",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "bench._async", "--stream-memory"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return data
+    return run_json("bench._async", "--stream-memory", env=env)
 
 
 def measure(direct: str, pooled: str, *, rounds: int) -> dict[str, Any]:

@@ -32,15 +32,13 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench import _async
-from bench._db import median, server
+from bench._db import median, run_json, server
 
 VARIANTS = ["default", "guard", "guard+limit", "guard/pipeline", "guard/steps"]
 WORKLOADS = ["orm get", "raw cursor", "atomic x5", "iterator"]
@@ -247,16 +245,7 @@ def run_worker(url: str, queries: int, rounds: int, direct: str | None = None) -
     if direct:
         env["DATABASE_DIRECT_URL"] = direct
     args = ["--worker", "--queries", str(queries), "--rounds", str(rounds)]
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.bench_runtime_guard", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return data
+    return run_json("bench.bench_runtime_guard", *args, env=env)
 
 
 def report(endpoint: str, data: dict[str, Any]) -> None:
