@@ -89,14 +89,16 @@ def get(base: tuple[str, int], path: str, host: str, timeout: float = 10) -> Res
 
 
 @contextlib.contextmanager
-def uvicorn(env: dict[str, str], *, workers: int = 1) -> Iterator[tuple[tuple[str, int], Group]]:
-    """uvicorn serving ``testproject.asgi``: ((host, port), its process group)."""
+def uvicorn(
+    env: dict[str, str], *, workers: int = 1, app: str = "testproject.asgi:application"
+) -> Iterator[tuple[tuple[str, int], Group]]:
+    """uvicorn serving ``app``: ((host, port), its process group)."""
     base = ("127.0.0.1", free_port())
     args = [
         sys.executable,
         "-m",
         "uvicorn",
-        "testproject.asgi:application",
+        app,
         "--host",
         base[0],
         "--port",

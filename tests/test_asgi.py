@@ -2,8 +2,8 @@
 (the async ORM: acreate, acount, aiterator) and sync views, through pgbouncer in transaction
 pooling with four server connections that other clients use at the same time.
 
-Two servers for the module, each started once: one worker with Django's per-request
-connections, and one with Django's own connection pool (5.1+)."""
+Servers for the module, each started once: one worker with Django's per-request connections,
+one with Django's own connection pool (5.1+), and one behind Django Channels' router."""
 
 from __future__ import annotations
 
@@ -77,10 +77,12 @@ Served = tuple[tuple[str, int], Group]
 
 
 @contextlib.contextmanager
-def guarded_uvicorn(site: Site, small_pool: str, **settings: str) -> Iterator[Served]:
+def guarded_uvicorn(
+    site: Site, small_pool: str, app: str = "testproject.asgi:application", **settings: str
+) -> Iterator[Served]:
     require_module("uvicorn", "pip install uvicorn")
     env = project_env(site.through(small_pool), **GUARDED, **settings)
-    with uvicorn(env, workers=1) as served:
+    with uvicorn(env, workers=1, app=app) as served:
         yield served
 
 
@@ -95,6 +97,14 @@ def server(site: Site, small_pool: str) -> Iterator[Served]:
 def pool_server(site: Site, small_pool: str) -> Iterator[Served]:
     """The same with Django's own connection pool, under the pooler."""
     with guarded_uvicorn(site, small_pool, TESTPROJECT_DB_POOL="1") as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def channels_server(site: Site, small_pool: str) -> Iterator[Served]:
+    """The same behind Django Channels' router (testproject/channels_asgi.py)."""
+    require_module("channels", "pip install channels")
+    with guarded_uvicorn(site, small_pool, "testproject.channels_asgi:application") as served:
         yield served
 
 
@@ -178,4 +188,23 @@ def test_leaving_aiterator_early_under_concurrency_does_not_freeze_the_server(
     # The pool's other clients were served throughout (a frozen server holds every server
     # connection until pgbouncer's query_wait_timeout fails them).
     assert others == []
+    no_transaction_left(site)
+
+
+def test_a_channels_consumer_reads_its_own_tenant_through_pgbouncer(
+    site: Site, small_pool: str, channels_server: Served
+) -> None:
+    """A Channels consumer sets the tenant from the Host header and reads (current_schema(),
+    then the products through a server-side cursor) with ``database_sync_to_async``."""
+    base, _ = channels_server
+    schemas = list(PRODUCTS)
+    requests = [("/channels/products/", f"{schemas[n % 6]}.localhost") for n in range(60)]
+
+    def expect(n: int, body: dict[str, Any]) -> bool:
+        schema = schemas[n % 6]
+        return body == {"schema": schema, "current_schema": schema, "products": PRODUCTS[schema]}
+
+    with pool_load(site.through(small_pool), BUSY, clients=2):
+        answers = load(base, requests)
+    assert wrong(answers, expect) == []
     no_transaction_left(site)
