@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.core.signals import request_finished
 from django.db import DatabaseError, connections, transaction
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
@@ -186,6 +187,23 @@ def test_a_cursor_closed_by_another_thread_never_waits_for_the_connection(tenant
     assert status() == INTRANS
     assert Product.objects.count() == len(NAMES)
     assert status() == IDLE
+    assert server_cursors() == []
+
+
+def test_an_iteration_closed_elsewhere_ends_when_the_request_does(tenant, monkeypatch):
+    """No next statement: request_finished (Django's close_old_connections) ends the
+    transaction, in the owner's thread, on a connection kept for the next request."""
+    # A persistent connection (CONN_MAX_AGE = None): request_finished keeps it open.
+    monkeypatch.setattr(connection, "close_at", None)
+    rows = Product.objects.order_by("name").iterator(chunk_size=1)
+    assert next(rows).name == "streams-p0"
+    closed_elsewhere(rows).join()
+    raw = connection.connection
+    assert status() == INTRANS
+    request_finished.send(sender=None)
+    assert connection.connection is raw
+    assert status() == IDLE
+    assert guard_state.of(connection).stream is None
     assert server_cursors() == []
 
 
