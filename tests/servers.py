@@ -9,7 +9,8 @@ loopback the first time a test asks for it and stop it when the run ends.
 * ``redis_url``: a Redis, the Celery broker and result backend;
 * :func:`uvicorn` and :func:`celery_worker` run the test project in processes of their own.
 
-Locally a test skips when a server's binary is absent; under CI it fails instead.
+Locally a test skips, with the reason, when a server's binary or a Python package it needs is
+absent; under CI it fails instead.
 """
 
 from __future__ import annotations
