@@ -104,9 +104,16 @@ def merged(check_sql: str, statement: str) -> str:
     return f"{check_sql};\n{statement}"
 
 
-def begin_checked(path: tuple[str, ...], terms: Terms | None) -> str:
-    """``BEGIN`` and the check in one simple query: an explicit transaction pinned to ``path``."""
-    return f"BEGIN;\n{check(path, False, terms)}"
+def begin_checked(path: tuple[str, ...], terms: Terms | None, *, isolation: bool = False) -> str:
+    """``BEGIN`` and the check in one simple query: an explicit transaction pinned to ``path``.
+    With ``isolation``, the check's row also has the transaction's isolation level."""
+    return f"BEGIN;\n{checked(path, terms, isolation=isolation)}"
+
+
+def checked(path: tuple[str, ...], terms: Terms | None, *, isolation: bool = False) -> str:
+    """The check of :func:`begin_checked`, for a transaction already begun."""
+    found = check(path, False, terms)
+    return f"{found}, current_setting('transaction_isolation')" if isolation else found
 
 
 def without_check(query: str, check_sql: str, escaped: bool) -> str:
