@@ -103,6 +103,11 @@ def test_begin_checked_can_read_the_isolation_level_in_the_same_query():
     assert sql.begin_checked(("alpha", "public"), None, isolation=True) == (
         f"BEGIN;\n{check}, current_setting('transaction_isolation')"
     )
+    # On Citus, with SET LOCALs between BEGIN and it (guard.citus): the same check alone.
+    assert sql.checked(("alpha", "public"), None, isolation=True) == (
+        f"{check}, current_setting('transaction_isolation')"
+    )
+    assert sql.checked(("alpha", "public"), None) == check
 
 
 @pytest.mark.parametrize("escaped", [False, True])
