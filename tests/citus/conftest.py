@@ -52,7 +52,8 @@ def citus_env() -> Iterator[dict[str, str]]:
 def citus_session_db(
     citus_env: dict[str, str], request: pytest.FixtureRequest
 ) -> Iterator[CitusDatabase]:
-    """A Citus database of this test process (xdist workers each have one), public migrated."""
+    """The Citus database of this test process, public migrated (with ``-n``, one process runs
+    every Citus test: ``tools.CITUS``)."""
     worker = getattr(request.config, "workerinput", {}).get("workerid", "main")
     database = CitusDatabase.create(citus_env, f"ts_citus_{worker}")
     try:

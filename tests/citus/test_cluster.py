@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from testproject.dbtools import connect
+from tests.citus.tools import CITUS
 
-pytestmark = [pytest.mark.citus, pytest.mark.slow]
+pytestmark = CITUS
 
 
 def test_tenant_schemas_made_through_pgbouncer_are_distributed_over_both_workers(citus_db):

@@ -7,12 +7,10 @@ import json
 import os
 import textwrap
 
-import pytest
-
-from tests.citus.tools import POOLER_SAFE, CitusDatabase
+from tests.citus.tools import CITUS, POOLER_SAFE, CitusDatabase
 from tests.dbtools import pool_load, python_workers, register_tenants
 
-pytestmark = [pytest.mark.citus, pytest.mark.slow]
+pytestmark = CITUS
 
 TENANTS = [f"g{n}" for n in range(4)]
 SEEDED = {name: n + 2 for n, name in enumerate(TENANTS)}  # products per tenant

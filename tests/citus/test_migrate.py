@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from testproject import citus_cluster
-from tests.citus.tools import POOLER_SAFE, CitusDatabase, tenants
+from tests.citus.tools import CITUS, POOLER_SAFE, CitusDatabase, tenants
 from tests.dbtools import connect, fingerprint, pool_load, register_tenants, summary
 from tests.faults import hold, open_read, runs
 
-pytestmark = [pytest.mark.citus, pytest.mark.slow]
+pytestmark = CITUS
 
 
 def deploy(database: CitusDatabase, env: dict[str, str], *args: str):

@@ -4,9 +4,7 @@ django-tenants migrates."""
 
 from __future__ import annotations
 
-import pytest
-
-from tests.citus.tools import POOLER_SAFE, CitusDatabase
+from tests.citus.tools import CITUS, POOLER_SAFE, CitusDatabase
 from tests.dbtools import (
     fingerprint,
     pool_load,
@@ -15,7 +13,7 @@ from tests.dbtools import (
     start_signup,
 )
 
-pytestmark = [pytest.mark.citus, pytest.mark.slow]
+pytestmark = CITUS
 
 
 def busy(database: CitusDatabase, names: list[str]):

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
-
-from tests.citus.tools import CitusDatabase, tenants
+from tests.citus.tools import CITUS, CitusDatabase, tenants
 from tests.dbtools import fingerprint, register_tenants
 from tests.faults import hold, runs, wait_for
 
-pytestmark = [pytest.mark.citus, pytest.mark.slow]
+pytestmark = CITUS
 
 
 def node_name(port: int | None) -> str | None:

@@ -6,8 +6,15 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from testproject import citus_cluster
 from testproject.dbtools import connect, manage, register_tenants, with_dbname
+
+# Every Citus test: in one xdist process (``--dist loadgroup``, pyproject's addopts), one after
+# the other. Some stop a worker node of the cluster they all share, which would fail whatever
+# another process ran on it meanwhile.
+CITUS = [pytest.mark.citus, pytest.mark.slow, pytest.mark.xdist_group("citus")]
 
 # The deploy these tests model goes through pgbouncer: no CREATE INDEX CONCURRENTLY migration.
 POOLER_SAFE = {"TESTPROJECT_POOLER_SAFE": "1"}
