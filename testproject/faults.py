@@ -4,6 +4,9 @@
 it writes ``<dir>/held`` (JSON: this process's pid and the migrating connection's backend pid)
 and waits until ``<dir>/go`` exists. Points:
 
+- ``pre_migrate``: the first pre_migrate receiver of the schema's migrate run (connected in
+  ``CustomersConfig.ready()``): the run holds the schema's lease, and no migration of it has
+  run yet.
 - ``post_migrate``: the first post_migrate receiver of the schema's migrate run (connected in
   ``CustomersConfig.ready()``, before contenttypes' and auth's): every migration is recorded,
   no content type or permission is created yet.
@@ -46,6 +49,12 @@ def hold(point: str, connection: Any) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"TESTPROJECT_HOLD: {point} in {schema} never released")
         time.sleep(0.05)
+
+
+def on_pre_migrate(sender: Any, using: str = "default", **kwargs: Any) -> None:
+    from django.db import connections
+
+    hold("pre_migrate", connections[using])
 
 
 def on_post_migrate(sender: Any, using: str = "default", **kwargs: Any) -> None:
