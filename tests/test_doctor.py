@@ -19,6 +19,7 @@ from tests.dbtools import (
     direct_url,
     fresh_database,
     manage,
+    pool_load,
     pooled_url,
     register_tenants,
     sql,
@@ -200,7 +201,8 @@ def test_pooler_detected_and_exit_status_of_the_command():
         assert manage(url, "migrate_schemas_safe", "--shared", "-v0", env=env).returncode == 0
         register_tenants(url, ["alpha"], create_schemas=False)
 
-        result = manage(with_dbname(pooled, name), "tenantsafe_doctor", "--json", env=env)
+        with pool_load(with_dbname(pooled, name), ['"alpha", public', "public"]):
+            result = manage(with_dbname(pooled, name), "tenantsafe_doctor", "--json", env=env)
 
         assert result.returncode == 1
         report = json.loads(result.stdout)
