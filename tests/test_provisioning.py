@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from tests.dbtools import (
     sql,
     with_dbname,
 )
-from tests.faults import hold, runs
+from tests.faults import hold, runs, wait_for
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
 
@@ -216,6 +217,56 @@ def test_a_killed_recorders_claim_does_not_block_the_next_signup(where, referenc
 
 
 @pytest.mark.slow
+def test_a_recorder_whose_migration_fails_hands_its_claim_to_a_waiting_signup(
+    reference, monkeypatch, caplog
+):
+    # The next signup's looks for the claim, seen from here: set once it found it taken.
+    refused = threading.Event()
+    try_lease = locks.try_lease
+
+    def looked(alias: str, name: str, *, purpose: str) -> locks.Lease | None:
+        lease = try_lease(alias, name, purpose=purpose)
+        if lease is None and name.startswith("recording:"):
+            refused.set()
+        return lease
+
+    monkeypatch.setattr(locks, "try_lease", looked)
+    with runs() as start, hold("seed", "first") as held:
+        recorder = start(
+            database_url(),
+            "shell",
+            "-c",
+            signup_code("first"),
+            env={**held.env, "TESTPROJECT_FAIL_SEED": "first"},
+        )
+        held.wait(recorder)
+        assert claims() == [f"record (pid {recorder.pid} on {socket.gethostname()})"]
+        # The recorder's migration fails once the second signup waits for its claim.
+        releaser = threading.Thread(target=lambda: (refused.wait(120), held.release()))
+        releaser.start()
+        with override_settings(TENANTSAFE_RECORDING_WAIT_SECONDS=120):
+            how = provision(Client(schema_name="second", name="Second"))
+        releaser.join()
+        assert refused.is_set()
+        assert recorder.wait() == 1
+        assert "seeding failed on purpose in first" in recorder.stderr
+
+    # The claim went to the waiter, which migrated and recorded its tenant at once: not after
+    # waiting out the bound.
+    assert how == "migrated"
+    assert "waited" not in caplog.text
+    assert claims() == []
+    assert [(problem, has_statements) for _, problem, has_statements in recordings()] == [
+        ("", True)
+    ]
+    assert not exists("first")
+    assert not Client.objects.filter(schema_name="first").exists()
+    assert provision(Client(schema_name="third", name="Third")) == "replayed"
+    for name in ("second", "third"):
+        assert fingerprint(database_url(), name) == reference, name
+
+
+@pytest.mark.slow
 def test_a_signup_waits_for_a_live_recorder_only_up_to_the_bound(reference):
     with runs() as start, hold("post_migrate", "first") as held:
         recorder = start(database_url(), "shell", "-c", signup_code("first"), env=held.env)
@@ -259,6 +310,22 @@ def nested_notes_migrations(tmp_path, monkeypatch) -> Iterator[Path]:
         yield tmp_path / package / "migrations"
 
 
+def settled(migrations: Path, window: float) -> None:
+    """Until nothing the test wrote around ``migrations`` changed in the last ``window``
+    seconds (by its own timestamps, which the state key reads)."""
+    paths = [migrations.parent.parent, *migrations.parent.parent.rglob("*")]
+
+    def newest() -> float:
+        return max(max(path.stat().st_mtime, path.stat().st_ctime) for path in paths)
+
+    wait_for(
+        "the migration files to be older than the window",
+        lambda: time.time() - newest() > window,
+        timeout=30,
+        interval=0.01,
+    )
+
+
 def test_the_state_key_follows_every_migration_file(nested_notes_migrations, monkeypatch):
     builds: list[None] = []
 
@@ -274,7 +341,7 @@ def test_the_state_key_follows_every_migration_file(nested_notes_migrations, mon
     assert len(builds) == 2
     # Once they are older than the window (made short here), it is kept.
     monkeypatch.setattr(replay, "_RACY", 0.05)
-    time.sleep(0.1)
+    settled(nested_notes_migrations, 0.05)
     builds.clear()
     assert replay.state_key("default") == first
     assert replay.state_key("default") == first
@@ -303,7 +370,7 @@ def test_the_state_key_follows_every_migration_file(nested_notes_migrations, mon
     importlib.invalidate_caches()
     assert replay.state_key("default") == after_edit
     # A file the kept key was computed from disappears.
-    time.sleep(0.1)
+    settled(nested_notes_migrations, 0.05)
     builds.clear()
     assert replay.state_key("default") == after_edit
     assert replay.state_key("default") == after_edit
@@ -675,4 +742,8 @@ def test_without_the_setting_migrate_schemas_safe_records_nothing(migrations_run
     add_tenant("existing")
     out, _ = migrate(tenant=True)
     assert "replay" not in out
+    # Migrated in its own schema only: no scratch schema, and nothing stored to replay.
     assert migrations_run == ["existing"]
+    assert scratch_schemas() == []
+    if scalar("SELECT to_regclass('public.tenantsafe_recording') IS NOT NULL"):
+        assert recordings() == []
