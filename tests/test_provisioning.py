@@ -22,7 +22,8 @@ from django.test.utils import override_settings
 from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
 
 from tenantsafe import locks, replay, schemas, statements
-from tenantsafe.provisioning import ProvisionError, ensure_recording, provision
+from tenantsafe.errors import ProvisionError
+from tenantsafe.provisioning import ensure_recording, provision
 from testproject.customers.models import Client, Domain
 from tests.dbtools import (
     ROOT,
@@ -241,8 +242,13 @@ def test_a_recorder_whose_migration_fails_hands_its_claim_to_a_waiting_signup(
         )
         held.wait(recorder)
         assert claims() == [f"record (pid {recorder.pid} on {socket.gethostname()})"]
+
         # The recorder's migration fails once the second signup waits for its claim.
-        releaser = threading.Thread(target=lambda: (refused.wait(120), held.release()))
+        def release_once_refused() -> None:
+            refused.wait(120)
+            held.release()
+
+        releaser = threading.Thread(target=release_once_refused)
         releaser.start()
         with override_settings(TENANTSAFE_RECORDING_WAIT_SECONDS=120):
             how = provision(Client(schema_name="second", name="Second"))

@@ -243,14 +243,12 @@ def test_concurrent_fills_make_no_more_than_asked_between_them(reference):
     outputs = [proc.communicate(timeout=300) for proc in procs]
 
     assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outputs]
-    made = [
-        int(
-            re.fullmatch(
-                r"tenantsafe_spares: 2 of 2 spare schema\(s\) ready \((\d) made\)\.\n", out
-            )[1]
-        )
+    lines = [
+        re.fullmatch(r"tenantsafe_spares: 2 of 2 spare schema\(s\) ready \((\d) made\)\.\n", out)
         for out, _ in outputs
     ]
+    assert all(lines), outputs
+    made = [int(line[1]) for line in lines if line]
     assert sum(made) == 2
     assert len(spare_schemas()) == 2
     assert spare_rows() == spare_schemas()

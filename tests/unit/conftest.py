@@ -1,8 +1,9 @@
-"""The database-free unit layer: pure functions (SQL classifiers, option parsing), no PostgreSQL.
+"""The database-free layer: pure cores (classifiers, SQL builders, planners, groupings) tested
+without PostgreSQL.
 
-``runtests.py`` runs this directory first, on its own and before any server is started, so a
-test here that reached the database would fail there. Asking for a database fixture or marker
-is refused at collection, with the reason.
+``runtests.py`` runs it first, in a process of its own before any cluster starts; pytest-django
+refuses database access here, and a test that asks for a database fixture or marker is refused
+at collection, with the reason.
 """
 
 from __future__ import annotations
