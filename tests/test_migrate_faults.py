@@ -440,15 +440,14 @@ def test_two_runs_and_create_tenant_on_a_pool_of_four_never_stall(reference):
         faults.runs() as start,
     ):
         pooled = bouncer.url(dbname(direct))
-        started = time.monotonic()
         with busy(pooled, names, clients=2):
             runs = [start(pooled, *MIGRATE, env=POOLER_SAFE) for _ in range(2)]
             creator = start(pooled, "shell", "-c", CREATE_TENANT, env=POOLER_SAFE)
             codes = [proc.wait(150) for proc in [*runs, creator]]
-        took = time.monotonic() - started
+        # A stall would fail a client: pgbouncer drops one that waits query_wait_timeout (30 s)
+        # for a server connection. No wall-clock bound beyond that.
         assert codes == [0, 0, 0], "\n".join(proc.stderr[-3000:] for proc in [*runs, creator])
         assert "created newco" in creator.stdout
-        assert took < 120, f"took {took:.0f}s"
         both = "".join(proc.stdout for proc in runs)
         applied = {
             name: len(re.findall(rf":{name}\] +Applying shop\.0001_initial", both))

@@ -356,13 +356,20 @@ def switched_to(how: str, tenant: Client) -> Iterator[None]:
 @pytest.mark.usefixtures("runtime_guard")
 @pytest.mark.parametrize("how", ["set_tenant", "tenant_context", "schema_context"])
 def test_switching_tenants_mid_transaction_applies_from_the_next_statement(tenants, how):
-    with foreign_server_path("beta"), transaction.atomic():
+    query = "SELECT current_schema(), count(*) FROM shop_product"
+    with foreign_server_path("beta"), transaction.atomic(), connection.cursor() as cursor:
         connection.set_tenant(tenants["alpha"])
         Product.objects.create(name="first")
         with switched_to(how, tenants["beta"]):
+            # First on a cursor opened before the switch: django-tenants sets its path only
+            # when a cursor opens.
+            cursor.execute(query)
+            assert cursor.fetchone() == ("beta", len(PRODUCTS["beta"]))
             Product.objects.create(name="second")
             assert Product.objects.count() == len(PRODUCTS["beta"]) + 1
         # Back in alpha from the next statement on, still in the same transaction.
+        cursor.execute(query)
+        assert cursor.fetchone() == ("alpha", len(PRODUCTS["alpha"]) + 1)
         Product.objects.create(name="third")
         assert Product.objects.count() == len(PRODUCTS["alpha"]) + 2
     assert names("alpha") == sorted([*PRODUCTS["alpha"], "first", "third"])
@@ -399,6 +406,17 @@ def test_tenant_limit_set_calls_is_safe_under_the_guard(tenants, settings):
         assert after_rollback == len(PRODUCTS[schema]) + len(WRITES)
     for schema in ("alpha", "beta"):
         assert names(schema) == sorted([*PRODUCTS[schema], *(f"new-{n}" for n in range(4))])
+
+    # A savepoint rollback undoes django-tenants' SET, which it goes on believing in (W002):
+    # its next cursor sends none, and the statement must still run in beta.
+    with foreign_server_path("alpha"), transaction.atomic():
+        connection.set_tenant(tenants["alpha"])
+        assert Product.objects.count() == len(PRODUCTS["alpha"]) + len(WRITES)
+        with contextlib.suppress(ZeroDivisionError), transaction.atomic():
+            connection.set_tenant(tenants["beta"])
+            Product.objects.create(name="rolled back")
+            1 / 0  # noqa: B018
+        assert Product.objects.count() == len(PRODUCTS["beta"]) + len(WRITES)
 
 
 @pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
