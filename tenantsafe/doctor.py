@@ -23,7 +23,8 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, guard, plan, pooler, schemas, spares, tenants
+from tenantsafe import conf, guard, plan, schemas, spares, tenants
+from tenantsafe.guard import pooler
 from tenantsafe.results import TenantRef
 
 ERROR = "error"

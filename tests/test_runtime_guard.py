@@ -28,8 +28,8 @@ from django.db.backends.signals import connection_created
 from django.test.utils import CaptureQueriesContext
 from django_tenants.utils import schema_context, tenant_context
 
-from tenantsafe import guard
 from tenantsafe.errors import PooledStatementError, SchemaMissingError
+from tenantsafe.guard import state as guard_state
 from testproject.customers.models import Client, Domain
 from testproject.shop.models import Category, Product
 from tests.dbtools import (
@@ -553,7 +553,7 @@ def test_server_side_cursor_inside_atomic_is_left_to_the_transaction(tenants):
         Product.objects.create(name="alpha-new")
         # The rest of alpha's rows as they were when the cursor was declared.
         assert [p.name for p in rows] == ["alpha-1"]
-        assert guard._state(connection).stream is None
+        assert guard_state.of(connection).stream is None
         assert open_cursors() == []
     assert names("alpha") == sorted([*PRODUCTS["alpha"], "alpha-new"])
     assert names("beta") == PRODUCTS["beta"]
@@ -643,7 +643,7 @@ def test_server_side_cursor_ends_with_the_connection(tenants):
     raw = connection.connection
     connection.close()
     assert raw.closed
-    assert guard._state(connection).stream is None
+    assert guard_state.of(connection).stream is None
     connection.set_tenant(tenants["alpha"])
     assert Product.objects.count() == len(PRODUCTS["alpha"])
 
@@ -1097,7 +1097,7 @@ ITERATE = """
     django.setup()
     from django.conf import settings
     from django.db import connection
-    from tenantsafe import guard
+    from tenantsafe.guard import state as guard_state
     from testproject.shop.models import Product
     settings.TENANTSAFE_RUNTIME_GUARD = True
     connection.set_schema("w5")
@@ -1107,7 +1107,7 @@ ITERATE = """
     # tracemalloc several times as much to trace.
     for name, sku in Product.objects.values_list("name", "sku").iterator(chunk_size=2000):
         if count == 0:
-            streamed = guard._state(connection).stream is not None
+            streamed = guard_state.of(connection).stream is not None
         count += 1
         own += name.startswith("w5-")
     _, peak = tracemalloc.get_traced_memory()
