@@ -386,7 +386,7 @@ def test_switching_tenants_mid_transaction_applies_from_the_next_statement(tenan
 
 
 @pytest.mark.usefixtures("runtime_guard")
-def test_tenant_limit_set_calls_is_safe_under_the_guard(tenants, settings):
+def test_tenant_limit_set_calls_is_safe_under_the_guard(tenants, settings, monkeypatch):
     # django-tenants then sends its SET only when the tenant changes, and keeps believing in
     # it after a rollback undid it (W002): every statement still pins its own path.
     settings.TENANT_LIMIT_SET_CALLS = True
@@ -407,8 +407,10 @@ def test_tenant_limit_set_calls_is_safe_under_the_guard(tenants, settings):
     for schema in ("alpha", "beta"):
         assert names(schema) == sorted([*PRODUCTS[schema], *(f"new-{n}" for n in range(4))])
 
-    # A savepoint rollback undoes django-tenants' SET, which it goes on believing in (W002):
-    # its next cursor sends none, and the statement must still run in beta.
+    # A savepoint rollback undoes django-tenants' SET. 4.0.1 then forgets it and sends it
+    # again; a backend that goes on believing in it (W002) sends none, and the statement must
+    # still run in beta.
+    believing_after_savepoint_rollback(monkeypatch)
     with foreign_server_path("alpha"), transaction.atomic():
         connection.set_tenant(tenants["alpha"])
         assert Product.objects.count() == len(PRODUCTS["alpha"]) + len(WRITES)
@@ -416,7 +418,24 @@ def test_tenant_limit_set_calls_is_safe_under_the_guard(tenants, settings):
             connection.set_tenant(tenants["beta"])
             Product.objects.create(name="rolled back")
             1 / 0  # noqa: B018
+        # PostgreSQL restored alpha's path; the backend believes beta's is set, and sends none.
+        assert connection.search_path_set_schemas == ["beta", "public"]
         assert Product.objects.count() == len(PRODUCTS["beta"]) + len(WRITES)
+
+
+def believing_after_savepoint_rollback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """django-tenants' backend acting as one that keeps its cached search_path after a
+    savepoint rollback (the backends check W002 warns of)."""
+    rollback = connection.savepoint_rollback
+
+    def keeping(sid: str) -> None:
+        believed = connection.search_path_set_schemas
+        try:
+            rollback(sid)
+        finally:
+            connection.search_path_set_schemas = believed
+
+    monkeypatch.setattr(connection, "savepoint_rollback", keeping)
 
 
 @pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])

@@ -208,6 +208,32 @@ def test_is_schema_change(sql, schema_change):
     assert statements.is_schema_change(sql) is schema_change
 
 
+# The row MigrationRecorder.record_applied() writes, as Django sends it and as a recording
+# holds it bound; other writes of django_migrations are not it.
+RECORD_APPLIED = [
+    (
+        'INSERT INTO "django_migrations" ("app", "name", "applied") VALUES (%s, %s, %s) '
+        'RETURNING "django_migrations"."id"',
+        True,
+    ),
+    (
+        'INSERT INTO "django_migrations" ("app", "name", "applied") VALUES '
+        "('notes', '0001_initial', statement_timestamp())",
+        True,
+    ),
+    ('DELETE FROM "django_migrations" WHERE "app" = %s AND "name" = %s', False),
+    ('UPDATE "django_migrations" SET "applied" = now()', False),
+    ('INSERT INTO "shop_product" ("app", "name", "applied") VALUES (%s, %s, %s)', False),
+    ("INSERT INTO django_migrations (app, name, applied) VALUES ('a', 'b', now())", False),
+    ('SELECT 1; INSERT INTO "django_migrations" ("app", "name", "applied") VALUES (', False),
+]
+
+
+@pytest.mark.parametrize(("sql", "applied"), RECORD_APPLIED)
+def test_record_applied(sql, applied):
+    assert bool(statements.RECORD_APPLIED.match(sql)) is applied
+
+
 # Constraint folding: (Django's statements in order, the recording after folding).
 CATEGORY = 'CREATE TABLE "category" ("id" integer NOT NULL PRIMARY KEY)'
 PRODUCT = 'CREATE TABLE "product" ("id" integer NOT NULL PRIMARY KEY, "category_id" integer)'
