@@ -243,6 +243,21 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "lease-taken-from-live-holder",
+        "two runs at once migrate each tenant once (a live holder keeps its lease)",
+        (
+            (
+                "tenantsafe/locks.py",
+                "        if not (expired or _holder_gone(host, pid)):\n",
+                "        if False:\n",
+            ),
+        ),
+        (
+            "tests/test_migrate_concurrent.py::"
+            "test_concurrent_runs_with_a_concurrent_index_migrate_each_tenant_once",
+        ),
+    ),
+    Mutant(
         "second-sigint-ignored",
         "a second SIGINT interrupts the tenant in flight and rolls it back",
         (
