@@ -228,8 +228,8 @@ MUTANTS = [
         (
             (
                 "tenantsafe/migrate/witness.py",
-                "        cursor.execute(witness.sql)\n",
-                "        cursor.execute(witness.sql.rsplit(recording.SEPARATOR, 1)[0])\n",
+                "    for part in sql.split(recording.SEPARATOR):\n",
+                "    for part in sql.split(recording.SEPARATOR)[:-1]:\n",
             ),
             (
                 "tenantsafe/recording/replaying.py",

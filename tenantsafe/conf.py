@@ -57,3 +57,15 @@ def recording_wait_seconds() -> float:
     before it migrates (and records) itself."""
     value = getattr(settings, "TENANTSAFE_RECORDING_WAIT_SECONDS", None)
     return 60.0 if value is None else float(value)
+
+
+def warm_migrations() -> bool:
+    """Whether migrate_schemas_safe shares the migration graph and project states between the
+    tenants it migrates through Django (tenantsafe.warm)."""
+    return bool(getattr(settings, "TENANTSAFE_WARM_MIGRATIONS", True))
+
+
+def subprocess_parallel() -> int:
+    """django-tenants' TENANT_SUBPROCESS_PARALLEL: the workers ``--executor=subprocess`` gets
+    when no --parallel is given."""
+    return max(1, int(getattr(settings, "TENANT_SUBPROCESS_PARALLEL", 1) or 1))
