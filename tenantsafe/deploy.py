@@ -41,7 +41,7 @@ from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 from django_tenants.utils import get_tenant_model
 
-from tenantsafe import guard, locks, plan, replay, schemas, statements
+from tenantsafe import drift, guard, locks, plan, replay, schemas, statements
 from tenantsafe.results import TenantRef
 
 logger = logging.getLogger("tenantsafe.deploy")
@@ -142,10 +142,11 @@ def _database_operations(operations: Sequence[Any]) -> list[Any]:
 
 def grouped(
     alias: str, entries: Sequence[plan.SchemaPlan], loader: MigrationLoader
-) -> tuple[list[Group], list[TenantRef], dict[str, int]]:
+) -> tuple[list[Group], list[TenantRef], dict[str, int], list[drift.Drift]]:
     """(groups to replay in, the tenants to migrate through Django, how many tenants' plans
-    were refused and why)."""
+    were refused and why, the tenants whose catalog is not what most at their plan have)."""
     rest: list[TenantRef] = []
+    drifted: list[drift.Drift] = []
     by_plan: dict[tuple[Any, ...], list[plan.SchemaPlan]] = {}
     refused: dict[str, int] = {}
     for entry in entries:
@@ -163,18 +164,22 @@ def grouped(
         if len(members) < MIN_GROUP:
             rest += [TenantRef(m.schema, m.tenant_type) for m in members]
             continue
-        for alike in _alike(alias, [m.schema for m in members]):
+        splits, catalogs = _alike(alias, [m.schema for m in members])
+        drifted += drift.apart(alias, catalogs)
+        for alike in splits:
             refs = tuple(TenantRef(name, tenant_type) for name, _ in alike)
             if len(refs) < MIN_GROUP:
                 rest += refs
             else:
                 groups.append(Group(tenant_type, refs, tuple(exact for _, exact in alike)))
-    return groups, rest, refused
+    return groups, rest, refused, drifted
 
 
-def _alike(alias: str, names: list[str]) -> list[list[tuple[str, str | None]]]:
+def _alike(
+    alias: str, names: list[str]
+) -> tuple[list[list[tuple[str, str | None]]], dict[str, str]]:
     """``names`` split by catalog and keyed rows without ids, in their order; each with its
-    keyed rows' exact digest."""
+    keyed rows' exact digest. And each one's catalog digest."""
     keys: dict[str, tuple[str, str | None]] = {}
     exact: dict[str, str | None] = {}
     for start in range(0, len(names), CHUNK):
@@ -191,7 +196,7 @@ def _alike(alias: str, names: list[str]) -> list[list[tuple[str, str | None]]]:
             split.setdefault(keys[name], []).append((name, exact.get(name)))
         else:
             split.setdefault(("", name), []).append((name, exact.get(name)))
-    return list(split.values())
+    return list(split.values()), {name: keys[name][0] for name in names if keys[name][0]}
 
 
 @contextlib.contextmanager

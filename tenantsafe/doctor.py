@@ -7,9 +7,8 @@ public, the pooler in front of the connection, and tenantsafe's system check mes
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from django.apps import apps
@@ -23,50 +22,11 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, guard, plan, pooler, schemas, spares, tenants
+from tenantsafe import conf, drift, guard, plan, pooler, schemas, spares, tenants
+from tenantsafe.findings import ERROR, INFO, LEVELS, WARNING, Finding, Report, quoted, render
 from tenantsafe.results import TenantRef
 
-ERROR = "error"
-WARNING = "warning"
-INFO = "info"
-LEVELS = (ERROR, WARNING, INFO)
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: str
-    kind: str
-    schema: str | None
-    message: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Report:
-    database: str
-    tenants: int = 0
-    current: int = 0
-    pooler: dict[str, Any] = field(default_factory=dict)
-    findings: list[Finding] = field(default_factory=list)
-    elapsed: float = 0.0
-
-    def count(self, level: str) -> int:
-        return sum(1 for f in self.findings if f.level == level)
-
-    def fails(self, fail_on: str) -> bool:
-        failing = {ERROR} if fail_on == ERROR else {ERROR, WARNING}
-        return any(f.level in failing for f in self.findings)
-
-    def as_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["counts"] = {level: self.count(level) for level in LEVELS}
-        data["elapsed"] = round(self.elapsed, 3)
-        return data
-
-
-def quoted(name: str) -> str:
-    # As a JSON string: names straight from tenant rows may hold quotes or control characters.
-    return json.dumps(name, ensure_ascii=False)
+__all__ = ["ERROR", "INFO", "LEVELS", "WARNING", "Finding", "Report", "diagnose", "render"]
 
 
 def diagnose(alias: str) -> Report:
@@ -139,7 +99,8 @@ def _diagnose(alias: str, checked: list[Finding]) -> Report:
 
     present = [TenantRef(public)] + [ref for ref in valid if ref.schema in namespaces]
     complete: list[TenantRef] = []
-    for entry in plan.plan_schemas(alias, present):
+    entries = plan.plan_schemas(alias, present)
+    for entry in entries:
         if entry.duplicates:
             report.findings.append(_duplicates(entry))
         finding = _behind(entry, public)
@@ -150,6 +111,7 @@ def _diagnose(alias: str, checked: list[Finding]) -> Report:
         if entry.schema != public and entry.plan is not None and entry.plan.empty:
             complete.append(TenantRef(entry.schema, entry.tenant_type))
     report.findings.extend(_registry_lag(alias, complete, namespaces))
+    report.findings.extend(_drifted(alias, [e for e in entries if e.schema != public]))
 
     report.findings.extend(_tenant_tables_in_public(alias, public, rows))
     report.pooler = _pooler(alias)
@@ -251,6 +213,33 @@ def _behind(entry: plan.SchemaPlan, public: str) -> Finding | None:
         f"{who} is behind on migrations ({listed}). Run migrate_schemas_safe.",
         {"missing": missing},
     )
+
+
+def _drifted(alias: str, entries: list[plan.SchemaPlan]) -> list[Finding]:
+    found = []
+    for one in drift.find(alias, entries):
+        expected = (
+            "what a new tenant gets (the provisioning recording)"
+            if one.reference == drift.RECORDING
+            else f"what {one.alike} of the {one.of} tenants at its migration state have"
+        )
+        found.append(
+            Finding(
+                WARNING,
+                "catalog-drift",
+                one.schema,
+                f"Tenant {quoted(one.schema)} differs from {expected}: {one.describe()}. Undo "
+                "the change, or make it a migration every tenant gets (see Catalog drift in "
+                "tenantsafe's docs).",
+                {
+                    "reference": one.reference,
+                    "alike": one.alike,
+                    "of": one.of,
+                    "differences": [asdict(d) for d in one.differences],
+                },
+            )
+        )
+    return found
 
 
 def _duplicates(entry: plan.SchemaPlan) -> Finding:
@@ -381,26 +370,3 @@ def _pooler(alias: str) -> dict[str, Any]:
         "runtime_guard": conf.runtime_guard_enabled(),
         "description": f"Database {quoted(alias)} {found.describe(alias)}.",
     }
-
-
-def render(report: Report) -> list[str]:
-    """The report as lines of an aligned table."""
-    lines = [
-        f"tenantsafe doctor: database {quoted(report.database)}, {report.tenants} tenant(s), "
-        f"{report.current} current, read in {report.elapsed:.2f}s",
-        "",
-    ]
-    rows = [("LEVEL", "SCHEMA", "FINDING")] + [
-        (f.level.upper(), quoted(f.schema) if f.schema is not None else "-", f.message)
-        for f in sorted(report.findings, key=lambda f: (LEVELS.index(f.level), f.kind))
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in (0, 1)]
-    for level, schema, message in rows:
-        lines.append(f"{level:<{widths[0]}}  {schema:<{widths[1]}}  {message}")
-    errors, warnings = report.count(ERROR), report.count(WARNING)
-    lines.append("")
-    if errors or warnings:
-        lines.append(f"{errors} error(s), {warnings} warning(s).")
-    else:
-        lines.append("No problems found.")
-    return lines

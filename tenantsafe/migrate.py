@@ -28,6 +28,7 @@ from django_tenants.signals import schema_migrated, schema_pre_migration
 from django_tenants.utils import get_public_schema_name
 
 from tenantsafe import deploy, guard, locks, plan, progress, replay, schemas, spares, stopping
+from tenantsafe.drift import grouped_apart
 from tenantsafe.errors import SchemaNameError, SearchPathError
 from tenantsafe.options import RunOptions
 from tenantsafe.results import (
@@ -570,7 +571,9 @@ def _groups(
 ) -> tuple[list[deploy.Group], list[TenantRef]] | None:
     """The groups of alike tenants and the others, said on stdout; None if unknown."""
     try:
-        groups, rest, refused = deploy.grouped(opts.database, planned.entries, planned.loader)
+        groups, rest, refused, drifted = deploy.grouped(
+            opts.database, planned.entries, planned.loader
+        )
     except Exception:
         logger.warning("cannot group tenants for replay; migrating all", exc_info=True)
         _reset(opts.database)
@@ -585,6 +588,8 @@ def _groups(
         )
     for why, count in refused.items():
         _say(opts, f"{count} tenant(s) are migrated through Django: their plan {why}.")
+    for sentence in grouped_apart(drifted):
+        _say(opts, sentence)
     return groups, rest
 
 

@@ -560,24 +560,33 @@ def _built(
 def _leaves(alias: str, tenant_type: str, sql: str, expected: str) -> bool:
     """Whether ``sql`` replayed into a new schema leaves one whose fingerprint is
     ``expected``; rolled back either way."""
-    scratch = f"tenantsafe_scratch_{uuid.uuid4().hex[:12]}"
-    connection: Any = connections[alias]
-    path = _path(connection, scratch, tenant_type)
     try:
-        with transaction.atomic(using=alias), connection.wrap_database_errors:
-            with connection.connection.cursor() as cursor:
-                cursor.execute("CREATE SCHEMA %s" % schemas.quote(scratch))
-                guard.pin(connection, cursor, path)
-                cursor.execute(sql)
-                # Deferred constraints are checked at commit, which this never reaches.
-                cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
-                alike = fingerprint(cursor, scratch) == expected
-            transaction.set_rollback(True, using=alias)
+        with in_scratch(alias, tenant_type, sql) as (cursor, scratch):
+            # Deferred constraints are checked at commit, which this never reaches.
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            return fingerprint(cursor, scratch) == expected
     except Error as exc:
         # Only a faster form of what is kept anyway: whatever went wrong, it is not used.
         logger.debug("the recording with constraints folded in fails (%s): kept as recorded", exc)
         return False
-    return alike
+
+
+@contextlib.contextmanager
+def in_scratch(alias: str, tenant_type: str, sql: str) -> Iterator[tuple[Any, str]]:
+    """A raw cursor, and the name of the new schema ``sql`` was replayed into, with that
+    schema's path pinned; in a transaction that is rolled back after the block."""
+    scratch = f"tenantsafe_scratch_{uuid.uuid4().hex[:12]}"
+    connection: Any = connections[alias]
+    path = _path(connection, scratch, tenant_type)
+    with transaction.atomic(using=alias), connection.wrap_database_errors:
+        try:
+            with connection.connection.cursor() as cursor:
+                cursor.execute("CREATE SCHEMA %s" % schemas.quote(scratch))
+                guard.pin(connection, cursor, path)
+                cursor.execute(sql)
+                yield cursor, scratch
+        finally:
+            transaction.set_rollback(True, using=alias)
 
 
 def taken(alias: str, recorder: Recorder, identifying: Iterable[str]) -> tuple[str, str]:
@@ -718,8 +727,9 @@ def _binder(raw: Any) -> Iterator[Callable[[str, Any], str]]:
 
 
 # Catalog fingerprints: what each schema holds, with its own name factored out (the prefix
-# PostgreSQL prints where the schema is not first on the path), one digest per schema.
-_CATALOG = r"""
+# PostgreSQL prints where the schema is not first on the path), one line per object; a digest
+# of the lines per schema, or the lines themselves (to name what differs).
+_CATALOG_LINES = r"""
 WITH ns AS (
   SELECT oid, nspname, quote_ident(nspname) || '.' AS own
     FROM pg_namespace WHERE nspname = ANY(%(schemas)s)),
@@ -760,11 +770,17 @@ lines AS (
          CASE WHEN %(values)s THEN coalesce(pg_sequence_last_value(r.oid)::text, '') END)
     FROM rel r JOIN pg_sequence s ON s.seqrelid = r.oid
 )
+"""
+_CATALOG = (
+    _CATALOG_LINES  # noqa: S608 - constant SQL
+    + r"""
 SELECT ns.nspname, encode(sha256(convert_to(
          coalesce(string_agg(l.concat_ws, E'\n' ORDER BY l.concat_ws COLLATE "C"), ''),
          'UTF8')), 'hex')
   FROM ns LEFT JOIN lines l ON l.nspname = ns.nspname GROUP BY ns.nspname
 """
+)
+_CATALOG_ROWS = _CATALOG_LINES + "SELECT l.nspname, l.concat_ws FROM lines l"  # noqa: S608
 
 
 def catalogs(cursor: Any, names: Sequence[str], *, sequence_values: bool = False) -> dict[str, str]:
@@ -774,6 +790,18 @@ def catalogs(cursor: Any, names: Sequence[str], *, sequence_values: bool = False
     other than the digested one print."""
     cursor.execute(_CATALOG, {"schemas": list(names), "values": sequence_values})
     return dict(cursor.fetchall())
+
+
+def catalog_lines(cursor: Any, names: Sequence[str]) -> dict[str, list[str]]:
+    """The lines :func:`catalogs` digests (without sequence values), sorted, per schema of
+    ``names`` that has any: one per relation, column, constraint, index and sequence,
+    tab-separated, the kind of object first (see :mod:`tenantsafe.drift`)."""
+    cursor.execute(_CATALOG_ROWS, {"schemas": list(names), "values": False})
+    found: dict[str, list[str]] = {}
+    for schema, line in cursor.fetchall():
+        found.setdefault(schema, []).append(line)
+    # The digest's order: by code point, as COLLATE "C" sorts.
+    return {schema: sorted(lines) for schema, lines in found.items()}
 
 
 def fingerprint(cursor: Any, schema: str) -> str:

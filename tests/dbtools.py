@@ -44,6 +44,7 @@ __all__ = [
     "connection",
     "database_url",
     "direct_url",
+    "doctor_json",
     "fingerprint",
     "fresh_database",
     "has_table",
@@ -198,6 +199,22 @@ def migrate(*args: str, **options: Any) -> tuple[str, str]:
 
 def last_output() -> tuple[str, str]:
     return _last[0]
+
+
+def doctor_json(*args: str) -> tuple[dict[str, Any], int]:
+    """``tenantsafe_doctor --json``: the report and the exit status."""
+    import io
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    out = io.StringIO()
+    try:
+        call_command("tenantsafe_doctor", "--json", *args, stdout=out)
+        status = 0
+    except CommandError as exc:
+        status = exc.returncode
+    return json.loads(out.getvalue()), status
 
 
 # A signup in a process of its own, as a web worker runs it.

@@ -155,6 +155,15 @@ def test_drifted_tenants_are_migrated_through_django_and_end_correct(deploy):
 
     out, _ = deploy()
 
+    # Each difference named, as the doctor names it.
+    apart = "differs from the 4 alike tenant(s) at the same migration state, so it is grouped apart"
+    for line in (
+        f'"extra_index" {apart}: index shop_product_name_extra extra.',
+        f'"redefined" {apart}: definition of index {index} differs.',
+        f'"renamed" {apart}: constraint {constraint} renamed to shop_fk_renamed.',
+        f'"own_default" {apart}: default of notes_note.body differs.',
+    ):
+        assert f"migrate_schemas_safe: {line}\n" in out
     # a1 and a2 witnessed for a3 and a4; each drifted tenant is a group of its own.
     assert summary(out) == {**summary(out), "total": 8, "migrated": 6, "replayed": 2, "failed": 0}
     url = database_url()

@@ -17,6 +17,7 @@ from tests.dbtools import (
     add_tenant,
     connection,
     direct_url,
+    doctor_json,
     fresh_database,
     manage,
     pooled_url,
@@ -32,16 +33,6 @@ def migrated(*names: str) -> None:
     for name in names:
         add_tenant(name)
     call_command("migrate_schemas_safe", tenant=True, verbosity=0)
-
-
-def doctor_json(*args: str) -> tuple[dict[str, Any], int]:
-    out = io.StringIO()
-    try:
-        call_command("tenantsafe_doctor", "--json", *args, stdout=out)
-        status = 0
-    except CommandError as exc:
-        status = exc.returncode
-    return json.loads(out.getvalue()), status
 
 
 def findings(report: dict[str, Any], level: str | None = None) -> list[tuple[str, str | None]]:
