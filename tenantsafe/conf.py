@@ -57,3 +57,10 @@ def recording_wait_seconds() -> float:
     before it migrates (and records) itself."""
     value = getattr(settings, "TENANTSAFE_RECORDING_WAIT_SECONDS", None)
     return 60.0 if value is None else float(value)
+
+
+def recycle_after_schemas() -> int:
+    """After how many distinct schemas a process recycles a connection (tenantsafe.recycling);
+    0: never. A value that is not a whole number above 0 counts as 0 (check E010 says so)."""
+    value = getattr(settings, "TENANTSAFE_RECYCLE_AFTER_SCHEMAS", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

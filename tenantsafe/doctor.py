@@ -22,7 +22,7 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, drift, guard, plan, pooler, schemas, spares, tenants
+from tenantsafe import conf, drift, guard, memory, plan, pooler, schemas, spares, tenants
 from tenantsafe.findings import ERROR, INFO, LEVELS, WARNING, Finding, Report, quoted, render
 from tenantsafe.results import TenantRef
 
@@ -112,6 +112,11 @@ def _diagnose(alias: str, checked: list[Finding]) -> Report:
             complete.append(TenantRef(entry.schema, entry.tenant_type))
     report.findings.extend(_registry_lag(alias, complete, namespaces))
     report.findings.extend(_drifted(alias, [e for e in entries if e.schema != public]))
+    sample = next((e.schema for e in entries if e.schema != public and e.current), None)
+    if sample is not None:
+        cost = memory.estimate(alias, len(present) - 1, sample)
+        report.catalog_memory = cost.as_json()
+        report.findings.extend(filter(None, [cost.finding()]))
 
     report.findings.extend(_tenant_tables_in_public(alias, public, rows))
     report.pooler = _pooler(alias)

@@ -28,6 +28,8 @@ class Report:
     tenants: int = 0
     current: int = 0
     pooler: dict[str, Any] = field(default_factory=dict)
+    # What the catalog caches cost a server connection (tenantsafe.memory).
+    catalog_memory: dict[str, Any] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     elapsed: float = 0.0
 

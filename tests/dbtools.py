@@ -55,6 +55,7 @@ __all__ = [
     "pool_load",
     "pooled_url",
     "public_tables",
+    "reads",
     "recorded",
     "reference_fingerprint",
     "register_tenants",
@@ -291,3 +292,9 @@ def signups_at_once(
         assert waiting == len(names)
         conn.execute("COMMIT")
     return [signup_result(proc) for proc in procs]
+
+
+def reads(captured: list[dict[str, str]]) -> list[str]:
+    """The reads of CaptureQueriesContext's queries: SET search_path and transaction control
+    (BEGIN/COMMIT) are not counted."""
+    return [q["sql"] for q in captured if q["sql"].lstrip().startswith(("SELECT ", "WITH "))]
