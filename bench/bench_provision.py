@@ -1,6 +1,7 @@
 """Provisioning a new tenant: django-tenants' save() and clone_schema against tenantsafe's replay.
 
     python -m bench.bench_provision [--app large|small] [--models 150] [--tenants 4] [--rounds 2]
+                                    [--existing 10000]
 
 ``--app large`` (the default) generates a tenant app of ``--models`` models into a temporary
 directory (``bench/_bigapp.py``) and uses ``bench.bigapp_settings``; ``--app small`` is the test
@@ -23,6 +24,10 @@ three see the same database and the same moment's load; and another new database
   filled beforehand in another process (``tenantsafe.provisioning.fill_spares()``): each save
   claims a spare schema.
 
+With ``--existing N`` (``--app small`` only), each side uses instead a database holding N
+current tenants (``bench/_many.py``), which loses what it added afterwards: provisioning at
+that size.
+
 Each timing process has a temporary directory of its own, and only the saves are timed. Uses
 DATABASE_URL, or starts a throwaway cluster when it is not set.
 """
@@ -43,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import _many
 from bench._bigapp import generate
 from bench._db import server
 from testproject.dbtools import ROOT, connect, direct_url, fresh_database, manage, with_dbname
@@ -55,11 +61,13 @@ BASE_SCHEMA = "bench_base"
 
 
 class _Env:
-    """What the subprocesses of one run share: the settings module and PYTHONPATH."""
+    """What the subprocesses of one run share: the settings module and PYTHONPATH, and the
+    database of current tenants each new database is a copy of (empty: a new one)."""
 
-    def __init__(self, settings: str, path: list[str]) -> None:
+    def __init__(self, settings: str, path: list[str], existing: str = "") -> None:
         self.settings = settings
         self.path = path
+        self.existing = existing
 
     def vars(self, url: str, tmp: str) -> dict[str, str]:
         return {
@@ -91,6 +99,11 @@ def _run(env: _Env, url: str, *args: str) -> str:
 
 @contextlib.contextmanager
 def _database(env: _Env) -> Iterator[str]:
+    if env.existing:
+        # The database of that many current tenants (bench/_many.py), cleaned afterwards.
+        with _many.borrowed(env.existing) as url:
+            yield url
+        return
     with fresh_database("bench") as name, tempfile.TemporaryDirectory() as tmp:
         url = with_dbname(direct_url(), name)
         result = manage(url, "migrate_schemas", "--shared", "-v0", env=env.vars(url, tmp))
@@ -182,16 +195,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--phase", choices=[*METHODS, "together"])
     parser.add_argument("--step", choices=["prepare", "time"])
+    parser.add_argument(
+        "--existing",
+        type=int,
+        default=0,
+        help="with --app small: each database holds that many current tenants already",
+    )
     ns = parser.parse_args(argv)
     if ns.phase:
         print(json.dumps(_phase(ns.phase, ns.step, ns.tenants)))
         return 0
+    if ns.existing and ns.app != "small":
+        parser.error("--existing goes with --app small")
     with server(), tempfile.TemporaryDirectory() as apps:
         if ns.app == "large":
             generate(Path(apps), ns.models)
             env = _Env("bench.bigapp_settings", [apps])
         else:
-            env = _Env("testproject.settings", [])
+            existing = _many.golden(ns.existing) if ns.existing else ""
+            env = _Env("testproject.settings", [], existing)
         return _compare(env, ns)
 
 
@@ -244,8 +266,9 @@ def _report(ns: argparse.Namespace, results: _Results) -> None:
     count = ns.tenants
     app = f"{ns.models} generated models" if ns.app == "large" else "the test project"
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    existing = f", {ns.existing} current tenants in each database" if ns.existing else ""
     print(
-        f"{app}: {count} new tenants per method x {ns.rounds} rounds "
+        f"{app}{existing}: {count} new tenants per method x {ns.rounds} rounds "
         f"(python {sys.version.split()[0]}, load average {load})"
     )
     labels = {
