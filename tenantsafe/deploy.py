@@ -36,12 +36,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import connections
 from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 from django_tenants.utils import get_tenant_model
 
 from tenantsafe import drift, guard, locks, plan, replay, schemas, statements
+from tenantsafe.errors import ReplayMismatch
 from tenantsafe.results import TenantRef
 
 logger = logging.getLogger("tenantsafe.deploy")
@@ -209,14 +210,8 @@ def _pinned(alias: str, own: TenantRef | None = None) -> Iterator[Any]:
     else:
         connection.set_schema_to_public()
         path = guard.search_path(connection)
-    with (
-        transaction.atomic(using=alias),
-        connection.wrap_database_errors,
-    ):
-        connection.ensure_connection()
-        with connection.connection.cursor() as cursor:
-            guard.pin(connection, cursor, path)
-            yield cursor
+    with guard.pinned_transaction(alias, path) as cursor:
+        yield cursor
 
 
 def digests(
@@ -306,24 +301,15 @@ def witnessed(alias: str, recorder: replay.Recorder, tenant: TenantRef) -> Witne
     )
 
 
-# The row migrate writes for each migration it applies.
-_RECORD_APPLIED = re.compile(
-    r'^INSERT INTO "django_migrations" \("app", "name", "applied"\) VALUES \([^;]*$'
-)
-
-
 def writes_no_rows(sql: str) -> bool:
     """Whether the recording ``sql`` writes no row but its django_migrations ones (so that
     no id of a content type or permission can be in what it writes)."""
     return all(
-        statements.is_schema_change(part) or _RECORD_APPLIED.match(part)
+        statements.is_schema_change(part)
+        or (statements.RECORD_APPLIED.match(part) and ";" not in part)
         for part in sql.split("\n;\n")
         if part.strip()
     )
-
-
-class Mismatch(Exception):
-    pass
 
 
 def replay_into(
@@ -334,30 +320,24 @@ def replay_into(
     *,
     lock_timeout_ms: int | None = None,
 ) -> None:
-    """Apply ``witness``'s recording to ``tenant`` in one transaction; raises Mismatch (and
+    """Apply ``witness``'s recording to ``tenant`` in one transaction; raises ReplayMismatch (and
     rolls back) when the tenant is not then like the witness, or DatabaseError."""
-    connection: Any = connections[alias]
     path = replay.pinned_path(alias, tenant.schema, tenant.tenant_type)
-    with (
-        guard.terms(connection, guard.Terms(lease.fence, lock_timeout_ms)),
-        transaction.atomic(using=alias),
-        connection.wrap_database_errors,
-    ):
-        connection.ensure_connection()
-        with connection.connection.cursor() as cursor:
-            guard.pin(connection, cursor, path)
-            cursor.execute(witness.sql)
-            catalog = replay.catalogs(cursor, [tenant.schema]).get(tenant.schema)
-            rows = replay.rows_digests(
-                cursor,
-                [tenant.schema],
-                witness.checked,
-                present=witness.checked,
-                unlimited=CHECKED,
-                without_ids=witness.without_ids,
-            ).get(tenant.schema)
-            if catalog != witness.catalog or rows != witness.rows:
-                raise Mismatch(
-                    f"after the replay {tenant.schema} differs from {witness.schema} "
-                    f"({'catalog' if catalog != witness.catalog else 'rows'})"
-                )
+    terms = guard.Terms(lease.fence, lock_timeout_ms)
+    with guard.pinned_transaction(alias, path, terms=terms) as cursor:
+        cursor.execute(witness.sql)
+        catalog = replay.catalogs(cursor, [tenant.schema]).get(tenant.schema)
+        rows = replay.rows_digests(
+            cursor,
+            [tenant.schema],
+            witness.checked,
+            present=witness.checked,
+            unlimited=CHECKED,
+            without_ids=witness.without_ids,
+        ).get(tenant.schema)
+        if catalog != witness.catalog or rows != witness.rows:
+            raise ReplayMismatch(
+                f"after the replay {tenant.schema} differs from {witness.schema} "
+                f"({'catalog' if catalog != witness.catalog else 'rows'})",
+                schema=tenant.schema,
+            )

@@ -53,17 +53,17 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.db.backends.signals import connection_created
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
-from tenantsafe import conf, pooler, schemas
+from tenantsafe import conf, pooler, schemas, statements
 from tenantsafe.errors import (
     LockLostError,
     PooledStatementError,
@@ -148,7 +148,7 @@ def guarding(alias: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def terms(connection: Any, value: Terms) -> Iterator[None]:
+def with_terms(connection: Any, value: Terms) -> Iterator[None]:
     """Add ``value`` to every transaction the guard pins on ``connection`` in the block."""
     state = _state(connection)
     previous, state.terms = state.terms, value
@@ -211,6 +211,37 @@ def pin(connection: Any, cursor: Any, path: list[str], *, local: bool = True) ->
         if not cursor.fetchone()[0]:
             raise LockLostError(state.terms.fence.schema if state.terms.fence else expected)
     state.pinned = tuple(path) if local else None
+
+
+@contextlib.contextmanager
+def raw_transaction(alias: str) -> Iterator[Any]:
+    """A driver cursor in a transaction of ``alias`` (a savepoint inside the caller's), its
+    errors raised as Django's. The guard does not see what runs on it: pin it (:func:`pin`)
+    before it reads or writes a tenant's tables."""
+    connection: Any = connections[alias]
+    with transaction.atomic(using=alias), connection.wrap_database_errors:
+        connection.ensure_connection()
+        with connection.connection.cursor() as cursor:
+            yield cursor
+
+
+@contextlib.contextmanager
+def pinned_transaction(
+    alias: str, path: Sequence[str], *, terms: Terms | None = None, create: bool = False
+) -> Iterator[Any]:
+    """A driver cursor in a transaction (:func:`raw_transaction`) whose search_path is
+    ``path``, set for the transaction and verified: through a transaction pooler, all that runs
+    on it reaches the server connection that was checked. ``terms`` are set and checked too;
+    ``create`` creates the path's first schema first."""
+    connection: Any = connections[alias]
+    with (
+        with_terms(connection, terms) if terms is not None else contextlib.nullcontext(),
+        raw_transaction(alias) as cursor,
+    ):
+        if create:
+            cursor.execute(f"CREATE SCHEMA {schemas.quote(path[0])}")
+        pin(connection, cursor, list(path))
+        yield cursor
 
 
 def _terms_sql(terms: Terms) -> str:
@@ -479,7 +510,7 @@ def _outside_transaction(
     status: int,
 ) -> Any:
     if is_pooled(connection):
-        statement = " ".join(sql.split())[:80]
+        statement = statements.short(sql, 80)
         if _active_aliases[connection.alias] > 0:
             advice = (
                 "Run this migration over a direct (non-pooled) connection: add a DATABASES "
@@ -868,9 +899,6 @@ def _on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwarg
 
 
 __all__ = [
-    "PooledStatementError",
-    "SchemaMissingError",
-    "SearchPathError",
     "guarding",
     "install",
     "is_active",

@@ -27,9 +27,27 @@ from django_tenants.migration_executors.multiproc import get_pool
 from django_tenants.signals import schema_migrated, schema_pre_migration
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import deploy, guard, locks, plan, progress, replay, schemas, spares, stopping
+from tenantsafe import (
+    deploy,
+    guard,
+    locks,
+    plan,
+    progress,
+    replay,
+    schemas,
+    spares,
+    statements,
+    stopping,
+)
 from tenantsafe.drift import grouped_apart
-from tenantsafe.errors import SchemaNameError, SearchPathError
+from tenantsafe.errors import (
+    PlanError,
+    ReplayMismatch,
+    SchemaMissingError,
+    SchemaNameError,
+    SearchPathError,
+    sqlstate,
+)
 from tenantsafe.options import RunOptions
 from tenantsafe.results import (
     CURRENT,
@@ -131,24 +149,14 @@ class _LockWaits:
             raise
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        code = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
-        if code:
-            return str(code)
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def _is_lock_timeout(exc: BaseException) -> bool:
-    return _sqlstate(exc) == "55P03"
+    return sqlstate(exc) == "55P03"
 
 
 def _is_connection_lost(exc: BaseException) -> bool:
     # Class 08 (connection exception), 57P01-57P03 (terminated, shutting down), or the
     # driver's own "the connection is lost/closed" without a SQLSTATE.
-    code = _sqlstate(exc)
+    code = sqlstate(exc)
     if code:
         return code.startswith("08") or code in ("57P01", "57P02", "57P03")
     seen: BaseException | None = exc
@@ -261,7 +269,7 @@ def _migrate_retrying(
             logger.info(
                 "schema %s: lock timeout on %s; trying again in %.1fs (%d of %d)",
                 schema,
-                _short(waits.sql),
+                statements.short(waits.sql, 120),
                 pause,
                 attempt,
                 opts.lock_retries,
@@ -283,7 +291,7 @@ def _migrate_once(
     schema, tenant_type = tenant
     if not schemas.exists(alias, schema):
         if not opts.create_missing:
-            raise schemas.SchemaMissingError(schema)
+            raise SchemaMissingError(schema)
         schemas.create(alias, schema)
     connection: Any = connections[alias]
     connection.set_schema(schema, tenant_type=tenant_type, include_public=False)
@@ -302,7 +310,7 @@ def _migrate_once(
     connection.execute_wrappers.insert(0, waits)
     try:
         with (
-            guard.terms(connection, terms),
+            guard.with_terms(connection, terms),
             _planned() as applied,
             contextlib.redirect_stdout(lines),
         ):
@@ -340,16 +348,13 @@ def _failure(
         else:
             tried = f"tried {attempts} time(s) (--lock-retries {opts.lock_retries})"
         return (
-            f"lock timeout ({opts.lock_timeout_ms} ms) on {_short(waits.sql)!r} waiting for "
+            f"lock timeout ({opts.lock_timeout_ms} ms) on "
+            f"{statements.short(waits.sql, 120)!r} waiting for "
             f"{held}; {tried}. Run again once that lock is released, or raise --lock-timeout."
         )
     if _is_connection_lost(exc) and not isinstance(exc, SearchPathError):
         return f"the connection to the database was lost: {_one_line(exc)}"
     return _one_line(exc)
-
-
-def _short(sql: str) -> str:
-    return " ".join(sql.split())[:120]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -812,7 +817,7 @@ def _replay_one(
                 alias, tenant, witness, lease, lock_timeout_ms=opts.lock_timeout_ms or None
             )
             lease.complete()
-    except (deploy.Mismatch, DatabaseError, SearchPathError) as exc:
+    except (ReplayMismatch, DatabaseError, SearchPathError) as exc:
         logger.warning(
             "schema %s: the replay of %s's migration rolled back (%s); migrating it through Django",
             tenant.schema,
@@ -851,7 +856,7 @@ def _answer_from_read(
             if opts.check and bare and not opts.create_missing
             else set()
         )
-    except plan.PlanError:
+    except PlanError:
         # migrate reports the bad target, tenant by tenant, as before
         return list(tenants), [], None
     except Exception:

@@ -22,6 +22,7 @@ from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
 
 from tenantsafe import locks, schemas
+from tenantsafe.errors import PlanError
 from tenantsafe.results import TenantRef
 
 logger = logging.getLogger("tenantsafe.plan")
@@ -32,10 +33,6 @@ Step = tuple[str, str, bool]  # app label, migration name, backwards
 # Schemas per UNION ALL statement: keeps statements far below PostgreSQL's limits (and the
 # planner's time per statement small) at thousands of tenants.
 CHUNK = 500
-
-
-class PlanError(Exception):
-    """The targets cannot be planned here; ``migrate`` itself will report why."""
 
 
 def with_migrations_table(alias: str, names: Sequence[str] | None = None) -> set[str]:

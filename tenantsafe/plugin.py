@@ -40,7 +40,8 @@ def _names(config: pytest.Config) -> list[str]:
 
 
 def _create(fields_for: FieldsFor, schema_name: str, **overrides: Any) -> Any:
-    from tenantsafe.testing import MissingTenantFields, create_tenant
+    from tenantsafe.errors import MissingTenantFields
+    from tenantsafe.testing import create_tenant
 
     fields = {**fields_for(schema_name), **overrides}
     domain = fields.pop("domain", None)

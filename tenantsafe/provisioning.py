@@ -34,36 +34,28 @@ from django_tenants.utils import (
     get_tenant_model,
 )
 
-from tenantsafe import conf, guard, locks, migrate, replay, schemas, spares, tenants
+from tenantsafe import conf, errors, guard, locks, migrate, replay, schemas, spares, tenants
+from tenantsafe.errors import ProvisionError
 from tenantsafe.options import RunOptions
-from tenantsafe.results import FAILED, TenantRef
+from tenantsafe.results import FAILED, MIGRATED, REPLAYED, SPARE, TenantRef
 
 logger = logging.getLogger("tenantsafe.provisioning")
-
-SPARE = "spare"
-REPLAYED = "replayed"
-MIGRATED = "migrated"
 
 __all__ = [
     "MIGRATED",
     "REPLAYED",
     "SPARE",
-    "ProvisionError",
     "ensure_recording",
     "fill_spares",
     "provision",
 ]
 
 
-class ProvisionError(RuntimeError):
-    def __init__(self, schema: str, error: str, traceback: str = "") -> None:
-        super().__init__(
-            f'Provisioning schema "{schema}" failed: {error}'
-            + (f"\n{traceback}" if traceback else "")
-        )
-        self.schema = schema
-        self.error = error
-        self.traceback = traceback
+def __getattr__(name: str) -> Any:
+    # docs/provisioning.md named ProvisionError without saying where it lives.
+    if name == "ProvisionError":
+        return errors.moved(__name__, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def provision(tenant: Any) -> str:

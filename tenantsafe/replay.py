@@ -51,6 +51,7 @@ from django_tenants.utils import (
 )
 
 from tenantsafe import conf, guard, locks, own_tables, schemas, statements, tenants
+from tenantsafe.errors import ReplayMismatch, sqlstate
 
 if is_psycopg3:
     import psycopg
@@ -73,10 +74,6 @@ class Recording:
     fingerprint: str
     # Why the recording cannot be replayed; empty when it can.
     problem: str = ""
-
-
-class _Mismatch(Exception):
-    pass
 
 
 # state_key() builds Django's MigrationLoader, which imports every app's migrations (and
@@ -541,14 +538,8 @@ def _built(
     parts, problem = _kept(alias, recorder, identifying)
     if problem:
         return Recording(state, tenant_type, "", "", problem)
-    connection: Any = connections[alias]
-    path = _path(connection, recorder.schema, tenant_type)
-    with (
-        transaction.atomic(using=alias),
-        connection.wrap_database_errors,
-        connection.connection.cursor() as cursor,
-    ):
-        guard.pin(connection, cursor, path)
+    path = _path(connections[alias], recorder.schema, tenant_type)
+    with guard.pinned_transaction(alias, path) as cursor:
         print_ = fingerprint(cursor, recorder.schema)
     sql = _joined(parts)
     folded = statements.fold_constraints(parts)
@@ -576,15 +567,11 @@ def in_scratch(alias: str, tenant_type: str, sql: str) -> Iterator[tuple[Any, st
     """A raw cursor, and the name of the new schema ``sql`` was replayed into, with that
     schema's path pinned; in a transaction that is rolled back after the block."""
     scratch = f"tenantsafe_scratch_{uuid.uuid4().hex[:12]}"
-    connection: Any = connections[alias]
-    path = _path(connection, scratch, tenant_type)
-    with transaction.atomic(using=alias), connection.wrap_database_errors:
+    path = _path(connections[alias], scratch, tenant_type)
+    with guard.pinned_transaction(alias, path, create=True) as cursor:
         try:
-            with connection.connection.cursor() as cursor:
-                cursor.execute("CREATE SCHEMA %s" % schemas.quote(scratch))
-                guard.pin(connection, cursor, path)
-                cursor.execute(sql)
-                yield cursor, scratch
+            cursor.execute(sql)
+            yield cursor, scratch
         finally:
             transaction.set_rollback(True, using=alias)
 
@@ -608,15 +595,15 @@ def _kept(alias: str, recorder: Recorder, identifying: Iterable[str]) -> tuple[l
     )
     problem = ""
     if recorder.read_tenant_row:
-        problem = f"{_short(recorder.read_tenant_row)!r} reads the tenant's own row"
+        problem = f"{statements.short(recorder.read_tenant_row)!r} reads the tenant's own row"
     for statement in () if problem else map(_normalised, recorder.statements):
         sql = statement.sql
         if isinstance(sql, str):
             sql = statements.CONCURRENTLY.sub(r"\1", sql)
             if statements.NON_TRANSACTIONAL.match(sql):
-                problem = f"{_short(sql)!r} cannot run inside a transaction"
+                problem = f"{statements.short(sql)!r} cannot run inside a transaction"
             elif statements.ENDS_TRANSACTION.search(sql):
-                problem = f"{_short(sql)!r} controls the transaction"
+                problem = f"{statements.short(sql)!r} controls the transaction"
         if not problem and pattern is not None:
             found = pattern.search(sql if isinstance(sql, str) else repr(sql))
             found = found or next(
@@ -624,8 +611,8 @@ def _kept(alias: str, recorder: Recorder, identifying: Iterable[str]) -> tuple[l
             )
             if found:
                 problem = (
-                    f"{_short(str(sql))!r} names {found.group(0)!r}, which belongs to the "
-                    f'tenant of schema "{recorder.schema}"'
+                    f"{statements.short(str(sql))!r} names {found.group(0)!r}, which belongs "
+                    f'to the tenant of schema "{recorder.schema}"'
                 )
         if problem:
             break
@@ -637,13 +624,6 @@ def _kept(alias: str, recorder: Recorder, identifying: Iterable[str]) -> tuple[l
     return _bound(connection.connection, kept), ""
 
 
-# MigrationRecorder.record_applied(): the time it was applied is the replay's own, not the
-# recorded one's (and two recordings of one plan are then the same text).
-_RECORD_APPLIED = re.compile(
-    r'^(INSERT INTO "django_migrations" \("app", "name", "applied"\) VALUES \(%s, %s, )%s\)'
-)
-
-
 def _normalised(statement: _Statement) -> _Statement:
     sql, params = statement.sql, statement.params
     if (
@@ -651,10 +631,14 @@ def _normalised(statement: _Statement) -> _Statement:
         and not statement.many
         and isinstance(params, (list, tuple))
         and len(params) == 3
-        and _RECORD_APPLIED.match(sql)
+        and (found := statements.RECORD_APPLIED.match(sql))
+        and sql.startswith("%s, %s, %s)", found.end())
     ):
+        # When it was applied is the replay's own time, not the recorded one's (and two
+        # recordings of one plan are then the same text).
+        at = found.end() + len("%s, %s, ")
         return _Statement(
-            _RECORD_APPLIED.sub(r"\1statement_timestamp())", sql), list(params[:2]), False
+            f"{sql[:at]}statement_timestamp(){sql[at + 2 :]}", list(params[:2]), False
         )
     return statement
 
@@ -686,10 +670,6 @@ def _strings(params: Any) -> Iterable[str]:
     elif isinstance(params, (list, tuple)):
         for value in params:
             yield from _strings(value)
-
-
-def _short(sql: str) -> str:
-    return " ".join(sql.split())[:100]
 
 
 def _bound(raw: Any, kept: list[_Statement]) -> list[str]:
@@ -859,7 +839,7 @@ def rows_digests(
         batch = pairs[start : start + 200]
         parts = []
         for i, (schema, name) in enumerate(batch):
-            relation = f"{schemas.quote(schema)}.{_ident(name)}"
+            relation = f"{schemas.quote(schema)}.{schemas.ident(name)}"
             row, join = "(t.app, t.name)::text" if name == "django_migrations" else "t::text", ""
             if name in idless:
                 row, join = _WITHOUT_IDS[name]
@@ -895,10 +875,6 @@ def rows_digests(
     return result
 
 
-def _ident(name: str) -> str:
-    return '"%s"' % name.replace('"', '""')
-
-
 def pinned_path(alias: str, schema: str, tenant_type: str) -> list[str]:
     """The search path a replay pins for ``schema`` (for :func:`fingerprint` and guard.pin)."""
     return _path(connections[alias], schema, tenant_type)
@@ -926,22 +902,16 @@ def replay(alias: str, tenant: Any) -> bool:
     recording = recording_for(alias, tenant_type)
     if recording is None or recording.problem:
         return False
-    connection: Any = connections[alias]
     started = time.perf_counter()
-    path = _path(connection, schema, tenant_type)
+    path = _path(connections[alias], schema, tenant_type)
     try:
-        with transaction.atomic(using=alias), connection.wrap_database_errors:
-            connection.ensure_connection()
-            with connection.connection.cursor() as cursor:
-                cursor.execute("CREATE SCHEMA %s" % schemas.quote(schema))
-                # Pinned for this transaction only and checked, as the guard does: through a
-                # transaction pooler the batch below runs on this same server connection.
-                guard.pin(connection, cursor, path)
-                # One round trip: the statements as one multi-statement query.
-                cursor.execute(recording.sql)
-                if fingerprint(cursor, schema) != recording.fingerprint:
-                    raise _Mismatch
-    except _Mismatch:
+        # Through a transaction pooler the batch runs on the server connection checked.
+        with guard.pinned_transaction(alias, path, create=True) as cursor:
+            # One round trip: the statements as one multi-statement query.
+            cursor.execute(recording.sql)
+            if fingerprint(cursor, schema) != recording.fingerprint:
+                raise ReplayMismatch(schema=schema)
+    except ReplayMismatch:
         discard(
             alias,
             recording.state,
@@ -950,7 +920,7 @@ def replay(alias: str, tenant: Any) -> bool:
         )
         return False
     except DatabaseError as exc:
-        if _sqlstate(exc) == "42P06":
+        if sqlstate(exc) == "42P06":
             # The schema appeared meanwhile (another process provisioned it): not the
             # recording's fault.
             return False
@@ -965,8 +935,3 @@ def replay(alias: str, tenant: Any) -> bool:
         (time.perf_counter() - started) * 1000,
     )
     return True
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    cause = exc.__cause__ or exc
-    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)

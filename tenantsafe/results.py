@@ -14,6 +14,9 @@ PLANNED = "planned"
 FAILED = "failed"
 # The run stopped (a signal, --max-failures, an unreachable database) before this tenant.
 NOT_ATTEMPTED = "not attempted"
+# How provision() made a new tenant's schema: a claimed spare schema (or, as above, by replay
+# or migrated).
+SPARE = "spare"
 
 
 class TenantRef(NamedTuple):

@@ -7,9 +7,7 @@ from collections.abc import Iterable
 from django.db import connections
 from django_tenants.postgresql_backend.base import is_valid_schema_name
 
-from tenantsafe.errors import MAX_NAME_BYTES, SchemaMissingError, SchemaNameError
-
-__all__ = ["SchemaMissingError", "SchemaNameError", "exists", "is_valid", "quote", "validate"]
+from tenantsafe.errors import MAX_NAME_BYTES, SchemaNameError
 
 
 def problem(schema: object) -> str:
@@ -53,8 +51,8 @@ def quote(schema: str) -> str:
 
 
 def ident(name: str) -> str:
-    # Only for names already validated (by validate(), or by django-tenants for a search path).
-    return '"%s"' % name
+    """``name`` as an SQL identifier, whatever it holds."""
+    return '"%s"' % name.replace('"', '""')
 
 
 def path(names: Iterable[str]) -> str:
@@ -63,8 +61,8 @@ def path(names: Iterable[str]) -> str:
 
 
 def literal(value: str) -> str:
-    # For validated names only: django-tenants refuses quotes, backslashes, semicolons and NUL
-    # in every part of a path, and standard_conforming_strings is on since PostgreSQL 9.1.
+    """``value`` as an SQL string literal (standard_conforming_strings is on since PostgreSQL
+    9.1, so only quotes need doubling)."""
     return "'%s'" % value.replace("'", "''")
 
 

@@ -26,6 +26,7 @@ from django_tenants.utils import (
 )
 
 from tenantsafe import guard, own_tables, replay, schemas, tenants
+from tenantsafe.errors import ReplayMismatch
 
 logger = logging.getLogger("tenantsafe.spares")
 
@@ -45,12 +46,6 @@ class Filled:
     dropped: list[str] = field(default_factory=list)
     # Why no (more) spares could be made; empty when ``ready >= wanted``.
     problem: str = ""
-
-
-class _Mismatch(Exception):
-    def __init__(self, spare: str) -> None:
-        super().__init__(spare)
-        self.spare = spare
 
 
 def is_spare(schema: str) -> bool:
@@ -212,31 +207,28 @@ def claim(alias: str, tenant: Any) -> bool:
     connection: Any = connections[alias]
     path = replay.pinned_path(alias, schema, tenant_type)
     try:
-        with transaction.atomic(using=alias), connection.wrap_database_errors:
-            connection.ensure_connection()
-            with connection.connection.cursor() as cursor:
-                cursor.execute(_CLAIM.format(table=table()), [state, tenant_type])
-                row = cursor.fetchone()
-                if row is None:
-                    return False
-                spare = row[0]
-                cursor.execute(
-                    "ALTER SCHEMA %s RENAME TO %s" % (schemas.quote(spare), schemas.quote(schema))
-                )
-                # The path a replay pins: the fingerprint prints the schema's objects
-                # unqualified, and through a transaction pooler this stays one server
-                # connection.
-                guard.pin(connection, cursor, path)
-                if replay.fingerprint(cursor, schema) != recording.fingerprint:
-                    raise _Mismatch(spare)
-    except _Mismatch as exc:
+        with guard.raw_transaction(alias) as cursor:
+            cursor.execute(_CLAIM.format(table=table()), [state, tenant_type])
+            row = cursor.fetchone()
+            if row is None:
+                return False
+            spare = row[0]
+            cursor.execute(
+                "ALTER SCHEMA %s RENAME TO %s" % (schemas.quote(spare), schemas.quote(schema))
+            )
+            # Pinned once it has its name: the fingerprint prints the schema's objects
+            # unqualified, and through a transaction pooler this stays one server connection.
+            guard.pin(connection, cursor, path)
+            if replay.fingerprint(cursor, schema) != recording.fingerprint:
+                raise ReplayMismatch(schema=spare)
+    except ReplayMismatch as exc:
         logger.warning(
             "tenantsafe: spare schema %s differs from the recorded migration state; it was "
             "dropped, and %s is provisioned another way",
-            exc.spare,
+            exc.schema,
             schema,
         )
-        _drop(alias, exc.spare)
+        _drop(alias, exc.schema)
         return False
     except DatabaseError as exc:
         # The tenant's schema appeared meanwhile, say: the spare stays for the next signup.

@@ -43,6 +43,17 @@ CONCURRENTLY = re.compile(
     r"^(\s*(?:CREATE\s+(?:UNIQUE\s+)?|DROP\s+)INDEX\s+)CONCURRENTLY\s+", re.IGNORECASE
 )
 
+# The row MigrationRecorder.record_applied() writes for each migration migrate applies: as
+# Django sends it (the values as parameters) and as a recording holds it (bound).
+RECORD_APPLIED = re.compile(
+    r'^INSERT INTO "django_migrations" \("app", "name", "applied"\) VALUES \('
+)
+
+
+def short(sql: str, limit: int = 100) -> str:
+    """``sql`` on one line, cut at ``limit`` characters: for messages that quote it."""
+    return " ".join(sql.split())[:limit]
+
 
 def is_read(sql: str) -> bool:
     return bool(READ.match(sql)) and not READ_WITH_EFFECTS.search(sql)

@@ -21,7 +21,8 @@ from django.test.utils import override_settings
 from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
 
 from tenantsafe import locks, replay, schemas, statements
-from tenantsafe.provisioning import ProvisionError, ensure_recording, provision
+from tenantsafe.errors import ProvisionError
+from tenantsafe.provisioning import ensure_recording, provision
 from testproject.customers.models import Client, Domain
 from tests.dbtools import (
     ROOT,

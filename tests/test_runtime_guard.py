@@ -28,6 +28,7 @@ from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.test.utils import CaptureQueriesContext
 
 from tenantsafe import guard
+from tenantsafe.errors import PooledStatementError, SchemaMissingError
 from testproject.customers.models import Client, Domain
 from testproject.shop.models import Category, Product
 from tests.dbtools import (
@@ -314,10 +315,10 @@ def test_missing_schema_raises_and_runs_nothing(tenants):
     with connection.cursor() as cursor:
         cursor.execute('DROP SCHEMA "beta" CASCADE')
     connection.set_tenant(tenants["beta"])
-    with pytest.raises(guard.SchemaMissingError, match='Schema "beta" does not exist') as info:
+    with pytest.raises(SchemaMissingError, match='Schema "beta" does not exist') as info:
         Product.objects.create(name="nowhere")
     assert info.value.schema == "beta"
-    with pytest.raises(guard.SchemaMissingError), transaction.atomic():
+    with pytest.raises(SchemaMissingError), transaction.atomic():
         Product.objects.count()
     # Nothing landed in public or in alpha, and the connection still works.
     connection.set_tenant(tenants["alpha"])
@@ -331,7 +332,7 @@ def test_missing_schema_raises_and_runs_nothing(tenants):
 def test_non_transactional_statement_is_refused_when_pooled(tenants, settings):
     connection.set_tenant(tenants["alpha"])
     settings.TENANTSAFE_TRANSACTION_POOLER = True
-    with pytest.raises(guard.PooledStatementError) as info, connection.cursor() as cursor:
+    with pytest.raises(PooledStatementError) as info, connection.cursor() as cursor:
         cursor.execute("VACUUM shop_product")
     message = str(info.value)
     assert 'Schema "alpha": "VACUUM shop_product" cannot run inside a transaction block' in message

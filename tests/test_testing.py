@@ -14,7 +14,8 @@ from django.test.utils import CaptureQueriesContext, override_settings
 from django_tenants.signals import post_schema_sync
 
 from tenantsafe import schemas
-from tenantsafe.testing import MissingTenantFields, create_tenant, default_domain
+from tenantsafe.errors import MissingTenantFields, SchemaNameError
+from tenantsafe.testing import create_tenant, default_domain
 from testproject.customers.models import Client, Domain
 from tests.dbtools import (
     ROOT,
@@ -176,7 +177,7 @@ def test_a_row_without_a_domain_gets_one():
 
 @pytest.mark.parametrize("name", ["pg_catalog2", 'bad"name', "semi;colon", "", "x" * 64, "public"])
 def test_invalid_schema_names_are_refused_by_name(name):
-    with pytest.raises(schemas.SchemaNameError) as excinfo:
+    with pytest.raises(SchemaNameError) as excinfo:
         create_tenant(name, name="Bad")
 
     assert repr(name) in str(excinfo.value)

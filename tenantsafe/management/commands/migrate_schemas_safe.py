@@ -18,6 +18,7 @@ from django_tenants.utils import (
 )
 
 from tenantsafe import conf, guard, migrate, provisioning, schemas, tenants
+from tenantsafe.errors import SchemaNameError
 from tenantsafe.options import RunOptions, duration_ms
 from tenantsafe.results import PENDING, TenantRef
 
@@ -162,7 +163,7 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
         if self.schema_name:
             try:
                 schemas.validate(self.schema_name, owner="--schema")
-            except schemas.SchemaNameError as exc:
+            except SchemaNameError as exc:
                 raise CommandError(str(exc)) from exc
             rows = tenants.refs(alias, schema=self.schema_name)
             if not rows and self.options.get("create_missing"):
