@@ -51,6 +51,8 @@ VARIANTS = {
     "lifetime": {"BENCH_GUARD": "1", "pool": "lifetime"},
 }
 
+# Requests between two samples of the backends' memory.
+SAMPLE = 25
 _CONTEXTS = (
     "SELECT pg_backend_pid(), sum(total_bytes)::bigint, sum(total_bytes) FILTER (WHERE name = "
     "'CacheMemoryContext' OR parent = 'CacheMemoryContext')::bigint "
@@ -84,24 +86,22 @@ def serve(at: list[int], count: int) -> None:
     monitor = connect(os.environ["BENCH_MONITOR_URL"])
     started = time.perf_counter()
     pids: set[int] = set()
+    peak = 0
     for number, schema in enumerate(_many.names(count), 1):
         response = client.get("/page/", HTTP_HOST=f"{schema}.localhost")
         if response.status_code != 200 or response.json()["schema"] != schema:
             raise SystemExit(f"{schema}: {response.status_code} {response.content[:300]!r}")
+        if number % SAMPLE == SAMPLE - 1:
+            # The largest backend between checkpoints, read just before round numbers (where
+            # recycling after a round number of schemas ends one).
+            peak = max([peak, *(rss_anon(pid) or 0 for pid in _backends(monitor, connection))])
         if number not in at:
             continue
         connection.set_schema_to_public()
         with connection.cursor() as cursor:
             cursor.execute(_CONTEXTS)
             pid, total, cache = cursor.fetchone()
-        backends = [
-            row[0]
-            for row in monitor.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
-                "AND backend_type = 'client backend'",
-                [connection.settings_dict["NAME"]],
-            ).fetchall()
-        ]
+        backends = _backends(monitor, connection)
         pids.update(backends)
         sizes = [size for size in map(rss_anon, backends) if size is not None]
         print(
@@ -113,12 +113,26 @@ def serve(at: list[int], count: int) -> None:
                     "contexts": total,
                     "rss": rss_anon(pid),
                     "max_rss": max(sizes, default=0),
+                    "peak_rss": max(peak, *sizes),
                     "backends": len(backends),
                     "backends_seen": len(pids),
                 }
             ),
             flush=True,
         )
+        peak = 0
+
+
+def _backends(monitor: Any, connection: Any) -> list[int]:
+    """The pids of the measured database's backends (the monitor's own is in another)."""
+    return [
+        row[0]
+        for row in monitor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+            "AND backend_type = 'client backend'",
+            [connection.settings_dict["NAME"]],
+        ).fetchall()
+    ]
 
 
 @contextlib.contextmanager
@@ -287,7 +301,8 @@ def main(argv: list[str]) -> int:
                         f"  after {row['tenants']:>6} tenants ({row['seconds']:6.1f}s): "
                         f"CacheMemoryContext {mb(row['cache']):>5} MB, all contexts "
                         f"{mb(row['contexts']):>5} MB, RssAnon {mb(row['rss']):>5} MB (largest "
-                        f"backend {mb(row['max_rss'])} MB, {row['backends']} backends now, "
+                        f"backend {mb(row['max_rss'])} MB, since the last line "
+                        f"{mb(row['peak_rss'])} MB; {row['backends']} backends now, "
                         f"{row['backends_seen']} seen)"
                     )
     return 0
