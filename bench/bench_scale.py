@@ -25,12 +25,16 @@ Uses DATABASE_URL (and keeps the prepared database there), or starts a throwaway
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +42,7 @@ from bench import _many
 from bench._db import server
 from bench.bench_deploy import check as deployed
 from bench.bench_deploy import make_app
-from testproject.dbtools import ROOT, direct_url, with_dbname
+from testproject.dbtools import ROOT, connect, direct_url, with_dbname
 
 STEPS = ["noop", "check", "doctor", "deploy"]
 _RUN = (
@@ -52,37 +56,96 @@ _RUN = (
 )
 
 
+@dataclasses.dataclass
+class Run:
+    """One command: wall seconds, stdout, peak memory (MB), exit status, and the CPU seconds
+    of its process and of its server backends (which the load of a shared machine does not
+    inflate as it does the wall time)."""
+
+    seconds: float
+    out: str
+    memory: float
+    status: int
+    client_cpu: float
+    server_cpu: float
+
+    def cpu(self) -> str:
+        return f"; CPU {self.client_cpu:.1f} s in Django, {self.server_cpu:.1f} s in PostgreSQL"
+
+
+class _ServerCpu:
+    """The CPU time of the backends with ``application_name``, read from /proc while they
+    run (the server runs on this machine)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        with connect(with_dbname(direct_url(), "postgres")) as conn:
+            while not self.stop.wait(0.1):
+                pids = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = %s", [self.name]
+                ).fetchall()
+                for (pid,) in pids:
+                    with contextlib.suppress(OSError, IndexError):
+                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        self.seen[pid] = (int(fields[11]) + int(fields[12])) / tick
+
+    def __enter__(self) -> _ServerCpu:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def command(
     url: str, *args: str, profile: Path | None = None, env: dict[str, str] | None = None
-) -> tuple[float, str, float, int]:
-    """Wall seconds, stdout, peak memory (MB) and exit status of one manage.py command."""
+) -> Run:
+    """Run one manage.py command in a fresh process."""
     prefix = ["-m", "cProfile", "-o", str(profile)] if profile else []
     code = ["-c", _RUN] if not profile else ["-m", "testproject.manage"]
+    name = f"bench_scale_{os.getpid()}_{time.monotonic_ns()}"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, *prefix, *code, *args],
-        cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": url, **(env or {})},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    full = {**os.environ, "DATABASE_URL": url, **(env or {})}
+    # Its backends, by name: the watcher reads their CPU time.
+    full["DATABASE_URL"] += f"?application_name={name}"
+    with _ServerCpu(name) as server_cpu:
+        result = subprocess.run(
+            [sys.executable, *prefix, *code, *args],
+            cwd=ROOT,
+            env=full,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     found = re.findall(r"maxrss=(\d+)", result.stderr)
     if result.returncode not in (0, 1) or (result.returncode and "--check" not in args):
         raise SystemExit(
             f"{' '.join(args)} failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
         )
-    return seconds, result.stdout, int(found[-1]) / 1024 if found else 0.0, result.returncode
+    memory = int(found[-1]) / 1024 if found else 0.0
+    return Run(
+        seconds, result.stdout, memory, result.returncode, client, sum(server_cpu.seen.values())
+    )
 
 
 def load() -> str:
     return ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def report(label: str, seconds: float, memory: float, extra: str = "") -> None:
-    peak = f", peak {memory:.0f} MB" if memory else ""
-    print(f"  {label:42} {seconds:8.1f} s{peak} (load {load()}){extra}")
+def report(label: str, run: Run, extra: str = "") -> None:
+    peak = f", peak {run.memory:.0f} MB" if run.memory else ""
+    print(f"  {label:42} {run.seconds:8.1f} s{peak} (load {load()}{run.cpu()}){extra}")
 
 
 def summary_of(out: str) -> str:
@@ -91,33 +154,32 @@ def summary_of(out: str) -> str:
 
 
 def noop(url: str, ns: argparse.Namespace) -> None:
-    seconds, out, memory, _ = command(url, "migrate_schemas_safe", profile=_prof(ns, "noop"))
-    report("migrate_schemas_safe (nothing to apply)", seconds, memory, summary_of(out))
+    run = command(url, "migrate_schemas_safe", profile=_prof(ns, "noop"))
+    report("migrate_schemas_safe (nothing to apply)", run, summary_of(run.out))
     if ns.plain:
-        seconds, _, memory, _ = command(url, "migrate_schemas")
-        report("plain migrate_schemas (nothing to apply)", seconds, memory)
+        plain = command(url, "migrate_schemas")
+        report("plain migrate_schemas (nothing to apply)", plain, ratio(run, plain))
+
+
+def ratio(run: Run, plain: Run) -> str:
+    return f"\n      tenantsafe / plain: {run.seconds / plain.seconds:.3f}"
 
 
 def check(url: str, ns: argparse.Namespace) -> None:
-    seconds, out, memory, status = command(
-        url, "migrate_schemas_safe", "--check", profile=_prof(ns, "check")
-    )
-    report(f"migrate_schemas_safe --check (exit {status})", seconds, memory, summary_of(out))
+    run = command(url, "migrate_schemas_safe", "--check", profile=_prof(ns, "check"))
+    report(f"migrate_schemas_safe --check (exit {run.status})", run, summary_of(run.out))
     if ns.plain:
-        seconds, _, memory, status = command(url, "migrate_schemas", "--check")
-        report(f"plain migrate_schemas --check (exit {status})", seconds, memory)
+        plain = command(url, "migrate_schemas", "--check")
+        report(f"plain migrate_schemas --check (exit {plain.status})", plain, ratio(run, plain))
 
 
 def doctor(url: str, ns: argparse.Namespace) -> None:
-    seconds, out, memory, status = command(
-        url, "tenantsafe_doctor", "--json", profile=_prof(ns, "doctor")
-    )
-    found = json.loads(out)
+    run = command(url, "tenantsafe_doctor", "--json", profile=_prof(ns, "doctor"))
+    found = json.loads(run.out)
     kinds = sorted({f["kind"] for f in found["findings"]})
     report(
-        f"tenantsafe_doctor --json (exit {status})",
-        seconds,
-        memory,
+        f"tenantsafe_doctor --json (exit {run.status})",
+        run,
         f"\n      {found['tenants']} tenants, {found['current']} current, read in "
         f"{found['elapsed']}s; findings {found['counts']} ({', '.join(kinds)})",
     )
@@ -129,6 +191,7 @@ def deploy(golden: str, ns: argparse.Namespace) -> None:
         migration = app.write_deploy()
         names = _many.names(ns.tenants)
         commands = [("migrate_schemas_safe", "safe")] + ([("migrate_schemas", "plain")] * ns.plain)
+        runs: dict[str, Run] = {}
         for name, label in commands:
             copying = time.perf_counter()
             copy = _many.copy(golden, "bscale")
@@ -137,14 +200,12 @@ def deploy(golden: str, ns: argparse.Namespace) -> None:
                 url = with_dbname(direct_url(), copy)
                 env = app.env(url, deploy=True, tmp=tmp)
                 profile = _prof(ns, "deploy") if label == "safe" else None
-                seconds, out, memory, _ = command(url, name, profile=profile, env=env)
+                run = command(url, name, profile=profile, env=env)
                 deployed(app, url, names, migration)
-                report(
-                    f"{name} (deploy: AddField + AddIndex)",
-                    seconds,
-                    memory,
-                    f" (the copy took {copied:.0f}s)" + summary_of(out),
-                )
+                runs[label] = run
+                extra = ratio(runs["safe"], run) if label == "plain" else summary_of(run.out)
+                report(f"{name} (deploy: AddField + AddIndex)", run, extra)
+                print(f"      (the copy of the database took {copied:.0f}s)")
             finally:
                 _many.drop(copy)
 

@@ -7,26 +7,23 @@ recording leaves (replayed into a scratch schema and rolled back, and only when 
 the recording's own fingerprint); for any other state, or without a recording, the catalog
 most tenants at that state (same tenant type, same applied migrations) have. Only then are
 the catalogs' lines read (:func:`tenantsafe.replay.catalog_lines`), for one tenant per
-distinct digest, and the differences named: so the doctor reads all tenants in a few
-queries however many drifted.
-
-The lines come from the fingerprint's query, one per object, tab-separated: ``relation``
-(name, relkind, persistence), ``column`` (table, name, number, collation, type, not null,
-identity, generated, default), ``constraint`` (table, name, type, definition), ``index``
-(table, name, its catalog columns) and ``sequence`` (name, its parameters).
+distinct digest, and the differences named (:mod:`tenantsafe.catalog_lines`): so the doctor
+reads all tenants in a few queries however many drifted.
 """
 
 from __future__ import annotations
 
-import hashlib
+import concurrent.futures
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from django.db import DatabaseError, connections
 
 from tenantsafe import guard, own_tables, plan, replay, schemas
+from tenantsafe.catalog_lines import Difference, describe, differences, digest
 from tenantsafe.findings import quoted
 
 logger = logging.getLogger("tenantsafe.drift")
@@ -34,166 +31,6 @@ logger = logging.getLogger("tenantsafe.drift")
 # Schemas per digest query, and per query of lines.
 CHUNK = 1000
 LINES_CHUNK = 100
-
-MISSING = "missing"
-EXTRA = "extra"
-DIFFERS = "differs"
-RENAMED = "renamed"
-
-_RELKINDS = {
-    "r": "table",
-    "p": "table",
-    "v": "view",
-    "m": "materialized view",
-    "S": "sequence",
-    "f": "foreign table",
-    "c": "type",
-}
-# What each attribute of a line is, by kind of object (others differ in their "definition").
-_FIELDS = {
-    "column": ("position", "collation", "type", "nullability", "identity", "generation", "default"),
-    "relation": ("kind", "persistence"),
-}
-_VALUES = {
-    "nullability": {"t": "NOT NULL", "f": "NULL"},
-    "kind": _RELKINDS,
-    "persistence": {"p": "permanent", "u": "unlogged", "t": "temporary"},
-}
-# Shown with their values in the text: short, and what a reader wants to see at once.
-_SHOWN = {"type", "nullability", "kind", "persistence"}
-# Objects in the order a difference list names them, table by table.
-_ORDER = ("relation", "column", "constraint", "index", "sequence")
-
-
-class _Object(NamedTuple):
-    kind: str
-    table: str
-    name: str
-    attrs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Difference:
-    """One object that is not as expected: ``what`` (table, column, constraint, index,
-    sequence, ...) ``name`` is ``change`` (missing, extra, differs in ``attribute``,
-    renamed to ``found``)."""
-
-    what: str
-    name: str
-    change: str
-    attribute: str = ""
-    expected: str | None = None
-    found: str | None = None
-
-    def describe(self) -> str:
-        if self.change == RENAMED:
-            return f"{self.what} {self.name} renamed to {self.found}"
-        if self.change != DIFFERS:
-            return f"{self.what} {self.name} {self.change}"
-        # A column's name says it is one (table.column).
-        what = "" if self.what == "column" else f"{self.what} "
-        text = f"{self.attribute} of {what}{self.name} differs"
-        if self.attribute in _SHOWN:
-            text += f" ({self.found}, expected {self.expected})"
-        return text
-
-
-def describe(differences: Iterable[Difference]) -> str:
-    return "; ".join(d.describe() for d in differences)
-
-
-def _parse(line: str) -> _Object:
-    kind, table, *rest = line.split("\t")
-    if kind in ("relation", "sequence"):
-        return _Object(kind, table, table, tuple(rest))
-    return _Object(kind, table, rest[0], tuple(rest[1:]))
-
-
-def _compare(want: _Object, have: _Object) -> list[Difference]:
-    fields = _FIELDS.get(want.kind)
-    if fields is None:
-        definitions = "\t".join(want.attrs), "\t".join(have.attrs)
-        return [Difference(_what(want), _display(want), DIFFERS, "definition", *definitions)]
-    return [
-        Difference(_what(want), _display(want), DIFFERS, field, _value(field, a), _value(field, b))
-        for field, a, b in zip(fields, want.attrs, have.attrs, strict=False)
-        if a != b
-    ]
-
-
-def _value(field: str, value: str) -> str:
-    return _VALUES.get(field, {}).get(value, value)
-
-
-def _what(obj: _Object) -> str:
-    if obj.kind == "relation":
-        return _RELKINDS.get(obj.attrs[0] if obj.attrs else "", "relation")
-    return obj.kind
-
-
-def _display(obj: _Object) -> str:
-    return f"{obj.table}.{obj.name}" if obj.kind == "column" else obj.name
-
-
-def _same_but_name(one: _Object, other: _Object) -> bool:
-    if one.kind != other.kind or one.table != other.table or one.kind not in _RENAMEABLE:
-        return False
-    # An index's deparsed expression or predicate names the index itself.
-    return one.attrs == tuple(a.replace(other.name, one.name) for a in other.attrs)
-
-
-_RENAMEABLE = ("column", "constraint", "index")
-
-
-def differences(expected: Iterable[str], found: Iterable[str]) -> tuple[Difference, ...]:
-    """What of the catalog lines ``expected`` is otherwise in ``found``, object by object."""
-    want = {(o.kind, o.table, o.name): o for o in map(_parse, expected)}
-    have = {(o.kind, o.table, o.name): o for o in map(_parse, found)}
-    missing = [want[k] for k in want.keys() - have.keys()]
-    extra = [have[k] for k in have.keys() - want.keys()]
-    # Objects of a missing or extra relation are not named one by one.
-    gone = {o.name for o in missing if o.kind == "relation"}
-    new = {o.name for o in extra if o.kind == "relation"}
-    missing = [o for o in missing if o.kind == "relation" or o.table not in gone]
-    extra = [o for o in extra if o.kind == "relation" or o.table not in new]
-    found_list: list[tuple[_Object, Difference]] = []
-    for obj in sorted(missing):
-        twin = next((o for o in sorted(extra) if _same_but_name(obj, o)), None)
-        if twin is not None:
-            extra.remove(twin)
-            change = Difference(obj.kind, _display(obj), RENAMED, found=_display(twin))
-            found_list.append((obj, change))
-        else:
-            found_list.append((obj, Difference(_what(obj), _display(obj), MISSING)))
-    found_list += [(obj, Difference(_what(obj), _display(obj), EXTRA)) for obj in extra]
-    for key in want.keys() & have.keys():
-        if want[key] != have[key]:
-            found_list += [(want[key], d) for d in _compare(want[key], have[key])]
-    return tuple(d for _, d in sorted(_without_constraint_indexes(found_list), key=_position))
-
-
-def _without_constraint_indexes(
-    found: list[tuple[_Object, Difference]],
-) -> list[tuple[_Object, Difference]]:
-    # A primary key or unique constraint has an index of the same name, which changes with it
-    # (renamed with it, gone with it): named once, as the constraint. A sequence's relation
-    # line and its parameters line likewise.
-    constraints = {(obj.table, obj.name, d.change) for obj, d in found if obj.kind == "constraint"}
-    relations = {(obj.name, d.change) for obj, d in found if obj.kind == "relation"}
-    return [
-        (obj, d)
-        for obj, d in found
-        if not (obj.kind == "index" and (obj.table, obj.name, d.change) in constraints)
-        and not (obj.kind == "sequence" and (obj.name, d.change) in relations)
-    ]
-
-
-def _position(item: tuple[_Object, Difference]) -> tuple[str, int, str, str]:
-    obj, difference = item
-    return (obj.table, _ORDER.index(obj.kind), obj.name, difference.attribute)
-
-
-# Reading the database.
 
 
 @dataclass(frozen=True)
@@ -237,10 +74,13 @@ class _Expected(NamedTuple):
     lines: list[str] | None
 
 
-def find(alias: str, entries: Sequence[plan.SchemaPlan]) -> list[Drift]:
-    """The tenants of ``entries`` whose catalog is not the expected one, in their order.
-    Call it with public's search path (under the guard behind a pooler)."""
-    groups = _groups(alias, entries)
+def find(
+    alias: str, entries: Sequence[plan.SchemaPlan], digests: dict[str, str] | None = None
+) -> list[Drift]:
+    """The tenants of ``entries`` whose catalog is not the expected one, in their order;
+    ``digests``: their catalog digests, if read already (:func:`reading`). Call it with
+    public's search path (under the guard behind a pooler)."""
+    groups = _groups(alias, entries, digests)
     recorded: dict[str, list[str] | None] = {}
     expected: list[_Expected] = []
     for group in groups:
@@ -313,25 +153,17 @@ def grouped_apart(drifts: Sequence[Drift]) -> list[str]:
 _NAMED = 5
 
 
-def digest(lines: Sequence[str]) -> str:
-    """The digest :func:`tenantsafe.replay.catalogs` gives a schema with these (sorted) lines."""
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def _groups(alias: str, entries: Sequence[plan.SchemaPlan]) -> list[_Group]:
+def _groups(
+    alias: str, entries: Sequence[plan.SchemaPlan], digests: dict[str, str] | None
+) -> list[_Group]:
     """The tenants to compare, by tenant type and applied migrations, then by digest."""
     keyed = [
         e
         for e in entries
         if e.applied is not None and e.plan is not None and schemas.is_valid(e.schema)
     ]
-    digests: dict[str, str] = {}
-    connection: Any = connections[alias]
-    for start in range(0, len(keyed), CHUNK):
-        with connection.cursor() as cursor:
-            digests.update(
-                replay.catalogs(cursor, [e.schema for e in keyed[start : start + CHUNK]])
-            )
+    if digests is None:
+        digests = catalogs_of(alias, [e.schema for e in keyed])
     groups: dict[tuple[str, Any], _Group] = {}
     for entry in keyed:
         if entry.schema not in digests:
@@ -341,6 +173,41 @@ def _groups(alias: str, entries: Sequence[plan.SchemaPlan]) -> list[_Group]:
         group = groups.setdefault(key, _Group(entry.tenant_type, entry.plan.empty, {}))
         group.by_digest.setdefault(digests[entry.schema], []).append(entry.schema)
     return list(groups.values())
+
+
+def catalogs_of(alias: str, names: Sequence[str]) -> dict[str, str]:
+    """The catalog digest of each schema of ``names``, CHUNK schemas a query."""
+    digests: dict[str, str] = {}
+    connection: Any = connections[alias]
+    connection.set_schema_to_public()
+    for start in range(0, len(names), CHUNK):
+        with connection.cursor() as cursor:
+            digests.update(replay.catalogs(cursor, names[start : start + CHUNK]))
+    return digests
+
+
+@contextlib.contextmanager
+def reading(alias: str, names: Sequence[str]) -> Iterator[Callable[[], dict[str, str]]]:
+    """The catalog digests of ``names`` (:func:`catalogs_of`), read on a connection of their
+    own while the block runs: at 10,000 tenants they cost PostgreSQL as much as the rest of
+    the doctor's reads, which the block sends meanwhile. The block calls what this yields
+    to wait for them. Inside a transaction (a TestCase's), whose rows another connection
+    cannot see, they are read on this one, at once."""
+    if connections[alias].in_atomic_block:
+        digests = catalogs_of(alias, names)
+        yield lambda: digests
+        return
+
+    def read() -> dict[str, str]:
+        try:
+            return catalogs_of(alias, names)
+        finally:
+            # This thread's connection: the thread ends with the block.
+            connections[alias].close()
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tenantsafe") as pool:
+        future = pool.submit(read)
+        yield future.result
 
 
 def _lines(alias: str, names: Sequence[str]) -> dict[str, list[str]]:

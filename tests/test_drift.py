@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django.test import SimpleTestCase
 from django.test.utils import CaptureQueriesContext
 
-from tenantsafe import doctor, drift, replay
+from tenantsafe import catalog_lines, doctor, drift, replay
 from tenantsafe.testing import create_tenant
 from tests.dbtools import connection, doctor_json, reads, sql
 
@@ -187,7 +187,7 @@ def test_the_digest_of_the_lines_is_the_catalog_digest():
     create_tenant("acme", name="Acme")
     with connection.cursor() as cursor:
         lines = replay.catalog_lines(cursor, ["acme"])["acme"]
-        assert drift.digest(lines) == replay.catalogs(cursor, ["acme"])["acme"]
+        assert catalog_lines.digest(lines) == replay.catalogs(cursor, ["acme"])["acme"]
     assert "column\tnotes_note\ttitle\t2\t100\tcharacter varying(100)\tt\t\t\t" in lines
 
 
@@ -207,10 +207,10 @@ BASE = [TABLE, *SEQUENCE, ID, TITLE, PKEY, PKEY_INDEX]
 
 class DifferencesTests(SimpleTestCase):
     def describe(self, found: list[str]) -> str:
-        return drift.describe(drift.differences(BASE, found))
+        return catalog_lines.describe(catalog_lines.differences(BASE, found))
 
     def test_alike_catalogs_have_no_differences(self):
-        assert drift.differences(BASE, list(reversed(BASE))) == ()
+        assert catalog_lines.differences(BASE, list(reversed(BASE))) == ()
 
     def test_each_change_of_a_column(self):
         cases = [
