@@ -13,10 +13,8 @@ reads all tenants in a few queries however many drifted.
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -78,7 +76,7 @@ def find(
     alias: str, entries: Sequence[plan.SchemaPlan], digests: dict[str, str] | None = None
 ) -> list[Drift]:
     """The tenants of ``entries`` whose catalog is not the expected one, in their order;
-    ``digests``: their catalog digests, if read already (:func:`reading`). Call it with
+    ``digests``: their catalog digests, if read already (:func:`catalogs_of`). Call it with
     public's search path (under the guard behind a pooler)."""
     groups = _groups(alias, entries, digests)
     recorded: dict[str, list[str] | None] = {}
@@ -184,30 +182,6 @@ def catalogs_of(alias: str, names: Sequence[str]) -> dict[str, str]:
         with connection.cursor() as cursor:
             digests.update(replay.catalogs(cursor, names[start : start + CHUNK]))
     return digests
-
-
-@contextlib.contextmanager
-def reading(alias: str, names: Sequence[str]) -> Iterator[Callable[[], dict[str, str]]]:
-    """The catalog digests of ``names`` (:func:`catalogs_of`), read on a connection of their
-    own while the block runs: at 10,000 tenants they cost PostgreSQL as much as the rest of
-    the doctor's reads, which the block sends meanwhile. The block calls what this yields
-    to wait for them. Inside a transaction (a TestCase's), whose rows another connection
-    cannot see, they are read on this one, at once."""
-    if connections[alias].in_atomic_block:
-        digests = catalogs_of(alias, names)
-        yield lambda: digests
-        return
-
-    def read() -> dict[str, str]:
-        try:
-            return catalogs_of(alias, names)
-        finally:
-            # This thread's connection: the thread ends with the block.
-            connections[alias].close()
-
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tenantsafe") as pool:
-        future = pool.submit(read)
-        yield future.result
 
 
 def _lines(alias: str, names: Sequence[str]) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.db import transaction
 from django.test import SimpleTestCase
 from django.test.utils import CaptureQueriesContext
 
@@ -125,6 +126,24 @@ def test_alike_tenants_and_tenants_at_another_state_are_not_drift():
 
     assert [(f["kind"], f["schema"]) for f in report["findings"] if f["kind"] != "pooler"] == [
         ("behind", "behind")
+    ]
+
+
+@pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
+def test_inside_a_transaction_the_doctor_sees_what_it_holds():
+    # As in a TestCase: what the transaction changed is not visible to another connection,
+    # so the doctor reads everything on this one.
+    for name in ("one", "two", "three"):
+        create_tenant(name, name=name)
+    with transaction.atomic():
+        sql('ALTER TABLE "two".notes_note ADD COLUMN legacy integer')
+        sql('DELETE FROM "three".auth_permission')
+        report = doctor.diagnose("default")
+        transaction.set_rollback(True)
+
+    assert sorted((f.kind, f.schema) for f in report.findings if f.schema) == [
+        ("catalog-drift", "two"),
+        ("permissions-behind", "three"),
     ]
 
 
