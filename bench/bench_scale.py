@@ -2,7 +2,7 @@
 replay; each against plain django-tenants in the same run where it has an equivalent.
 
     python -m bench.bench_scale [--tenants 10000] [--steps noop check doctor deploy]
-                                [--plain] [--profile DIR] [--fresh]
+                                [--plain] [--executor multiprocessing] [--profile DIR]
 
 On a database of ``--tenants`` current tenants of the test project (``bench/_many.py``: clones
 of one migrated schema, each with a row and a domain), each command runs in a fresh process,
@@ -200,11 +200,11 @@ def deploy(golden: str, ns: argparse.Namespace) -> None:
                 url = with_dbname(direct_url(), copy)
                 env = app.env(url, deploy=True, tmp=tmp)
                 profile = _prof(ns, "deploy") if label == "safe" else None
-                run = command(url, name, profile=profile, env=env)
+                run = command(url, name, f"--executor={ns.executor}", profile=profile, env=env)
                 deployed(app, url, names, migration)
                 runs[label] = run
                 extra = ratio(runs["safe"], run) if label == "plain" else summary_of(run.out)
-                report(f"{name} (deploy: AddField + AddIndex)", run, extra)
+                report(f"{name} --executor={ns.executor} (deploy)", run, extra)
                 print(f"      (the copy of the database took {copied:.0f}s)")
             finally:
                 _many.drop(copy)
@@ -221,6 +221,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--plain", action="store_true", help="plain django-tenants too (hours)")
     parser.add_argument("--profile", help="a directory for cProfile output of tenantsafe's")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument(
+        "--executor",
+        default="standard",
+        help="the deploy's (multiprocessing: replays on TENANT_MULTIPROCESSING_MAX_PROCESSES "
+        "connections)",
+    )
     parser.add_argument("--fresh", action="store_true")
     ns = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
