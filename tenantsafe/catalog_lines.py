@@ -1,8 +1,8 @@
 """Catalog lines compared object by object: what of one schema's catalog is otherwise in
 another's, named ("index X missing", "column T.C extra", "default of T.C differs").
 
-The lines are those :func:`tenantsafe.replay.catalog_lines` reads (and
-:func:`tenantsafe.replay.catalogs` digests), one per object, tab-separated: ``relation``
+The lines are those :func:`tenantsafe.recording.catalog_lines` reads (and
+:func:`tenantsafe.recording.catalogs` digests), one per object, tab-separated: ``relation``
 (name, relkind, persistence), ``column`` (table, name, number, collation, type, not null,
 identity, generated, default), ``constraint`` (table, name, type, its catalog columns),
 ``index`` (table, name, its catalog columns) and ``sequence`` (name, its parameters).
@@ -174,5 +174,5 @@ def _position(item: tuple[_Object, Difference]) -> tuple[str, int, str, str]:
 
 
 def digest(lines: Sequence[str]) -> str:
-    """The digest :func:`tenantsafe.replay.catalogs` gives a schema with these (sorted) lines."""
+    """The digest :func:`tenantsafe.recording.catalogs` gives a schema with these (sorted) lines."""
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -1,12 +1,12 @@
 """Catalog drift: tenants whose schema is not what their migration state says.
 
-Every tenant's catalog is digested (:func:`tenantsafe.replay.catalogs`, one query per
+Every tenant's catalog is digested (:func:`tenantsafe.recording.catalogs`, one query per
 ``CHUNK`` schemas) and compared with the catalog expected for its migration state: for
 tenants that have every migration, the one a new tenant gets, which the provisioning
 recording leaves (replayed into a scratch schema and rolled back, and only when that leaves
 the recording's own fingerprint); for any other state, or without a recording, the catalog
 most tenants at that state (same tenant type, same applied migrations) have. Only then are
-the catalogs' lines read (:func:`tenantsafe.replay.catalog_lines`), for one tenant per
+the catalogs' lines read (:func:`tenantsafe.recording.catalog_lines`), for one tenant per
 distinct digest, and the differences named (:mod:`tenantsafe.catalog_lines`): so the doctor
 reads all tenants in a few queries however many drifted.
 """
@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from django.db import DatabaseError, connections
 
-from tenantsafe import guard, own_tables, plan, replay, schemas
+from tenantsafe import guard, own_tables, plan, recording, schemas
 from tenantsafe.catalog_lines import Difference, describe, differences, digest
 from tenantsafe.findings import quoted
 
@@ -180,7 +180,7 @@ def catalogs_of(alias: str, names: Sequence[str]) -> dict[str, str]:
     connection.set_schema_to_public()
     for start in range(0, len(names), CHUNK):
         with connection.cursor() as cursor:
-            digests.update(replay.catalogs(cursor, names[start : start + CHUNK]))
+            digests.update(recording.catalogs(cursor, names[start : start + CHUNK]))
     return digests
 
 
@@ -189,7 +189,7 @@ def _lines(alias: str, names: Sequence[str]) -> dict[str, list[str]]:
     connection: Any = connections[alias]
     for start in range(0, len(names), LINES_CHUNK):
         with connection.cursor() as cursor:
-            found.update(replay.catalog_lines(cursor, names[start : start + LINES_CHUNK]))
+            found.update(recording.catalog_lines(cursor, names[start : start + LINES_CHUNK]))
     return found
 
 
@@ -197,21 +197,21 @@ def recorded_catalog(alias: str, tenant_type: str = "") -> list[str] | None:
     """The catalog lines a new tenant of ``tenant_type`` gets from the provisioning recording
     of the current migration state; None without a usable recording (or when replaying it
     does not leave its fingerprint). Replayed into a scratch schema and rolled back."""
-    if not own_tables.exists(alias, replay.TABLE):
+    if not own_tables.exists(alias, recording.TABLE):
         return None
-    recording = replay.recording_for(alias, tenant_type)
-    if recording is None or recording.problem:
+    recorded = recording.RecordingStore(alias).get(tenant_type)
+    if recorded is None or recorded.problem:
         return None
     connection: Any = connections[alias]
     try:
-        with replay.in_scratch(alias, tenant_type, recording.sql) as (cursor, scratch):
-            if replay.fingerprint(cursor, scratch) != recording.fingerprint:
+        with recording.in_scratch(alias, tenant_type, recorded.sql) as (cursor, scratch):
+            if recording.fingerprint(cursor, scratch) != recorded.fingerprint:
                 return None
             # Read as the tenants' catalogs are, with public's path: objects of other
             # schemas print as they do there.
             connection.set_schema_to_public()
             guard.pin(connection, cursor, guard.search_path(connection))
-            return replay.catalog_lines(cursor, [scratch]).get(scratch, [])
+            return recording.catalog_lines(cursor, [scratch]).get(scratch, [])
     except DatabaseError:
         logger.warning("cannot replay the recording to compare tenants with it", exc_info=True)
         return None

@@ -21,7 +21,7 @@ A crashed holder's lease blocks others until it expires (``TENANTSAFE_LOCK_LEASE
 Waiters poll instead of blocking: a blocked statement would hold a snapshot that the holder's
 ``CREATE INDEX CONCURRENTLY`` waits for.
 
-Besides schemas, ``tenantsafe.replay`` leases a name with a colon (never a schema name) while
+Besides schemas, ``tenantsafe.recording`` leases a name with a colon (never a schema name) while
 one process records a migration state: :func:`try_lease` takes a lease without waiting.
 """
 

@@ -45,7 +45,7 @@ class RunOptions:
     lock_retries: int = 3
     # After this many failed tenants no new tenant starts; None: never stop.
     max_failures: int | None = None
-    # Apply a plan by replay to tenants like two witnesses (tenantsafe.deploy).
+    # Apply a plan by replay to tenants like two witnesses (tenantsafe.migrate.deploy).
     replay: bool = True
 
     @classmethod

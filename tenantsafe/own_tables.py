@@ -11,7 +11,7 @@ from typing import Any
 from django.db import connections, transaction
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import schemas
+from tenantsafe import registry, schemas
 
 # The first keys of tenantsafe's two-int transaction advisory locks (the second is a hash of
 # a name), one list so that no two uses share one: creating one of these tables, writing a
@@ -26,8 +26,8 @@ def lock(cursor: Any, key: int, name: str) -> None:
     cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [key, name])
 
 
-# (alias, database, table) of the tables known to exist.
-_known: set[tuple[str, str, str]] = set()
+# (alias, database, table) of the tables known to exist (the values are unused).
+_known: dict[tuple[str, str, str], bool] = registry.cache("tenantsafe.own_tables.known")
 
 
 def qualified(name: str) -> str:
@@ -49,7 +49,7 @@ def ensure(alias: str, name: str, columns: str) -> None:
         # Two first runs at once would both try to create it.
         lock(cursor, CREATE_LOCK, name)
         cursor.execute(f"CREATE TABLE IF NOT EXISTS {qualified(name)} ({columns})")
-    _known.add(seen)
+    _known[seen] = True
 
 
 def exists(alias: str, name: str) -> bool:
@@ -60,5 +60,5 @@ def exists(alias: str, name: str) -> bool:
             cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [qualified(name)])
             if not cursor.fetchone()[0]:
                 return False
-        _known.add(seen)
+        _known[seen] = True
     return True

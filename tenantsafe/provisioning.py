@@ -2,7 +2,7 @@
 
 With ``TENANTSAFE_PROVISIONING = "replay"``, ``tenant.save()`` of a new tenant (with
 ``auto_create_schema`` on) runs django-tenants' save as always, but its ``create_schema`` step
-replays the recording for the current migration state (``tenantsafe.replay``) instead of
+replays the recording for the current migration state (``tenantsafe.recording``) instead of
 migrating: a ``pre_save`` receiver shadows ``create_schema`` on that instance only, so the
 user's model is unchanged and django-tenants still sends ``post_schema_sync``, and deletes the
 row and schema when provisioning fails. :func:`provision` does the same explicitly.
@@ -10,7 +10,7 @@ row and schema when provisioning fails. :func:`provision` does the same explicit
 A spare schema (``tenantsafe.spares``) of the current migration state is claimed first when
 there is one. Without a usable recording the schema is migrated under the tenant's lease, as
 ``migrate_schemas_safe`` migrates, and recorded for the next tenants; processes that find no
-recording at the same time wait for the first one's (``replay.turn_to_record``).
+recording at the same time wait for the first one's (``RecordingStore.turn_to_record``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from django_tenants.utils import (
     get_tenant_model,
 )
 
-from tenantsafe import conf, errors, guard, locks, migrate, replay, schemas, spares, tenants
+from tenantsafe import conf, errors, guard, locks, migrate, recording, schemas, spares, tenants
 from tenantsafe.errors import ProvisionError
 from tenantsafe.options import RunOptions
 from tenantsafe.results import FAILED, MIGRATED, REPLAYED, SPARE, TenantRef
@@ -175,10 +175,11 @@ def _create_schema(
 
 def _provision_schema(tenant: Any, alias: str, verbosity: int = 1) -> str:
     connection: Any = connections[alias]
+    store = recording.RecordingStore(alias)
     with guard.guarding(alias):
-        if spares.claim(alias, tenant):
+        if spares.claim(store, tenant):
             return SPARE
-        if replay.replay(alias, tenant):
+        if recording.replay(store, tenant):
             logger.info("schema %s: provisioned by replay", tenant.schema_name)
             return REPLAYED
     if connection.in_atomic_block:
@@ -188,14 +189,14 @@ def _provision_schema(tenant: Any, alias: str, verbosity: int = 1) -> str:
         return MIGRATED
     with (
         guard.guarding(alias),
-        replay.turn_to_record(alias, tenants.tenant_type(tenant)) as found,
+        store.turn_to_record(tenants.tenant_type(tenant)) as found,
     ):
         # Another process recorded the state while this one waited.
-        if found is not None and replay.replay(alias, tenant):
+        if found is not None and recording.replay(store, tenant):
             logger.info("schema %s: provisioned by replay", tenant.schema_name)
             return REPLAYED
         with locks.leased(alias, tenant.schema_name, purpose="provision") as lease:
-            migrate_schema(tenant, alias, lease, record=True)
+            migrate_schema(tenant, alias, lease, record_into=store)
             lease.complete()
     logger.info("schema %s: provisioned by migrating", tenant.schema_name)
     return MIGRATED
@@ -210,10 +211,11 @@ def ensure_recording(alias: str | None = None, tenant_type: str = "") -> bool:
     nothing is recorded, and the first new tenant is migrated (and recorded, if it can be).
     """
     alias = alias or get_tenant_database_alias()
-    with guard.guarding(alias), replay.turn_to_record(alias, tenant_type) as found:
+    store = recording.RecordingStore(alias)
+    with guard.guarding(alias), store.turn_to_record(tenant_type) as found:
         if found is None:
-            _record_scratch(alias, tenant_type)
-            found = replay.recording_for(alias, tenant_type)
+            _record_scratch(store, tenant_type)
+            found = store.get(tenant_type)
     return found is not None and not found.problem
 
 
@@ -227,17 +229,18 @@ def fill_spares(
     with guard.guarding(alias):
         if wanted:
             ensure_recording(alias, tenant_type)
-        return spares.fill(alias, wanted, tenant_type)
+        return spares.fill(recording.RecordingStore(alias), wanted, tenant_type)
 
 
-def _record_scratch(alias: str, tenant_type: str) -> None:
+def _record_scratch(store: recording.RecordingStore, tenant_type: str) -> None:
+    alias = store.alias
     scratch = f"tenantsafe_scratch_{uuid.uuid4().hex[:12]}"
     tenant = get_tenant_model()(schema_name=scratch)
     if tenant_type:
         setattr(tenant, get_multi_type_database_field_name(), tenant_type)
     try:
         with locks.leased(alias, scratch, purpose="record") as lease:
-            migrate_schema(tenant, alias, lease, record=True)
+            migrate_schema(tenant, alias, lease, record_into=store)
             lease.complete()
     except ProvisionError as exc:
         logger.warning(
@@ -257,11 +260,22 @@ def _record_scratch(alias: str, tenant_type: str) -> None:
             )
 
 
-def migrate_schema(tenant: Any, alias: str, lease: locks.Lease, *, record: bool) -> None:
-    """Migrate ``tenant``'s schema (created if missing) under ``lease``; with ``record``, keep
-    a recording of it for the next schemas. Raises ProvisionError when it fails."""
+def migrate_schema(
+    tenant: Any,
+    alias: str,
+    lease: locks.Lease,
+    *,
+    record_into: recording.RecordingStore | None = None,
+) -> None:
+    """Migrate ``tenant``'s schema (created if missing) under ``lease``; with ``record_into``,
+    keep a recording of it there for the next schemas. Raises ProvisionError when it fails."""
     schema = tenant.schema_name
-    with replay.record(alias, tenant) if record else contextlib.nullcontext():
+    recorded = (
+        recording.record(record_into, tenant)
+        if record_into is not None
+        else contextlib.nullcontext()
+    )
+    with recorded:
         result = migrate.migrate_tenant(
             migrate_options(alias), TenantRef(schema, tenants.tenant_type(tenant)), lease=lease
         )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 MIGRATED = "migrated"
-# Migrated by replay of what tenants like it recorded (tenantsafe.deploy).
+# Migrated by replay of what tenants like it recorded (tenantsafe.migrate.deploy).
 REPLAYED = "replayed"
 CURRENT = "current"
 PENDING = "pending"

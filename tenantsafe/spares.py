@@ -1,6 +1,6 @@
 """Spare schemas: tenant schemas provisioned ahead, which a signup claims with a rename.
 
-A spare is a schema ``tenantsafe_spare_<hex>`` replayed (``tenantsafe.replay``) from the
+A spare is a schema ``tenantsafe_spare_<hex>`` replayed (``tenantsafe.recording``) from the
 recording of the current migration state, and registered in ``public.tenantsafe_spare`` (created
 on first use) with that state, in one transaction. A claim runs in one transaction too (a
 savepoint inside the caller's): it deletes one spare's row of the current state (``FOR UPDATE
@@ -25,7 +25,7 @@ from django_tenants.utils import (
     get_tenant_model,
 )
 
-from tenantsafe import guard, own_tables, replay, schemas, tenants
+from tenantsafe import guard, own_tables, recording, schemas, tenants
 from tenantsafe.errors import ReplayMismatch
 
 logger = logging.getLogger("tenantsafe.spares")
@@ -72,19 +72,20 @@ def _table_exists(alias: str) -> bool:
 # Filling.
 
 
-def fill(alias: str, count: int, tenant_type: str = "") -> Filled:
+def fill(store: recording.RecordingStore, count: int, tenant_type: str = "") -> Filled:
     """Make spares until ``count`` of the current migration state exist, after dropping those
-    of other states. Needs a usable recording of the current state (else ``problem`` says
-    so); several fills at once make no more than ``count`` between them."""
+    of other states. Needs a usable recording of the current state in ``store`` (else
+    ``problem`` says so); several fills at once make no more than ``count`` between them."""
+    alias = store.alias
     ensure_table(alias)
-    state = replay.state_key(alias, tenant_type)
+    state = store.state(tenant_type)
     dropped = _drop_stale(alias, state, tenant_type)
     ready = _count(alias, state, tenant_type)
     if ready >= count:
         return Filled(count, ready, dropped=dropped)
-    recording = replay.recording_for(alias, tenant_type, state=state)
-    if recording is None or recording.problem:
-        why = recording.problem if recording is not None else "nothing is recorded for it"
+    found = store.get(tenant_type, state=state)
+    if found is None or found.problem:
+        why = found.problem if found is not None else "nothing is recorded for it"
         return Filled(
             count,
             ready,
@@ -94,7 +95,7 @@ def fill(alias: str, count: int, tenant_type: str = "") -> Filled:
         )
     made: list[str] = []
     while True:
-        name, ready = _make_one(alias, state, tenant_type, count)
+        name, ready = _make_one(store, state, tenant_type, count)
         if name is None:
             return Filled(count, ready, made, dropped)
         if not name:
@@ -118,9 +119,12 @@ def _count(alias: str, state: str, tenant_type: str) -> int:
         return int(cursor.fetchone()[0])
 
 
-def _make_one(alias: str, state: str, tenant_type: str, count: int) -> tuple[str | None, int]:
+def _make_one(
+    store: recording.RecordingStore, state: str, tenant_type: str, count: int
+) -> tuple[str | None, int]:
     """(the new spare's name, how many are ready); None when enough exist, "" when the replay
     failed."""
+    alias = store.alias
     connection: Any = connections[alias]
     connection.set_schema_to_public()
     with transaction.atomic(using=alias):
@@ -131,7 +135,7 @@ def _make_one(alias: str, state: str, tenant_type: str, count: int) -> tuple[str
         if ready >= count:
             return None, ready
         name = f"{PREFIX}{uuid.uuid4().hex[:16]}"
-        if not replay.replay(alias, _placeholder(name, tenant_type)):
+        if not recording.replay(store, _placeholder(name, tenant_type)):
             return "", ready
         connection.set_schema_to_public()
         with connection.cursor() as cursor:
@@ -192,20 +196,21 @@ _CLAIM = (
 )
 
 
-def claim(alias: str, tenant: Any) -> bool:
+def claim(store: recording.RecordingStore, tenant: Any) -> bool:
     """Give ``tenant`` a spare of the current migration state as its schema, if there is one
-    that matches the recording. False when there is none (or the one taken did not match:
-    then it is dropped); nothing is changed then."""
+    that matches the recording in ``store``. False when there is none (or the one taken did
+    not match: then it is dropped); nothing is changed then."""
+    alias = store.alias
     if not _table_exists(alias):
         return False
     schema = tenant.schema_name
     tenant_type = tenants.tenant_type(tenant)
-    state = replay.state_key(alias, tenant_type)
-    recording = replay.recording_for(alias, tenant_type, state=state)
-    if recording is None or recording.problem:
+    state = store.state(tenant_type)
+    found = store.get(tenant_type, state=state)
+    if found is None or found.problem:
         return False
     connection: Any = connections[alias]
-    path = replay.pinned_path(alias, schema, tenant_type)
+    path = recording.pinned_path(alias, schema, tenant_type)
     try:
         with guard.raw_transaction(alias) as cursor:
             cursor.execute(_CLAIM.format(table=table()), [state, tenant_type])
@@ -219,7 +224,7 @@ def claim(alias: str, tenant: Any) -> bool:
             # Pinned once it has its name: the fingerprint prints the schema's objects
             # unqualified, and through a transaction pooler this stays one server connection.
             guard.pin(connection, cursor, path)
-            if replay.fingerprint(cursor, schema) != recording.fingerprint:
+            if recording.fingerprint(cursor, schema) != found.fingerprint:
                 raise ReplayMismatch(schema=spare)
     except ReplayMismatch as exc:
         logger.warning(

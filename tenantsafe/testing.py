@@ -29,7 +29,7 @@ from django_tenants.utils import (
     get_tenant_model,
 )
 
-from tenantsafe import conf, errors, guard, locks, plan, provisioning, replay, schemas, tenants
+from tenantsafe import conf, errors, guard, locks, plan, provisioning, recording, schemas, tenants
 from tenantsafe.errors import (
     MissingTenantFields,
     ProvisionError,
@@ -83,18 +83,24 @@ def create_tenant(schema_name: str, *, domain: str | None = None, **fields: Any)
     model = get_tenant_model()
     alias = get_tenant_database_alias()
     # Guarded throughout: behind a transaction pooler even the row lookups need their path.
-    with guard.guarding(alias), replay.sharing_files(), _own_connection(alias):
+    # The store shares recordings with the other xdist workers (each has a database of its
+    # own) through files.
+    with (
+        guard.guarding(alias),
+        recording.RecordingStore(alias, share_files=True) as store,
+        _own_connection(alias),
+    ):
         tenant = _ready(model, alias, schema_name, domain)
         if tenant is None:
-            _wait_for_recording(model, alias, schema_name, fields)
+            _wait_for_recording(model, store, schema_name, fields)
         if tenant is None:
             # The tenant's lease (what migrate_schemas_safe takes too) keeps other processes
             # out, also while migrating commits as it goes.
             with locks.leased(alias, schema_name, purpose="create_tenant") as lease:
                 with transaction.atomic(using=alias):
-                    tenant = _without_migrating(model, alias, schema_name, domain, fields, lease)
+                    tenant = _without_migrating(model, store, schema_name, domain, fields, lease)
                 if tenant is None:
-                    tenant = _migrating(model, alias, schema_name, domain, fields, lease)
+                    tenant = _migrating(model, store, schema_name, domain, fields, lease)
                 lease.complete()
     tenant._skip_auto_migrate = True
     return tenant
@@ -137,23 +143,24 @@ def _ready(model: type[Model], alias: str, schema: str, domain: str | None) -> A
 
 
 def _wait_for_recording(
-    model: type[Model], alias: str, schema: str, fields: dict[str, Any]
+    model: type[Model], store: recording.RecordingStore, schema: str, fields: dict[str, Any]
 ) -> None:
     # Outside any transaction: while another xdist worker records the migration state, this
     # waits for its recording (holding no snapshot or lock the recorder could wait for).
-    row = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
-    replay.recording_for(alias, tenants.tenant_type(row or _unsaved(model, schema, fields)))
+    row = model._default_manager.db_manager(store.alias).filter(schema_name=schema).first()
+    store.get(tenants.tenant_type(row or _unsaved(model, schema, fields)))
 
 
 def _without_migrating(
     model: type[Model],
-    alias: str,
+    store: recording.RecordingStore,
     schema: str,
     domain: str | None,
     fields: dict[str, Any],
     lease: locks.Lease,
 ) -> Any:
     """Under the lock, in one transaction: the tenant, if it needs no migration; else None."""
+    alias = store.alias
     tenant = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
     if tenant is None:
         missing = _missing_fields(model, fields)
@@ -162,7 +169,7 @@ def _without_migrating(
         if schemas.exists(alias, schema):
             return None
         tenant = _unsaved(model, schema, fields)
-        if not _replayed(tenant, alias):
+        if not recording.replay(store, tenant):
             return None
         tenant.save(verbosity=0, using=alias)
         _add_domain(tenant, alias, domain or default_domain(schema), primary=True)
@@ -173,7 +180,7 @@ def _without_migrating(
             # was missing; otherwise the schema is behind.
             current = plan.is_current(alias, schema, tenants.tenant_type(tenant), lease=lease)
             return tenant if current else None
-        if not _replayed(tenant, alias):
+        if not recording.replay(store, tenant):
             return None
     transaction.on_commit(functools.partial(_schema_synced, tenant), using=alias)
     return tenant
@@ -181,22 +188,23 @@ def _without_migrating(
 
 def _migrating(
     model: type[Model],
-    alias: str,
+    store: recording.RecordingStore,
     schema: str,
     domain: str | None,
     fields: dict[str, Any],
     lease: locks.Lease,
 ) -> Any:
     """Under the lock: create or repair the tenant by migrating its schema."""
+    alias = store.alias
     tenant = model._default_manager.db_manager(alias).filter(schema_name=schema).first()
     if tenant is not None:
         _ensure_domain(tenant, alias, domain)
         if schemas.exists(alias, schema):
             if not plan.is_current(alias, schema, tenants.tenant_type(tenant), lease=lease):
                 logger.info("tenantsafe: schema %s is behind its migrations; migrating", schema)
-                _migrate(tenant, alias, lease, record=False)
+                _migrate(tenant, store, lease, record=False)
             return tenant
-        _migrate(tenant, alias, lease, record=True)
+        _migrate(tenant, store, lease, record=True)
         _schema_synced(tenant)
         return tenant
     # As django-tenants' save() does: the row first (a data migration may read it), then the
@@ -207,7 +215,7 @@ def _migrating(
     try:
         _ensure_domain(tenant, alias, domain)
         if fresh or not plan.is_current(alias, schema, tenants.tenant_type(tenant), lease=lease):
-            _migrate(tenant, alias, lease, record=fresh)
+            _migrate(tenant, store, lease, record=fresh)
     except BaseException:
         with contextlib.suppress(Exception):
             connection: Any = connections[alias]
@@ -241,13 +249,13 @@ def _unsaved(model: type[Model], schema: str, fields: dict[str, Any]) -> Any:
     return tenant
 
 
-def _replayed(tenant: Any, alias: str) -> bool:
-    return replay.replay(alias, tenant)
-
-
-def _migrate(tenant: Any, alias: str, lease: locks.Lease, *, record: bool) -> None:
+def _migrate(
+    tenant: Any, store: recording.RecordingStore, lease: locks.Lease, *, record: bool
+) -> None:
     try:
-        provisioning.migrate_schema(tenant, alias, lease, record=record)
+        provisioning.migrate_schema(
+            tenant, store.alias, lease, record_into=store if record else None
+        )
     except ProvisionError as exc:
         raise TenantProvisionError(tenant.schema_name, exc.error, exc.traceback) from None
 

@@ -279,8 +279,9 @@ class Hold:
     def env(self) -> dict[str, str]:
         return {"TESTPROJECT_HOLD": f"{self.dir}:{self.point}:{self.schema}"}
 
-    def wait(self, run: Run, *, timeout: float = 90) -> dict[str, int]:
-        """The held process's pid and its migrating backend's pid, once it is held."""
+    def wait(self, run: Run, *, timeout: float = 90, in_worker: bool = False) -> dict[str, int]:
+        """The held process's pid and its migrating backend's pid, once it is held; the run's
+        own process, or (``in_worker``) one of its worker processes."""
         held = self.dir / "held"
 
         def arrived() -> bool:
@@ -295,7 +296,7 @@ class Hold:
 
         wait_for(f"{run!r} to reach {self.point} in {self.schema}", arrived, timeout=timeout)
         data: dict[str, int] = json.loads(held.read_text())
-        assert data["pid"] == run.pid, data
+        assert (data["pid"] != run.pid) if in_worker else (data["pid"] == run.pid), data
         return data
 
     def release(self) -> None:

@@ -1,4 +1,5 @@
-"""A deploy's new migration, applied by replay to the tenants that are alike (tenantsafe.deploy)."""
+"""A deploy's new migration, applied by replay to the tenants that are alike
+(tenantsafe.migrate.deploy)."""
 
 from __future__ import annotations
 

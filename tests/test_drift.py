@@ -12,7 +12,7 @@ from django.db import transaction
 from django.test import SimpleTestCase
 from django.test.utils import CaptureQueriesContext
 
-from tenantsafe import catalog_lines, doctor, drift, replay
+from tenantsafe import catalog_lines, doctor, drift, recording
 from tenantsafe.testing import create_tenant
 from tests.dbtools import connection, doctor_json, reads, sql
 
@@ -205,8 +205,8 @@ def light(prefix: str, count: int) -> None:
 def test_the_digest_of_the_lines_is_the_catalog_digest():
     create_tenant("acme", name="Acme")
     with connection.cursor() as cursor:
-        lines = replay.catalog_lines(cursor, ["acme"])["acme"]
-        assert catalog_lines.digest(lines) == replay.catalogs(cursor, ["acme"])["acme"]
+        lines = recording.catalog_lines(cursor, ["acme"])["acme"]
+        assert catalog_lines.digest(lines) == recording.catalogs(cursor, ["acme"])["acme"]
     assert "column\tnotes_note\ttitle\t2\t100\tcharacter varying(100)\tt\t\t\t" in lines
 
 

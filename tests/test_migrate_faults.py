@@ -631,6 +631,29 @@ def test_an_interrupt_finishes_the_tenant_in_flight_and_starts_no_other(referenc
         assert not has_migrations_table(url, "i4")
 
 
+def test_a_worker_process_killed_mid_tenant_fails_its_tenants_and_the_run_completes(reference):
+    # Chunks of two (TENANT_MULTIPROCESSING_CHUNKS): w3 and w4 go to the same worker.
+    names = ["w1", "w2", "w3", "w4", "w5", "w6"]
+    with tenant_database(names) as url, faults.runs() as start, faults.hold("seed", "w3") as held:
+        run = start(url, *MIGRATE, "--executor=multiprocessing", env=env(held.env))
+        worker = held.wait(run, in_worker=True)["pid"]
+        os.kill(worker, signal.SIGKILL)
+        assert run.wait(120) == 1, run.stderr[-3000:]
+
+        assert_no_traceback(run.stderr)
+        counts = summary(run.stdout)
+        assert (counts["migrated"], counts["failed"]) == (4, 2), run.stdout[-2000:]
+        assert failures(run.stderr) == {
+            "2 tenants (w3, w4)": "the worker process migrating it exited (status -9) before "
+            "reporting; run again to complete it"
+        }
+        assert incomplete(url, ["w1", "w2", "w5", "w6"], reference) == []
+
+        again = manage(url, *MIGRATE, "--executor=multiprocessing", env=POOLER_SAFE, timeout=120)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert incomplete(url, names, reference) == []
+
+
 # -- 11: stopping a bad deploy --------------------------------------------------------------
 
 

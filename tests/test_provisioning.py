@@ -20,9 +20,11 @@ from django.db.migrations.loader import MigrationLoader
 from django.test.utils import override_settings
 from django_tenants.signals import post_schema_sync, schema_needs_to_be_sync
 
-from tenantsafe import locks, replay, schemas, statements
+from tenantsafe import locks, schemas, statements
 from tenantsafe.errors import ProvisionError
 from tenantsafe.provisioning import ensure_recording, provision
+from tenantsafe.recording import RecordingStore
+from tenantsafe.recording import state as recording_state
 from testproject.customers.models import Client, Domain
 from tests.dbtools import (
     ROOT,
@@ -161,7 +163,7 @@ def claims() -> list[str]:
 @pytest.mark.slow
 def test_concurrent_first_signups_of_a_new_state_migrate_once(reference):
     # The tables exist (empty), so that the gate below can lock the recordings'.
-    replay.ensure_table("default")
+    RecordingStore("default").ensure_schema()
     locks.ensure_table("default")
     names = ["one", "two", "three"]
 
@@ -268,17 +270,17 @@ def test_the_state_key_follows_every_migration_file(nested_notes_migrations, mon
             builds.append(None)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(replay, "MigrationLoader", Counted)
+    monkeypatch.setattr(recording_state, "MigrationLoader", Counted)
     # Files written just now are not trusted: the key is computed every time.
-    first = replay.state_key("default")
-    assert replay.state_key("default") == first
+    first = recording_state.state_key("default")
+    assert recording_state.state_key("default") == first
     assert len(builds) == 2
     # Once they are older than the window (made short here), it is kept.
-    monkeypatch.setattr(replay, "_RACY", 0.05)
+    monkeypatch.setattr(recording_state, "_RACY", 0.05)
     time.sleep(0.1)
     builds.clear()
-    assert replay.state_key("default") == first
-    assert replay.state_key("default") == first
+    assert recording_state.state_key("default") == first
+    assert recording_state.state_key("default") == first
     assert len(builds) == 1
 
     # An edit that keeps the file's size.
@@ -287,7 +289,7 @@ def test_the_state_key_follows_every_migration_file(nested_notes_migrations, mon
     assert source.count("Your workspace is ready.") == 1
     edited.write_text(source.replace("Your workspace is ready.", "Your workspace is READY."))
     assert len(edited.read_text()) == len(source)
-    after_edit = replay.state_key("default")
+    after_edit = recording_state.state_key("default")
     assert after_edit != first
     # A migration added, then removed again.
     added = nested_notes_migrations / "0004_extra.py"
@@ -298,23 +300,23 @@ def test_the_state_key_follows_every_migration_file(nested_notes_migrations, mon
         "    operations = []\n"
     )
     importlib.invalidate_caches()
-    with_added = replay.state_key("default")
+    with_added = recording_state.state_key("default")
     assert with_added not in (first, after_edit)
     added.unlink()
     importlib.invalidate_caches()
-    assert replay.state_key("default") == after_edit
+    assert recording_state.state_key("default") == after_edit
     # A file the kept key was computed from disappears.
     time.sleep(0.1)
     builds.clear()
-    assert replay.state_key("default") == after_edit
-    assert replay.state_key("default") == after_edit
+    assert recording_state.state_key("default") == after_edit
+    assert recording_state.state_key("default") == after_edit
     assert len(builds) == 1
     edited.unlink()
     importlib.invalidate_caches()
-    assert replay.state_key("default") not in (first, after_edit, with_added)
+    assert recording_state.state_key("default") not in (first, after_edit, with_added)
     # Another MIGRATION_MODULES (or INSTALLED_APPS, TENANT_APPS, sys.path...) is another key.
     with override_settings(MIGRATION_MODULES={}):
-        assert replay.state_key("default") != after_edit
+        assert recording_state.state_key("default") != after_edit
 
 
 def test_a_recording_of_an_older_migration_state_is_not_used(extra_migration, migrations_run):
@@ -649,8 +651,8 @@ def test_concurrent_first_signups_through_pgbouncer_migrate_once():
 
 
 ENSURE_TABLES = (
-    "from tenantsafe import locks, replay; "
-    "replay.ensure_table('default'); locks.ensure_table('default')"
+    "from tenantsafe import locks, recording; "
+    "recording.RecordingStore('default').ensure_schema(); locks.ensure_table('default')"
 )
 
 

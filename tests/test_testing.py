@@ -383,10 +383,11 @@ def test_a_migration_that_reads_the_tenant_row_is_never_replayed(monkeypatch, mi
 
 
 def test_a_recording_file_others_may_write_is_ignored(tmp_path):
-    from tenantsafe import replay
+    from tenantsafe import recording
+    from tenantsafe.recording.files import SharedFiles
 
-    state = replay.state_key("default")
-    planted = replay._file(state, "")
+    state = recording.state_key("default")
+    planted = SharedFiles().path(state, "")
     planted.parent.mkdir()
     planted.parent.chmod(0o777)
     planted.write_text(

@@ -1,0 +1,171 @@
+"""Groups of alike tenants: same plan, catalog, content types and permissions (see
+:mod:`tenantsafe.migrate.deploy` for the rule), and the plans that are never replayed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import connections
+from django.db.migrations.loader import MigrationLoader
+from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
+
+from tenantsafe import drift, guard, plan, recording, schemas
+from tenantsafe.results import TenantRef
+
+WITNESSES = 2
+MIN_GROUP = WITNESSES + 1
+# The tables whose rows (without ids) every group key holds: post_migrate reads them in
+# every tenant.
+KEYED = frozenset({"django_content_type", "auth_permission"})
+# Where the recording's applied set is checked after a replay.
+CHECKED = KEYED | {"django_migrations"}
+# Schemas per catalog query.
+CHUNK = 100
+
+
+@dataclass(frozen=True)
+class Group:
+    tenant_type: str
+    tenants: tuple[TenantRef, ...]
+    # Each tenant's content types and permissions with their ids (KEYED, exactly): a
+    # recording that writes rows is replayed only where they are the witness's.
+    exact: tuple[str | None, ...] = ()
+
+    def exactly_like(self, tenant: TenantRef, others: Sequence[TenantRef]) -> list[TenantRef]:
+        """Those of ``others`` whose KEYED rows are ``tenant``'s, ids included."""
+        by_schema = dict(zip((t.schema for t in self.tenants), self.exact, strict=True))
+        mine = by_schema[tenant.schema]
+        return [t for t in others if mine is not None and by_schema[t.schema] == mine]
+
+    def split_exactly(self, tenants: Sequence[TenantRef]) -> list[Group]:
+        """``tenants`` (of this group) split by their exact KEYED rows."""
+        by_schema = dict(zip((t.schema for t in self.tenants), self.exact, strict=True))
+        split: dict[str | None, list[TenantRef]] = {}
+        for tenant in tenants:
+            split.setdefault(by_schema[tenant.schema], []).append(tenant)
+        return [
+            Group(self.tenant_type, tuple(refs), tuple(by_schema[t.schema] for t in refs))
+            for refs in split.values()
+        ]
+
+
+def refusal(steps: Sequence[plan.Step], loader: MigrationLoader) -> str:
+    """Why a plan is never replayed; empty when it may be."""
+    for app, name, backwards in steps:
+        if backwards:
+            return f"unapplies {app}.{name}"
+        migration = loader.graph.nodes[(app, name)]
+        if not migration.atomic:
+            return f"holds {app}.{name}, which is not atomic"
+        if any(isinstance(op, RunPython) for op in _database_operations(migration.operations)):
+            return f"holds {app}.{name}, which runs Python (RunPython)"
+    return ""
+
+
+def _database_operations(operations: Sequence[Any]) -> list[Any]:
+    found: list[Any] = []
+    for operation in operations:
+        found.append(operation)
+        if isinstance(operation, SeparateDatabaseAndState):
+            found += _database_operations(operation.database_operations)
+    return found
+
+
+@dataclass(frozen=True)
+class Grouping:
+    # The groups to replay in.
+    groups: tuple[Group, ...]
+    # The tenants to migrate through Django.
+    rest: tuple[TenantRef, ...]
+    # How many tenants' plans were refused, by why.
+    refused: dict[str, int]
+    # The tenants whose catalog is not the one most tenants with their plan have.
+    drifted: tuple[drift.Drift, ...] = ()
+
+
+def grouped(alias: str, entries: Sequence[plan.SchemaPlan], loader: MigrationLoader) -> Grouping:
+    """The tenants of ``entries`` in groups of alike tenants, and the others."""
+    rest: list[TenantRef] = []
+    drifted: list[drift.Drift] = []
+    by_plan: dict[tuple[Any, ...], list[plan.SchemaPlan]] = {}
+    refused: dict[str, int] = {}
+    for entry in entries:
+        steps = entry.plan.steps if entry.plan is not None else ()
+        why = refusal(steps, loader) if steps else "no plan"
+        if why or entry.applied is None or entry.unfinished or not schemas.is_valid(entry.schema):
+            rest.append(TenantRef(entry.schema, entry.tenant_type))
+            if why and steps:
+                refused[why] = refused.get(why, 0) + 1
+            continue
+        key = (entry.tenant_type, entry.applied, entry.plan)
+        by_plan.setdefault(key, []).append(entry)
+    groups: list[Group] = []
+    for (tenant_type, _, _), members in by_plan.items():
+        if len(members) < MIN_GROUP:
+            rest += [TenantRef(m.schema, m.tenant_type) for m in members]
+            continue
+        splits, catalogs = _alike(alias, [m.schema for m in members])
+        drifted += drift.apart(alias, catalogs)
+        for alike in splits:
+            refs = tuple(TenantRef(name, tenant_type) for name, _ in alike)
+            if len(refs) < MIN_GROUP:
+                rest += refs
+            else:
+                groups.append(Group(tenant_type, refs, tuple(exact for _, exact in alike)))
+    return Grouping(tuple(groups), tuple(rest), refused, tuple(drifted))
+
+
+def _alike(
+    alias: str, names: list[str]
+) -> tuple[list[list[tuple[str, str | None]]], dict[str, str]]:
+    """``names`` split by catalog and keyed rows without ids, in their order; each with its
+    keyed rows' exact digest. And each one's catalog digest."""
+    keys: dict[str, tuple[str, str | None]] = {}
+    exact: dict[str, str | None] = {}
+    for start in range(0, len(names), CHUNK):
+        batch = names[start : start + CHUNK]
+        with pinned(alias) as cursor:
+            catalogs = recording.catalogs(cursor, batch)
+            loose = recording.rows_digests(
+                cursor, batch, KEYED, unlimited=CHECKED, without_ids=KEYED
+            )
+            exact.update(recording.rows_digests(cursor, batch, KEYED, unlimited=CHECKED))
+        for name in batch:
+            keys[name] = (catalogs.get(name, ""), loose.get(name))
+    split: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
+    for name in names:
+        if keys[name][0] and keys[name][1] is not None:
+            split.setdefault(keys[name], []).append((name, exact.get(name)))
+        else:
+            split.setdefault(("", name), []).append((name, exact.get(name)))
+    return list(split.values()), {name: keys[name][0] for name in names if keys[name][0]}
+
+
+@contextlib.contextmanager
+def pinned(alias: str, own: TenantRef | None = None) -> Iterator[Any]:
+    """A raw cursor in a transaction with public's path pinned; for ``own``, with the path its
+    replay pins."""
+    connection: Any = connections[alias]
+    if own is not None:
+        path = recording.pinned_path(alias, own.schema, own.tenant_type)
+    else:
+        connection.set_schema_to_public()
+        path = guard.search_path(connection)
+    with guard.pinned_transaction(alias, path) as cursor:
+        yield cursor
+
+
+def rows_of(alias: str, names: Sequence[str], tables: frozenset[str]) -> dict[str, str | None]:
+    """The digest of ``tables``' rows in each schema of ``names`` (None: too many rows)."""
+    found: dict[str, str | None] = {}
+    for start in range(0, len(names), CHUNK):
+        with pinned(alias) as cursor:
+            found.update(
+                recording.rows_digests(
+                    cursor, names[start : start + CHUNK], tables, unlimited=CHECKED
+                )
+            )
+    return found
