@@ -90,7 +90,7 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
     from django.conf import settings
     from django.db import connection, connections, transaction
 
-    from tenantsafe import guard
+    from tenantsafe.guard import dispatch
     from testproject.customers.models import Client
     from testproject.notes.models import Note
     from testproject.shop.models import Product
@@ -98,7 +98,7 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
     tenant = Client.objects.get(schema_name="bench")
     connection.set_tenant(tenant)  # type: ignore[attr-defined]
     ids = list(Product.objects.values_list("id", flat=True))
-    merges, pipelines = guard._merges, guard._pipelines
+    merges, pipelines = dispatch._merges, dispatch._pipelines
 
     def orm_get(i: int) -> None:
         Product.objects.get(pk=ids[i % len(ids)])
@@ -133,14 +133,14 @@ def worker(queries: int, rounds: int) -> dict[str, Any]:
         settings.TENANTSAFE_RUNTIME_GUARD = name != "default"
         settings.TENANT_LIMIT_SET_CALLS = name == "guard+limit"
         if name in ("guard/pipeline", "guard/steps"):
-            guard._merges = lambda raw, raw_cursor: False
+            dispatch._merges = lambda raw, raw_cursor: False
         if name == "guard/steps":
-            guard._pipelines = lambda raw: False
+            dispatch._pipelines = lambda raw: False
         connection.set_tenant(tenant)  # type: ignore[attr-defined]
         try:
             yield
         finally:
-            guard._merges, guard._pipelines = merges, pipelines
+            dispatch._merges, dispatch._pipelines = merges, pipelines
 
     rates: dict[str, dict[str, list[float]]] = {w: {v: [] for v in VARIANTS} for w in workloads}
     for round_no in range(rounds):

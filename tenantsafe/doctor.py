@@ -22,8 +22,9 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, drift, guard, memory, plan, pooler, schemas, spares, tenants
+from tenantsafe import conf, drift, guard, memory, plan, schemas, spares, tenants
 from tenantsafe.findings import ERROR, INFO, LEVELS, WARNING, Finding, Report, quoted, render
+from tenantsafe.guard import pooler
 from tenantsafe.meanwhile import meanwhile
 from tenantsafe.results import TenantRef
 

@@ -20,8 +20,9 @@ from typing import Any
 
 from django.db import DatabaseError, connections
 
-from tenantsafe import conf, pooler
+from tenantsafe import conf
 from tenantsafe.findings import INFO, WARNING, Finding
+from tenantsafe.guard import pooler
 
 # Cached per relation of a tenant a backend served (see above).
 BYTES_PER_RELATION = 1024

@@ -24,7 +24,8 @@ other loops (a Celery task's ``task_postrun``, a command iterating over tenants)
 a transaction or ``atomic()`` block, where it waits for the next one.
 
 The counter is one execute wrapper, put on every connection by :func:`install` (from
-``AppConfig.ready()`` and on ``connection_created``), as the guard is.
+``AppConfig.ready()`` and on ``connection_created``), as the guard is; what it counts is kept
+in the guard's state of the connection (``tenantsafe.guard.state``, one attribute).
 """
 
 from __future__ import annotations
@@ -38,17 +39,14 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
 from django_tenants.utils import get_public_schema_name
 
-from tenantsafe import conf, pooler
+from tenantsafe import conf
+from tenantsafe.guard import pooler, state
 
 logger = logging.getLogger("tenantsafe.recycling")
 
 
 def _touched(connection: Any) -> set[str]:
-    touched: set[str] | None = getattr(connection, "_tenantsafe_touched", None)
-    if touched is None:
-        touched = set()
-        connection._tenantsafe_touched = touched
-    return touched
+    return state.of(connection).schemas
 
 
 def _count(execute: Any, sql: Any, params: Any, many: bool, context: dict[str, Any]) -> Any:
@@ -147,10 +145,11 @@ def install(connection: BaseDatabaseWrapper | None = None, **kwargs: Any) -> Non
         connection_created.connect(_on_connection_created, dispatch_uid="tenantsafe.recycling")
         request_finished.connect(_on_request_finished, dispatch_uid="tenantsafe.recycling")
         return
-    if getattr(connection, "_tenantsafe_recycling", False):
+    kept = state.of(connection)
+    if kept.counting:
         return
     connection.execute_wrappers.append(_count)
-    connection._tenantsafe_recycling = True  # type: ignore[attr-defined]
+    kept.counting = True
 
 
 def _on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:

@@ -27,8 +27,8 @@ from django.db import DatabaseError, connections, transaction
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django.test.utils import CaptureQueriesContext
 
-from tenantsafe import guard
 from tenantsafe.errors import PooledStatementError, SchemaMissingError
+from tenantsafe.guard import state as guard_state
 from testproject.customers.models import Client, Domain
 from testproject.shop.models import Category, Product
 from tests.dbtools import (
@@ -399,7 +399,7 @@ def test_server_side_cursor_inside_atomic_is_left_to_the_transaction(tenants):
         assert next(rows).name.startswith("alpha-")
         Product.objects.create(name="alpha-new")
         assert sorted(p.name for p in rows) != []
-        assert guard._state(connection).stream is None
+        assert guard_state.of(connection).stream is None
     assert "alpha-new" in names("alpha")
 
 
@@ -487,7 +487,7 @@ def test_server_side_cursor_ends_with_the_connection(tenants):
     raw = connection.connection
     connection.close()
     assert raw.closed
-    assert guard._state(connection).stream is None
+    assert guard_state.of(connection).stream is None
     connection.set_tenant(tenants["alpha"])
     assert Product.objects.count() == len(PRODUCTS["alpha"])
 
@@ -505,7 +505,7 @@ def test_iterator_streams_in_bounded_memory(tenants):
         count = 0
         for _ in Product.objects.iterator(chunk_size=2000):
             if count == 0:
-                assert guard._state(connection).stream is not None
+                assert guard_state.of(connection).stream is not None
             count += 1
         _, peak = tracemalloc.get_traced_memory()
     finally:

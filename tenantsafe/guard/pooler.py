@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tenantsafe import conf
+from tenantsafe.guard import state
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,9 @@ def detect(connection: Any) -> Pooler:
         return Pooler(configured, "TENANTSAFE_TRANSACTION_POOLER", port, None)
     connection.ensure_connection()
     raw = connection.connection
-    cached: tuple[int, Pooler] | None = getattr(connection, "_tenantsafe_pooler", None)
-    if cached is not None and cached[0] == id(raw):
-        return cached[1]
+    kept = state.of(connection)
+    if kept.pooler is not None and kept.pooler[0] == id(raw):
+        return kept.pooler[1]
     with raw.cursor() as cursor:
         cursor.execute("SELECT inet_server_port()")
         server_port = cursor.fetchone()[0]
@@ -56,5 +57,10 @@ def detect(connection: Any) -> Pooler:
     else:
         pooled = int(server_port) != port
     found = Pooler(pooled, "detected", port, None if server_port is None else int(server_port))
-    connection._tenantsafe_pooler = (id(raw), found)
+    kept.pooler = (id(raw), found)
     return found
+
+
+def is_pooled(connection: Any) -> bool:
+    """Whether a transaction pooler may stand between this connection and PostgreSQL."""
+    return detect(connection).pooled

@@ -1,0 +1,87 @@
+"""What the guard keeps: per Django connection, under one attribute; per process, which
+aliases are guarded."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tenantsafe import conf
+from tenantsafe.guard.sql import Terms
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from tenantsafe.guard.pooler import Pooler
+
+# The one attribute tenantsafe sets on a Django connection (a DatabaseWrapper).
+ATTRIBUTE = "_tenantsafe"
+
+# libpq transaction status values; psycopg 3 and psycopg2 (``connection.info``) share them.
+IDLE = 0
+INTRANS = 2
+INERROR = 3
+
+
+@dataclass
+class Stream:
+    """A transaction the guard holds open for server-side cursors (by name) through a pooler."""
+
+    path: tuple[str, ...]
+    # The guarded cursor wrappers being read in it, by cursor name.
+    cursors: dict[str, weakref.ref[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ConnectionState:
+    # install() has put the guard on the connection.
+    installed: bool = False
+    # The path the current transaction is pinned to; None once it may have ended.
+    pinned: tuple[str, ...] | None = None
+    # Added to every transaction the guard pins (with_terms()).
+    terms: Terms | None = None
+    stream: Stream | None = None
+    # The check merged into the last statement (and whether it was %-escaped): left out of
+    # connection.queries.
+    merged: tuple[str, bool] | None = None
+    # What pooler.detect() found, for the driver connection with this id().
+    pooler: tuple[int, Pooler] | None = None
+    # tenantsafe.recycling: its counter is on the connection, and the tenant schemas the
+    # connection's statements ran in since it last recycled.
+    counting: bool = False
+    schemas: set[str] = field(default_factory=set)
+
+
+def of(connection: Any) -> ConnectionState:
+    state: ConnectionState | None = getattr(connection, ATTRIBUTE, None)
+    if state is None:
+        state = ConnectionState()
+        setattr(connection, ATTRIBUTE, state)
+    return state
+
+
+# How many guarding() blocks are open per alias, across the threads of this process.
+_guarded: collections.Counter[str] = collections.Counter()
+_guarded_lock = threading.Lock()
+
+
+def enter(alias: str) -> None:
+    with _guarded_lock:
+        _guarded[alias] += 1
+
+
+def leave(alias: str) -> None:
+    with _guarded_lock:
+        _guarded[alias] -= 1
+
+
+def is_guarded(alias: str) -> bool:
+    """Whether a guarding() block is open for ``alias`` (migrate_schemas_safe runs on it)."""
+    return _guarded[alias] > 0
+
+
+def is_active(connection: BaseDatabaseWrapper) -> bool:
+    return _guarded[connection.alias] > 0 or conf.runtime_guard_enabled()
