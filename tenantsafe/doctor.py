@@ -100,6 +100,21 @@ def _diagnose(alias: str, checked: list[Finding]) -> Report:
             )
 
     present = [TenantRef(public)] + [ref for ref in valid if ref.schema in namespaces]
+    _read_tenants(alias, report, present, namespaces)
+
+    report.findings.extend(_tenant_tables_in_public(alias, public, rows))
+    report.pooler = _pooler(alias)
+    report.findings.append(Finding(INFO, "pooler", None, report.pooler["description"]))
+    report.elapsed = time.monotonic() - started
+    return report
+
+
+def _read_tenants(
+    alias: str, report: Report, present: list[TenantRef], namespaces: dict[str, set[str]]
+) -> None:
+    """What grows with the tenants: migrations behind, content types and permissions,
+    catalog drift, catalog memory; public first in ``present``."""
+    public = present[0].schema
     complete: set[str] = set()
     tenants_present = present[1:]
     # The three reads that grow with the tenants, on three connections at once.
@@ -129,12 +144,6 @@ def _diagnose(alias: str, checked: list[Finding]) -> Report:
         cost = memory.estimate(alias, len(present) - 1, sample)
         report.catalog_memory = cost.as_json()
         report.findings.extend(filter(None, [cost.finding()]))
-
-    report.findings.extend(_tenant_tables_in_public(alias, public, rows))
-    report.pooler = _pooler(alias)
-    report.findings.append(Finding(INFO, "pooler", None, report.pooler["description"]))
-    report.elapsed = time.monotonic() - started
-    return report
 
 
 def _collisions(rows: list[TenantRef]) -> list[Finding]:

@@ -147,13 +147,17 @@ def _backends(alias: str) -> list[Backend]:
     directory, which only superusers and pg_read_all_settings may ask); else none."""
     try:
         with connections[alias].cursor() as cursor:
+            # Asked only when allowed: a refusal would abort the caller's transaction.
             cursor.execute(
-                "SELECT current_setting('data_directory'), array_agg(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND backend_type = 'client backend' "
-                "AND pid <> pg_backend_pid()"
+                "SELECT CASE WHEN pg_has_role('pg_read_all_settings', 'USAGE') "
+                "THEN current_setting('data_directory') END, array_agg(pid) "
+                "FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
             )
             data, pids = cursor.fetchone()
     except DatabaseError:
+        return []
+    if data is None:
         return []
     found = []
     for pid in pids or ():
