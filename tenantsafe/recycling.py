@@ -3,7 +3,7 @@
 Every PostgreSQL backend caches the catalog entries (relcache, catcache) of each relation it
 touches, and frees them only when it exits. A connection that serves thousands of tenants
 caches thousands of tenants' tables, indexes and sequences: hundreds of MB per backend (see
-the measured curve in docs/benchmarks.md). Behind a transaction pooler every server
+the measured curve in docs/catalog-memory.md). Behind a transaction pooler every server
 connection ends up serving every tenant, and the pool keeps them for hours.
 
 With ``TENANTSAFE_RECYCLE_AFTER_SCHEMAS = N`` a process counts, per connection alias and
