@@ -127,8 +127,8 @@ _RENAMEABLE = ("column", "constraint", "index")
 
 def differences(expected: Iterable[str], found: Iterable[str]) -> tuple[Difference, ...]:
     """What of the catalog lines ``expected`` is otherwise in ``found``, object by object."""
-    want = {(o.kind, o.table, o.name): o for o in map(_parse, expected)}
-    have = {(o.kind, o.table, o.name): o for o in map(_parse, found)}
+    want = {(o.kind, o.table, o.name): o for o in _renumbered(map(_parse, expected))}
+    have = {(o.kind, o.table, o.name): o for o in _renumbered(map(_parse, found))}
     missing = [want[k] for k in want.keys() - have.keys()]
     extra = [have[k] for k in have.keys() - want.keys()]
     # Objects of a missing or extra relation are not named one by one.
@@ -150,6 +150,50 @@ def differences(expected: Iterable[str], found: Iterable[str]) -> tuple[Differen
         if want[key] != have[key]:
             found_list += [(want[key], d) for d in _compare(want[key], have[key])]
     return tuple(d for _, d in sorted(_without_constraint_indexes(found_list), key=_position))
+
+
+def _renumbered(objects: Iterable[_Object]) -> list[_Object]:
+    """The objects with each table's columns numbered 1, 2, ... in their order, here and in
+    constraints and indexes. A dropped column leaves its number unused, which a schema
+    restored from a dump (or cloned) does not: the digests differ, the schemas do not."""
+    parsed = list(objects)
+    numbers: dict[str, dict[str, str]] = {}
+    for obj in parsed:
+        if obj.kind == "column":
+            numbers.setdefault(obj.table, {})[obj.attrs[0]] = ""
+    for by_number in numbers.values():
+        for place, number in enumerate(sorted(by_number, key=int), start=1):
+            by_number[number] = str(place)
+    return [_renumber(obj, numbers) for obj in parsed]
+
+
+def _renumber(obj: _Object, numbers: dict[str, dict[str, str]]) -> _Object:
+    own = numbers.get(obj.table, {})
+    attrs = list(obj.attrs)
+    if obj.kind == "column":
+        attrs[0] = own.get(attrs[0], attrs[0])
+    elif obj.kind == "constraint" and len(attrs) > 4:
+        # contype, deferrable, deferred, validated, conkey, then (a foreign key's) confkey and
+        # the table it references, named without the schema when it is this one.
+        attrs[4] = _mapped(attrs[4], own)
+        if attrs[0] == "f" and len(attrs) > 6:
+            attrs[5] = _mapped(attrs[5], numbers.get(attrs[6], {}))
+    elif obj.kind == "index":
+        # relam, tablespace, options (only when set, "{...}"), four flags, then the key.
+        key = 7 if len(attrs) > 2 and attrs[2].startswith("{") else 6
+        if len(attrs) > key:
+            attrs[key] = _mapped(attrs[key], own, vector=True)
+    return obj._replace(attrs=tuple(attrs))
+
+
+def _mapped(numbers: str, places: dict[str, str], *, vector: bool = False) -> str:
+    """Column numbers as PostgreSQL prints an array (``{1,2}``) or an int2vector (``1 2``),
+    each replaced by its place; 0 (an expression in an index) is no column."""
+    if vector:
+        return " ".join(places.get(n, n) for n in numbers.split(" "))
+    if not numbers.startswith("{"):
+        return numbers
+    return "{" + ",".join(places.get(n, n) for n in numbers[1:-1].split(",")) + "}"
 
 
 def _without_constraint_indexes(

@@ -90,7 +90,8 @@ def find(
         else:
             expected.append(_Expected(MOST, group.most, None))
     found = _compared(alias, groups, expected)
-    return [found[e.schema] for e in entries if e.schema in found]
+    # Alike but for how their columns are numbered (see catalog_lines): no drift.
+    return [found[e.schema] for e in entries if e.schema in found and found[e.schema].differences]
 
 
 def apart(alias: str, catalogs: dict[str, str]) -> list[Drift]:
@@ -131,7 +132,9 @@ def _compared(alias: str, groups: list[_Group], expected: list[_Expected]) -> di
 
 
 def grouped_apart(drifts: Sequence[Drift]) -> list[str]:
-    """What a deploy says of the tenants :func:`apart` found: one sentence per catalog."""
+    """What a deploy says of the tenants :func:`apart` found: one sentence per catalog. Those
+    alike but for how their columns are numbered are grouped apart too (their digests differ),
+    and said so."""
     by_catalog: dict[tuple[Difference, ...], list[Drift]] = {}
     for one in drifts:
         by_catalog.setdefault(one.differences, []).append(one)
@@ -142,11 +145,15 @@ def grouped_apart(drifts: Sequence[Drift]) -> list[str]:
         verb, pronoun = ("differs", "it is") if len(like) == 1 else ("differ", "they are")
         said.append(
             f"{names}{more} {verb} from the {like[0].alike} alike tenant(s) at the same "
-            f"migration state, so {pronoun} grouped apart: {describe(diff)}."
+            f"migration state, so {pronoun} grouped apart: {describe(diff) or _RENUMBERED}."
         )
     return said
 
 
+_RENUMBERED = (
+    "only the numbers of the columns of some table differ (where columns were dropped, a "
+    "schema restored from a dump or cloned numbers them anew)"
+)
 # Tenants named in a deploy's sentence about a catalog; the others are counted.
 _NAMED = 5
 

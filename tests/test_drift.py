@@ -4,6 +4,8 @@ says, found by the doctor in a few queries and named object by object."""
 from __future__ import annotations
 
 import io
+import re
+import subprocess
 from typing import Any
 
 import pytest
@@ -14,7 +16,15 @@ from django.test.utils import CaptureQueriesContext
 
 from tenantsafe import catalog_lines, doctor, drift, recording
 from tenantsafe.testing import create_tenant
-from tests.dbtools import connection, doctor_json, reads, sql
+from tests.dbtools import (
+    connection,
+    database_url,
+    doctor_json,
+    reads,
+    register_tenants,
+    scalar,
+    sql,
+)
 
 # Planted drift: (tenant, the SQL that makes it, what the doctor names).
 KINDS = [
@@ -130,6 +140,51 @@ def test_alike_tenants_and_tenants_at_another_state_are_not_drift():
 
 
 @pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
+def test_a_tenant_restored_from_a_dump_is_not_drift():
+    # Migrations leave the attribute numbers of dropped columns unused (contenttypes drops
+    # django_content_type.name); a schema restored from pg_dump numbers its columns anew.
+    for name in ("one", "two"):
+        create_tenant(name, name=name)
+    dump = subprocess.run(
+        ["pg_dump", "-n", "one", "--no-owner", "--no-privileges", database_url()],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    restored = re.sub(r"(?<![A-Za-z0-9_])one(?=[.;\s])", "restored", dump)
+    subprocess.run(
+        ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-1", database_url()],
+        input=restored,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    register_tenants(database_url(), ["restored"], create_schemas=False)
+    assert scalar(
+        "SELECT attnum FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'model'",
+        ['"restored".django_content_type'],
+    ) < scalar(
+        "SELECT attnum FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'model'",
+        ['"one".django_content_type'],
+    )
+    # The restored one is in the drift of neither reference (a recording, and the most).
+    report, _ = doctor_json()
+    assert [f for f in report["findings"] if f["kind"] == "catalog-drift"] == []
+    sql("DELETE FROM public.tenantsafe_recording")
+    report, _ = doctor_json()
+    assert [f for f in report["findings"] if f["kind"] == "catalog-drift"] == []
+    # A column moved is still named.
+    sql(
+        'ALTER TABLE "restored".notes_note DROP COLUMN body; '
+        "ALTER TABLE \"restored\".notes_note ADD COLUMN body text NOT NULL DEFAULT ''"
+    )
+    report, _ = doctor_json()
+    (found,) = [f for f in report["findings"] if f["kind"] == "catalog-drift"]
+    assert found["schema"] == "restored"
+    assert "position of notes_note.body differs" in found["message"]
+
+
+@pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
 def test_inside_a_transaction_the_doctor_sees_what_it_holds():
     # As in a TestCase: what the transaction changed is not visible to another connection,
     # so the doctor reads everything on this one.
@@ -236,13 +291,34 @@ class DifferencesTests(SimpleTestCase):
             (TITLE.replace("character varying(100)", "text"), "type of notes_note.title differs"),
             (TITLE.replace("\tt\t\t\t", "\tf\t\t\t"), "nullability of notes_note.title differs"),
             (TITLE + "'x'::text", "default of notes_note.title differs"),
-            (TITLE.replace("\t2\t", "\t3\t"), "position of notes_note.title differs"),
             (TITLE.replace("\t100\t", "\t950\t"), "collation of notes_note.title differs"),
         ]
         for line, named in cases:
             with self.subTest(named):
                 found = [line if x == TITLE else x for x in BASE]
                 assert self.describe(found).startswith(named)
+
+    def test_columns_in_another_order(self):
+        found = [
+            ID.replace("\t1\t", "\t2\t")
+            if x == ID
+            else TITLE.replace("\t2\t", "\t1\t")
+            if x == TITLE
+            else x
+            for x in BASE
+        ]
+        assert self.describe(found) == (
+            "position of notes_note.id differs; position of notes_note.title differs"
+        )
+
+    def test_numbers_left_unused_by_dropped_columns_are_no_difference(self):
+        # A column dropped after id: title is number 3, in the index on it too.
+        title_index = "index\tnotes_note\tnotes_title\t403\t0\tf\tf\tf\tt\t{}\t3126\t100\t0"
+        base = [*BASE, title_index.format(2)]
+        gap = [TITLE.replace("\t2\t", "\t3\t") if x == TITLE else x for x in BASE]
+        assert catalog_lines.differences(base, [*gap, title_index.format(3)]) == ()
+        moved = catalog_lines.differences(base, [*gap, title_index.format(1)])
+        assert catalog_lines.describe(moved) == "definition of index notes_title differs"
 
     def test_a_missing_table_is_named_once(self):
         found = [x for x in BASE if "\tnotes_note\t" not in x]
