@@ -59,6 +59,7 @@ __all__ = [
     "recorded",
     "reference_fingerprint",
     "register_tenants",
+    "restore_as",
     "scalar",
     "schemas_named",
     "signup_code",
@@ -298,3 +299,24 @@ def reads(captured: list[dict[str, str]]) -> list[str]:
     """The reads of CaptureQueriesContext's queries: SET search_path and transaction control
     (BEGIN/COMMIT) are not counted."""
     return [q["sql"] for q in captured if q["sql"].lstrip().startswith(("SELECT ", "WITH "))]
+
+
+def restore_as(source: str, name: str) -> None:
+    """A tenant ``name`` whose schema is ``source``'s dumped with pg_dump and restored under
+    the new name (with a tenant row and a domain), as a tenant restored from a backup is."""
+    url = database_url()
+    dump = subprocess.run(
+        ["pg_dump", "-n", source, "--no-owner", "--no-privileges", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    renamed = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(source)}(?=[.;\s])", name, dump)
+    subprocess.run(
+        ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-1", url],
+        input=renamed,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    register_tenants(url, [name], create_schemas=False)

@@ -4,8 +4,6 @@ says, found by the doctor in a few queries and named object by object."""
 from __future__ import annotations
 
 import io
-import re
-import subprocess
 from typing import Any
 
 import pytest
@@ -18,10 +16,9 @@ from tenantsafe import catalog_lines, doctor, drift, recording
 from tenantsafe.testing import create_tenant
 from tests.dbtools import (
     connection,
-    database_url,
     doctor_json,
     reads,
-    register_tenants,
+    restore_as,
     scalar,
     sql,
 )
@@ -145,21 +142,7 @@ def test_a_tenant_restored_from_a_dump_is_not_drift():
     # django_content_type.name); a schema restored from pg_dump numbers its columns anew.
     for name in ("one", "two"):
         create_tenant(name, name=name)
-    dump = subprocess.run(
-        ["pg_dump", "-n", "one", "--no-owner", "--no-privileges", database_url()],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    restored = re.sub(r"(?<![A-Za-z0-9_])one(?=[.;\s])", "restored", dump)
-    subprocess.run(
-        ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-1", database_url()],
-        input=restored,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    register_tenants(database_url(), ["restored"], create_schemas=False)
+    restore_as("one", "restored")
     assert scalar(
         "SELECT attnum FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'model'",
         ['"restored".django_content_type'],
