@@ -3,6 +3,7 @@ migrate_schemas, whole command.
 
     python -m bench.bench_deploy [--app small|large|both] [--tenants 150 2000] [--rounds 2]
                                  [--commands plain safe no-replay] [--models 150] [--jobs 2]
+                                 [--deploy schema data]
 
 For each app and tenant count, a prepared database (the golden one) holds public, migrated,
 and that many current tenants: clones of one schema migrated through Django (pg_dump, renamed,
@@ -13,9 +14,11 @@ larger one (CREATE DATABASE ... TEMPLATE, then the missing tenants).
 
 Then the deploy: one new migration, an ``AddField`` plus an ``AddIndex`` on an existing tenant
 model (``shop.Product`` on the test project, ``--app small``; the ``Hub`` of a generated app of
-``--models`` models, ``--app large``, see ``bench/_bigapp.py``). Only the measured commands
-see it: ``bench/deploy_settings.py`` points the app's ``MIGRATION_MODULES`` at a temporary copy
-of its migrations plus the new one (the model classes do not get the field).
+``--models`` models, ``--app large``, see ``bench/_bigapp.py``); with ``--deploy data``, a
+``RunPython`` between the two that counts the tenant's rows of that model and writes the count
+into every row (each tenant has 8 to 12 of them). Only the measured commands see it:
+``bench/deploy_settings.py`` points the app's ``MIGRATION_MODULES`` at a temporary copy of its
+migrations plus the new one (the model classes do not get the field).
 
 ``--rounds`` takes one number, or one per tenant count (``--tenants 150 500 --rounds 2 1``).
 Per round, each command runs as a deploy runs it (public and tenants, default verbosity) on its
@@ -28,7 +31,8 @@ commands left; then that copy is dropped, so the disk holds the golden database 
 
 The SQL alone: after the first command of the first round, the migration's SQL (``sqlmigrate``,
 its column and index renamed) runs in every tenant of that copy through psycopg, one
-transaction each with ``SET LOCAL search_path``, together with its django_migrations row. With
+transaction each with ``SET LOCAL search_path``, together with its django_migrations row (and,
+for the data deploy, the ``RunPython``'s own two statements: the count and the update). With
 two or more tenant counts, each command's cost per tenant between the smallest and the largest
 count is set against it.
 
@@ -91,6 +95,12 @@ CATALOGS = (
 _DEPLOY = """from django.db import migrations, models
 
 
+def count_rows(apps, schema_editor):
+    model = apps.get_model("{label}", "{model}")
+    rows = model.objects.using(schema_editor.connection.alias)
+    rows.update({field}=rows.count())
+
+
 class Migration(migrations.Migration):
     dependencies = [("{label}", "{previous}")]
 
@@ -99,13 +109,19 @@ class Migration(migrations.Migration):
             model_name="{model}",
             name="{field}",
             field=models.IntegerField(default=0),
-        ),
+        ),{python}
         migrations.AddIndex(
             model_name="{model}",
             index=models.Index(fields=["{field}"], name="{index}"),
         ),
     ]
 """
+_PYTHON = """
+        migrations.RunPython(count_rows, migrations.RunPython.noop),"""
+# Rows of the deploy's model in the template schema; each clone drops 0 to 4 of them.
+ROWS = 12
+DEPLOYS = {"schema": "AddField + AddIndex", "data": "AddField + RunPython + AddIndex"}
+TARGETS = {"schema": "<= 0.1 at 2,000 tenants", "data": "<= 0.3 at 150, <= 0.15 at 2,000"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +143,19 @@ class App:
     def index(self) -> str:
         return f"{self.table}_deploy_idx"
 
-    @property
-    def module(self) -> str:
-        return f"bench_deploy_{self.label}"
+    def seed(self, schema: str) -> str:
+        """SQL giving ``schema`` ROWS rows of the deploy's model."""
+        columns = "code, rank" if self.bigapp else "name, sku, price_cents"
+        values = "'r' || g, g" if self.bigapp else "'r' || g, '', g"
+        return (
+            f'INSERT INTO "{schema}".{self.table} ({columns}) '
+            f"SELECT {values} FROM generate_series(1, {ROWS}) g"
+        )
 
-    def env(self, url: str, *, deploy: bool, tmp: str) -> dict[str, str]:
+    def module(self, deploy: str) -> str:
+        return f"bench_deploy_{self.label}_{deploy}"
+
+    def env(self, url: str, *, deploy: str, tmp: str) -> dict[str, str]:
         env = {
             **os.environ,
             "DATABASE_URL": url,
@@ -146,12 +170,13 @@ class App:
         if self.bigapp:
             env["BENCH_DEPLOY_BIGAPP"] = "1"
         if deploy:
-            env["BENCH_DEPLOY_MIGRATION_MODULES"] = f"{self.label}={self.module}"
+            env["BENCH_DEPLOY_MIGRATION_MODULES"] = f"{self.label}={self.module(deploy)}"
         return env
 
-    def write_deploy(self) -> str:
-        """The app's migrations plus the deploy's, as the package ``module``; its name."""
-        package = self.workdir / self.module
+    def write_deploy(self, deploy: str) -> str:
+        """The app's migrations plus the deploy's, as the package ``module(deploy)``; the new
+        migration's name."""
+        package = self.workdir / self.module(deploy)
         package.mkdir()
         for source in self.migrations.glob("*.py"):
             shutil.copy(source, package / source.name)
@@ -164,6 +189,7 @@ class App:
                 model=self.model,
                 field=FIELD,
                 index=self.index,
+                python=_PYTHON if deploy == "data" else "",
             )
         )
         return name
@@ -180,7 +206,7 @@ def make_app(key: str, workdir: Path, models: int) -> App:
     )
 
 
-def manage(app: App, url: str, *args: str, deploy: bool) -> tuple[float, str]:
+def manage(app: App, url: str, *args: str, deploy: str = "") -> tuple[float, str]:
     """Run manage.py in a fresh process; its wall time (process start to exit) and stdout."""
     with tempfile.TemporaryDirectory() as tmp:
         env = app.env(url, deploy=deploy, tmp=tmp)
@@ -283,9 +309,10 @@ def prepare(app: App, dbs: Databases, count: int, jobs: int, grown: Golden | Non
     if grown is None:
         name = dbs.create("bdeploy")
         url = dbs.url(name)
-        manage(app, url, "migrate_schemas", "--shared", "-v0", deploy=False)
+        manage(app, url, "migrate_schemas", "--shared", "-v0")
         register_tenants(url, [TEMPLATE])
-        manage(app, url, "migrate_schemas", "--tenant", "-v0", deploy=False)
+        manage(app, url, "migrate_schemas", "--tenant", "-v0")
+        psql(url, app.seed(TEMPLATE))
         dump = subprocess.run(
             ["pg_dump", "-n", TEMPLATE, "--no-owner", "--no-privileges", url],
             capture_output=True,
@@ -321,6 +348,9 @@ def prepare(app: App, dbs: Databases, count: int, jobs: int, grown: Golden | Non
             "SELECT n, n, now() FROM unnest(%s::text[]) AS n",
             [new],
         )
+        # Tenants of their own size: the data deploy's count differs from one to the next.
+        for number, tenant in enumerate(new, start=len(golden.names)):
+            conn.execute(f'DELETE FROM "{tenant}".{app.table} WHERE id <= {number % 5}')
         restored = time.perf_counter() - restoring
         analysing = time.perf_counter()
         conn.execute("VACUUM ANALYZE " + ", ".join(f"pg_catalog.{t}" for t in CATALOGS))
@@ -358,8 +388,18 @@ def room_for(golden: Golden) -> None:
         )
 
 
-def check(app: App, url: str, names: list[str], migration: str) -> dict[str, Any]:
-    """Every tenant (and public) migrated; the catalog of three tenants."""
+@dataclasses.dataclass(frozen=True)
+class Deploy:
+    """One kind of deploy (a key of DEPLOYS) and the name of its migration."""
+
+    kind: str
+    migration: str
+
+
+def check(app: App, url: str, names: list[str], deploy: Deploy) -> dict[str, Any]:
+    """Every tenant (and public) migrated, each with its own count for the data deploy; the
+    catalog of three tenants."""
+    migration = deploy.migration
     with connect(url) as conn:
         registered = conn.execute(
             "SELECT count(*) FROM public.customers_client WHERE schema_name <> 'public'"
@@ -377,6 +417,15 @@ def check(app: App, url: str, names: list[str], migration: str) -> dict[str, Any
             "AND i.indexname = %s)",
             [names, app.table, app.index],
         ).fetchone()[0]
+        miscounted = [
+            schema
+            for schema in names
+            if deploy.kind == "data"
+            and conn.execute(
+                f'SELECT count(*) FILTER (WHERE {FIELD} <> n) FROM "{schema}".{app.table}, '
+                f'(SELECT count(*) n FROM "{schema}".{app.table}) c'
+            ).fetchone()[0]
+        ]
         without_row = [
             schema
             for schema in ["public", *names]
@@ -390,6 +439,11 @@ def check(app: App, url: str, names: list[str], migration: str) -> dict[str, Any
         problems.append(f"{registered} tenant rows, not {len(names)}")
     if without_column:
         problems.append(f"{without_column} tenant(s) without the column {app.table}.{FIELD}")
+    if miscounted:
+        problems.append(
+            f"{len(miscounted)} tenant(s) whose {FIELD} is not their row count "
+            f"(first {', '.join(miscounted[:3])})"
+        )
     if without_index:
         problems.append(f"{without_index} tenant(s) without the index {app.index}")
     if without_row:
@@ -406,7 +460,7 @@ def samples(names: list[str]) -> list[str]:
     return sorted({names[0], names[len(names) // 2], names[-1]})
 
 
-def sql_alone(app: App, url: str, names: list[str], migration: str) -> list[float]:
+def sql_alone(app: App, url: str, names: list[str], deploy: Deploy) -> list[float]:
     """The migration's SQL in every tenant, one psycopg transaction each; seconds per tenant.
 
     The copy is migrated already, so the column and the index get other names (the table, the
@@ -417,9 +471,9 @@ def sql_alone(app: App, url: str, names: list[str], migration: str) -> list[floa
         "tenant_command",
         "sqlmigrate",
         app.label,
-        migration,
+        deploy.migration,
         f"--schema={names[0]}",
-        deploy=True,
+        deploy=deploy.kind,
     )
     sql = "\n".join(
         line
@@ -431,9 +485,12 @@ def sql_alone(app: App, url: str, names: list[str], migration: str) -> list[floa
     )
     if f'"{FIELD}_sql"' not in sql or f'"{app.index}_sql"' not in sql:
         raise SystemExit(f"sqlmigrate gave no column and index to rename:\n{out}")
+    if deploy.kind == "data":
+        # The RunPython's own statements: the count, and the update with the count it read.
+        sql += f"\nUPDATE {app.table} SET {FIELD}_sql = (SELECT count(*) FROM {app.table});"
     record = (
         "INSERT INTO django_migrations (app, name, applied) "
-        f"VALUES ('{app.label}', '{migration}_sql', now());"
+        f"VALUES ('{app.label}', '{deploy.migration}_sql', now());"
     )
     times = []
     with connect(url) as conn:
@@ -446,8 +503,9 @@ def sql_alone(app: App, url: str, names: list[str], migration: str) -> list[floa
 
 @dataclasses.dataclass
 class Measured:
-    """What one app at one tenant count gave."""
+    """What one app at one tenant count and one kind of deploy gave."""
 
+    deploy: Deploy
     count: int
     times: dict[str, list[float]]
     ratios: dict[str, list[float]]
@@ -461,14 +519,14 @@ def measure(
     app: App,
     dbs: Databases,
     golden: Golden,
-    migration: str,
+    deploy: Deploy,
     commands: list[str],
     rounds: int,
     executor: str,
 ) -> Measured:
     names = golden.names
     result = Measured(
-        len(names), {c: [] for c in commands}, {c: [] for c in commands}, [], [], [], []
+        deploy, len(names), {c: [] for c in commands}, {c: [] for c in commands}, [], [], [], []
     )
     for number in range(rounds):
         shift = number % len(commands)
@@ -484,11 +542,11 @@ def measure(
             url = dbs.url(copy)
             result.loads.append(os.getloadavg()[0])
             times[command], outputs[command] = manage(
-                app, url, *COMMANDS[command], f"--executor={executor}", deploy=True
+                app, url, *COMMANDS[command], f"--executor={executor}", deploy=deploy.kind
             )
-            prints[command] = check(app, url, names, migration)
+            prints[command] = check(app, url, names, deploy)
             if number == 0 and not result.sql:
-                result.sql = sql_alone(app, url, names, migration)
+                result.sql = sql_alone(app, url, names, deploy)
             dbs.drop(copy)
         reference = commands[0]
         for command in commands[1:]:
@@ -535,8 +593,8 @@ def report(app: App, results: list[Measured], commands: list[str]) -> None:
     for measured in results:
         loads = f"{min(measured.loads):.1f} to {max(measured.loads):.1f}"
         print(
-            f"{app.title}, {measured.count} current tenants, one new migration (AddField + "
-            f"AddIndex), {len(measured.times['plain'])} round(s) (python "
+            f"{app.title}, {measured.count} current tenants, one new migration "
+            f"({DEPLOYS[measured.deploy.kind]}), {len(measured.times['plain'])} round(s) (python "
             f"{sys.version.split()[0]}, load average {loads}):"
         )
         for command in commands:
@@ -545,7 +603,7 @@ def report(app: App, results: list[Measured], commands: list[str]) -> None:
             if measured.ratios[command]:
                 line += f", {median(measured.ratios[command]):.3f} of plain"
                 if command == "safe":
-                    line += " (target <= 0.1 at 2,000 tenants)"
+                    line += f" (target {TARGETS[measured.deploy.kind]})"
             print(line)
         sql = measured.sql
         print(
@@ -553,16 +611,21 @@ def report(app: App, results: list[Measured], commands: list[str]) -> None:
             f"{sum(sql):.1f} s for all {len(sql)}); a copy of the prepared database took "
             f"{median(measured.copies):.1f} s (median)"
         )
-    if len(results) < 2:
-        return
-    low, high = results[0], results[-1]
+    for kind in DEPLOYS:
+        of_kind = [m for m in results if m.deploy.kind == kind]
+        if len(of_kind) >= 2:
+            per_tenant(app, of_kind[0], of_kind[-1], commands)
+
+
+def per_tenant(app: App, low: Measured, high: Measured, commands: list[str]) -> None:
     span = high.count - low.count
     parts = [
         f"{label(c)} {(median(high.times[c]) - median(low.times[c])) / span * 1000:.1f} ms"
         for c in commands
     ]
     print(
-        f"{app.title}, cost per tenant from {low.count} to {high.count} tenants: "
+        f"{app.title}, {DEPLOYS[low.deploy.kind]}, cost per tenant from {low.count} to "
+        f"{high.count} tenants: "
         + ", ".join(parts)
         + f"; the SQL alone {median(low.sql) * 1000:.1f} ms at {low.count} and "
         f"{median(high.sql) * 1000:.1f} ms at {high.count}"
@@ -577,7 +640,7 @@ def run_app(key: str, ns: argparse.Namespace, workdir: Path) -> None:
     appdir = workdir / key
     appdir.mkdir()
     app = make_app(key, appdir, ns.models)
-    migration = app.write_deploy()
+    deploys = [Deploy(kind, app.write_deploy(kind)) for kind in ns.deploy]
     commands = list(ns.commands)
     results: list[Measured] = []
     with Databases() as dbs:
@@ -587,12 +650,13 @@ def run_app(key: str, ns: argparse.Namespace, workdir: Path) -> None:
             if "no-replay" in commands and not supports_no_replay(app, dbs.url(golden.name)):
                 print("  migrate_schemas_safe has no --no-replay (yet): that column is left out")
                 commands.remove("no-replay")
-            results.append(measure(app, dbs, golden, migration, commands, rounds, ns.executor))
+            for deploy in deploys:
+                results.append(measure(app, dbs, golden, deploy, commands, rounds, ns.executor))
     report(app, results, commands)
 
 
 def supports_no_replay(app: App, url: str) -> bool:
-    _, out = manage(app, url, "migrate_schemas_safe", "--help", deploy=False)
+    _, out = manage(app, url, "migrate_schemas_safe", "--help")
     return "--no-replay" in out
 
 
@@ -617,6 +681,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--models", type=int, default=150, help="models of the large app")
     parser.add_argument("--jobs", type=int, default=2, help="psql processes restoring clones")
     parser.add_argument("--executor", default="standard")
+    parser.add_argument("--deploy", nargs="+", choices=list(DEPLOYS), default=list(DEPLOYS))
     ns = parser.parse_args(argv)
     if len(ns.rounds) == 1:
         ns.rounds *= len(ns.tenants)

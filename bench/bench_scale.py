@@ -40,8 +40,8 @@ from pathlib import Path
 
 from bench import _many
 from bench._db import server
+from bench.bench_deploy import Deploy, make_app
 from bench.bench_deploy import check as deployed
-from bench.bench_deploy import make_app
 from testproject.dbtools import ROOT, connect, direct_url, with_dbname
 
 STEPS = ["noop", "check", "doctor", "deploy"]
@@ -188,7 +188,7 @@ def doctor(url: str, ns: argparse.Namespace) -> None:
 def deploy(golden: str, ns: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         app = make_app("small", Path(tmp), 0)
-        migration = app.write_deploy()
+        migration = Deploy("schema", app.write_deploy("schema"))
         names = _many.names(ns.tenants)
         commands = [("migrate_schemas_safe", "safe")] + ([("migrate_schemas", "plain")] * ns.plain)
         runs: dict[str, Run] = {}
@@ -198,7 +198,7 @@ def deploy(golden: str, ns: argparse.Namespace) -> None:
             copied = time.perf_counter() - copying
             try:
                 url = with_dbname(direct_url(), copy)
-                env = app.env(url, deploy=True, tmp=tmp)
+                env = app.env(url, deploy=migration.kind, tmp=tmp)
                 profile = _prof(ns, "deploy") if label == "safe" else None
                 run = command(url, name, f"--executor={ns.executor}", profile=profile, env=env)
                 deployed(app, url, names, migration)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
+
+import django
 
 # The version from its one source, without importing the package (which needs Django).
 _INIT = Path(__file__).resolve().parent.parent / "tenantsafe" / "__init__.py"
@@ -15,7 +19,14 @@ project = "tenantsafe"
 author = "the tenantsafe authors"
 copyright = "2026, the tenantsafe authors"
 
-extensions = ["myst_parser"]
+# autodoc imports the public modules (docs/api.rst), which need configured Django settings.
+sys.path.insert(0, str(_INIT.parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
+django.setup()
+
+extensions = ["myst_parser", "sphinx.ext.autodoc"]
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build"]
 # Section links such as [what to expect](runtime-guard.md#what-to-expect) are checked at

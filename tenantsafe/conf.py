@@ -64,3 +64,15 @@ def recycle_after_schemas() -> int:
     0: never. A value that is not a whole number above 0 counts as 0 (check E010 says so)."""
     value = getattr(settings, "TENANTSAFE_RECYCLE_AFTER_SCHEMAS", None)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def warm_migrations() -> bool:
+    """Whether migrate_schemas_safe shares the migration graph and project states between the
+    tenants it migrates through Django (tenantsafe.warm)."""
+    return bool(getattr(settings, "TENANTSAFE_WARM_MIGRATIONS", True))
+
+
+def subprocess_parallel() -> int:
+    """django-tenants' TENANT_SUBPROCESS_PARALLEL: the workers ``--executor=subprocess`` gets
+    when no --parallel is given."""
+    return max(1, int(getattr(settings, "TENANT_SUBPROCESS_PARALLEL", 1) or 1))

@@ -47,6 +47,8 @@ class RunOptions:
     max_failures: int | None = None
     # Apply a plan by replay to tenants like two witnesses (tenantsafe.migrate.deploy).
     replay: bool = True
+    # Forked workers of the multiprocessing executor; None: TENANT_MULTIPROCESSING_MAX_PROCESSES.
+    processes: int | None = None
 
     @classmethod
     def from_command(
@@ -58,9 +60,17 @@ class RunOptions:
         lock_timeout: str | float,
         lock_retries: int,
         replay: bool = True,
+        subprocess_parallel: int = 1,
     ) -> RunOptions:
         # --run-syncdb and --prune make migrate write even with an empty plan.
         skip = not (options.get("no_skip") or options.get("run_syncdb") or options.get("prune"))
+        processes = None
+        if executor == "subprocess":
+            # django-tenants' subprocess executor starts a Python per tenant, which would run
+            # migrate unguarded and cold: its --parallel N becomes N forked workers of the
+            # run's own, which share its warm state.
+            executor = "multiprocessing"
+            processes = int(options.get("parallel") or subprocess_parallel)
         return cls(
             database=options["database"],
             # This command ran the system checks once already (unless skipped); migrate
@@ -84,4 +94,5 @@ class RunOptions:
             ),
             max_failures=1 if options.get("fail_fast") else options.get("max_failures"),
             replay=replay and not options.get("no_replay"),
+            processes=processes,
         )

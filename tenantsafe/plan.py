@@ -126,6 +126,17 @@ class Plan:
         return not self.steps and not self.unrecorded
 
 
+@dataclass(frozen=True)
+class ExecutorPlan:
+    """A plan as Django's executor holds it: the loader (its graph), the applied migrations
+    as the loader counts them, the targets and the (migration, backwards) steps."""
+
+    loader: MigrationLoader
+    applied: dict[Key, Any]
+    targets: list[tuple[str, str | None]]
+    plan: list[tuple[Any, bool]]
+
+
 @dataclass
 class Planner:
     """Plans ``migrate [app_label [migration_name]]`` for a schema from its applied set."""
@@ -158,6 +169,17 @@ class Planner:
         return self._plans[applied]
 
     def _plan(self, recorded: frozenset[Key]) -> Plan | None:
+        found = self.executor_plan(recorded)
+        if found is None:
+            return None
+        return Plan(
+            tuple((m.app_label, m.name, backwards) for m, backwards in found.plan),
+            tuple(sorted(set(found.applied) - recorded)),
+        )
+
+    def executor_plan(self, recorded: frozenset[Key]) -> ExecutorPlan | None:
+        """What ``migrate`` would do for a schema that recorded ``recorded``, as its executor
+        sees it; None when that is not known here."""
         replacements = self._executor.loader.replacements
         partial = frozenset(
             key
@@ -188,10 +210,7 @@ class Planner:
             steps = self._executor.migration_plan(targets)
         finally:
             self._executor.loader = self._loaders[frozenset()]
-        return Plan(
-            tuple((m.app_label, m.name, backwards) for m, backwards in steps),
-            tuple(sorted(set(applied) - recorded)),
-        )
+        return ExecutorPlan(loader, applied, targets, steps)
 
     def _loader(self, partial: frozenset[Key]) -> MigrationLoader:
         loader = self._loaders.get(partial)

@@ -296,7 +296,8 @@ def test_a_plan_with_runpython_gives_every_tenant_its_own_value(new_migrations):
     with override_settings(MIGRATION_MODULES={"notes": package}):
         out, _ = migrate(tenant=True)
 
-    assert summary(out) == {**summary(out), "total": 4, "migrated": 4, "replayed": 0}
+    # Two witnesses; the others replayed, the RunPython run in each of them.
+    assert summary(out) == {**summary(out), "total": 4, "migrated": 2, "replayed": 2}
     for name in names:
         assert sql(f'SELECT notes FROM "{name}".notes_tally') == [(before[name],)]
     assert len(set(before.values())) == 4

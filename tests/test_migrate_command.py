@@ -8,7 +8,7 @@ import pytest
 from django.core.management.base import CommandError
 
 from testproject.customers.models import Client
-from tests.dbtools import add_tenant, last_output, migrate, recorded, scalar, tables
+from tests.dbtools import add_tenant, last_output, migrate, recorded, scalar, summary, tables
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
 
@@ -195,9 +195,24 @@ def test_schema_option_for_a_missing_schema_names_the_fix():
 
 def test_unguardable_executor_is_refused():
     add_tenant("alpha")
-    with pytest.raises(CommandError, match="cannot guard the 'subprocess' executor"):
-        migrate(tenant=True, executor="subprocess")
+    with pytest.raises(CommandError, match="cannot guard the 'celery' executor"):
+        migrate(tenant=True, executor="celery")
     assert "shop_product" not in tables("alpha")
+
+
+def test_the_subprocess_executor_runs_on_parallel_forked_workers(capfd):
+    add_tenant("alpha")
+    add_tenant("beta")
+    add_tenant("gamma")
+
+    out, _ = migrate(tenant=True, executor="subprocess", parallel=2, no_replay=True)
+
+    assert summary(out) == {**summary(out), "migrated": 3, "failed": 0}
+    # migrate's own lines, written by the forked workers.
+    printed = capfd.readouterr().out
+    assert "multiprocessing:alpha] === Starting migration" in printed
+    for name in ("alpha", "beta", "gamma"):
+        assert "shop_product" in tables(name)
 
 
 def test_verbosity_zero_prints_nothing_on_success():

@@ -9,8 +9,10 @@ that recording into the others. The rule that decides when that is the same as m
    tenant type and applied migrations (hence the same plan), the same catalog
    (:func:`tenantsafe.recording.catalogs`) and the same content types and permissions, the small
    tables post_migrate reads, compared without their ids (tenants created at different times
-   often number them differently). Plans that unapply, hold a ``RunPython`` or a non-atomic
-   migration are never replayed, nor are groups of fewer than ``MIN_GROUP`` tenants.
+   often number them differently). Plans that unapply or hold a non-atomic migration are
+   never replayed, nor are groups of fewer than ``MIN_GROUP`` tenants. A plan that holds
+   ``RunPython`` is, when the witnesses migrate warm: their recordings mark where each
+   RunPython ran, and each replay runs it in the tenant (:func:`witness.replay_into`).
 2. **Witnesses** (:mod:`tenantsafe.migrate.witness`). The first two tenants of a group are
    migrated through Django, recorded. Replay is used only when both recordings are the same
    text, name neither witness (schema, domain, field values), read the same tables, and leave
@@ -39,6 +41,7 @@ executor's connections (:meth:`~tenantsafe.migrate.executor.Executor.on_connecti
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -49,13 +52,13 @@ from django_tenants.migration_executors import base as upstream
 from django_tenants.signals import schema_migrated, schema_pre_migration
 
 from tenantsafe import drift, guard, locks, recording
-from tenantsafe.errors import ReplayMismatch, SearchPathError
-from tenantsafe.migrate import failures
+from tenantsafe.migrate import failures, warm
 from tenantsafe.migrate.executor import Executor
 from tenantsafe.migrate.groups import MIN_GROUP, WITNESSES, Group, Grouping, grouped, rows_of
 from tenantsafe.migrate.output import say
 from tenantsafe.migrate.skipping import Planned
-from tenantsafe.migrate.witness import Witness, replay_into, witnessed
+from tenantsafe.migrate.states import WarmPlan, watching_python
+from tenantsafe.migrate.witness import Witness, pythons, replay_into, witnessed
 from tenantsafe.options import RunOptions
 from tenantsafe.results import MIGRATED, NOT_ATTEMPTED, REPLAYED, TenantRef, TenantResult
 
@@ -103,7 +106,12 @@ class DeployRun:
     def _grouping(self) -> Grouping | None:
         """The groups of alike tenants and the others, said on stdout; None if unknown."""
         try:
-            grouping = grouped(self.alias, self.planned.entries, self.planned.loader)
+            grouping = grouped(
+                self.alias,
+                self.planned.entries,
+                self.planned.loader,
+                python=warm.current(self.alias) is not None,
+            )
         except Exception:
             logger.warning("cannot group tenants for replay; migrating all", exc_info=True)
             failures.reset(self.alias)
@@ -126,7 +134,7 @@ class DeployRun:
     def _group(self, group: Group) -> None:
         """One group: its first witness, then the rest (or those numbering ids alike)."""
         first, *rest = group.tenants
-        one = self._witness(first)
+        one = self._witness(first, group)
         apart: list[TenantRef] = []
         if one is not None and not one.problem and not one.without_ids and group.exact:
             # The recording writes rows, which may hold content type or permission ids: only
@@ -173,7 +181,7 @@ class DeployRun:
         if one is None or before is None or why:
             self._not_replaying(group, (second, *others), why)
             return
-        two = self._witness(second)
+        two = self._witness(second, group)
         why = one.agrees_with(two) if two is not None else "the second witness failed"
         if why or two is None:
             self._not_replaying(group, others, why)
@@ -181,7 +189,7 @@ class DeployRun:
         alike = [
             t for t in others if not one.tables or before.get(t.schema) == before[second.schema]
         ]
-        self._replay_all(alike, two)
+        self._replay_all(alike, two, self._warm_plan(group))
         self._without_replay([t for t in others if t not in set(alike)])
 
     def _rows_before(
@@ -198,14 +206,15 @@ class DeployRun:
             failures.reset(self.alias)
             return None
 
-    def _witness(self, tenant: TenantRef) -> Witness | None:
-        """Migrate ``tenant`` through Django, recording what it sent; None when it cannot
-        stand for others."""
+    def _witness(self, tenant: TenantRef, group: Group) -> Witness | None:
+        """Migrate ``tenant`` through Django, recording what it sent (each RunPython's own
+        statements set aside, where it ran marked); None when it cannot stand for others."""
         connection: Any = connections[self.alias]
         recorder = recording.Recorder(tenant.schema)
         connection.execute_wrappers.insert(0, recorder)
         try:
-            result = self.executor.attempt(tenant)
+            with watching_python(lambda python: recorder.aside(python.marker)):
+                result = self.executor.attempt(tenant)
         finally:
             connection.execute_wrappers.remove(recorder)
         self.results.append(result)
@@ -213,11 +222,16 @@ class DeployRun:
             return None
         try:
             with guard.guarding(self.alias):
-                return witnessed(self.alias, recorder, tenant)
+                found = witnessed(self.alias, recorder, tenant)
         except Exception:
             logger.warning("cannot use %s as a witness", tenant.schema, exc_info=True)
             failures.reset(self.alias)
             return None
+        if not found.problem and pythons(found.sql) != group.pythons:
+            # Its migration did not run warm (so its RunPython's statements are in the
+            # recording as if they were the schema's): never replayed.
+            return dataclasses.replace(found, problem="its RunPython operations were not marked")
+        return found
 
     def _not_replaying(self, group: Group, tenants: Sequence[TenantRef], why: str) -> None:
         if tenants:
@@ -232,12 +246,19 @@ class DeployRun:
         """The tenants replay does not take: through Django, on the executor."""
         self.results += self.executor.run(tenants)
 
-    def _replay_all(self, tenants: Sequence[TenantRef], witness: Witness) -> None:
+    def _warm_plan(self, group: Group) -> WarmPlan | None:
+        """Where a group's RunPython operations find their historical models."""
+        run = warm.current(self.alias)
+        return run.plan_for(group.applied) if run is not None and group.pythons else None
+
+    def _replay_all(
+        self, tenants: Sequence[TenantRef], witness: Witness, warm_plan: WarmPlan | None
+    ) -> None:
         """Replay ``witness``'s recording into ``tenants``, on the executor's connections;
         those it rolls back for go through Django. Signals, and migrations through Django,
         stay in this thread."""
         failed: list[TenantRef] = []
-        work = functools.partial(self._replay_one, witness=witness)
+        work = functools.partial(self._replay_one, witness=witness, warm_plan=warm_plan)
         for tenant, result in self.executor.on_connections(tenants, work):
             if result is None:
                 failed.append(tenant)
@@ -251,7 +272,9 @@ class DeployRun:
         for tenant in failed:
             self.results.append(self.executor.attempt(tenant))
 
-    def _replay_one(self, tenant: TenantRef, witness: Witness) -> TenantResult | None:
+    def _replay_one(
+        self, tenant: TenantRef, witness: Witness, warm_plan: WarmPlan | None
+    ) -> TenantResult | None:
         """Replay ``witness``'s recording into ``tenant``; None when it rolled back."""
         if self.stop.requested():
             return TenantResult(tenant.schema, NOT_ATTEMPTED)
@@ -259,9 +282,13 @@ class DeployRun:
         try:
             with guard.guarding(alias), locks.leased(alias, tenant.schema) as lease:
                 timeout = self.opts.lock_timeout_ms or None
-                replay_into(alias, tenant, witness, lease, lock_timeout_ms=timeout)
+                replay_into(
+                    alias, tenant, witness, lease, lock_timeout_ms=timeout, warm_plan=warm_plan
+                )
                 lease.complete()
-        except (ReplayMismatch, DatabaseError, SearchPathError) as exc:
+        except Exception as exc:
+            # A difference, a database error, or a RunPython that raised in this tenant: all
+            # of it rolled back, and Django's migrate says what it says.
             logger.warning(
                 "schema %s: the replay of %s's migration rolled back (%s); migrating it "
                 "through Django",

@@ -95,7 +95,7 @@ class Executor:
         count = len(tenants)
         if self.forks and count > 1:
             work = functools.partial(self._in_worker, path, count)
-            return pool.run_forked(work, tenants, self.opts.database)
+            return pool.run_forked(work, tenants, self.opts.database, wanted=self.opts.processes)
         return [self.attempt(tenant, path, Place(idx, count)) for idx, tenant in enumerate(tenants)]
 
     def _in_worker(
@@ -109,7 +109,7 @@ class Executor:
     ) -> Iterator[tuple[TenantRef, T]]:
         """``work`` for every tenant, on as many threads (each with its own connection) as the
         executor has processes; each (tenant, what it returned) as it comes."""
-        threads = min(pool.processes() if self.forks else 1, len(tenants))
+        threads = min(pool.processes(self.opts.processes) if self.forks else 1, len(tenants))
         if threads <= 1:
             for tenant in tenants:
                 yield tenant, work(tenant)

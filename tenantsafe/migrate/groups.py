@@ -33,6 +33,10 @@ class Group:
     # Each tenant's content types and permissions with their ids (KEYED, exactly): a
     # recording that writes rows is replayed only where they are the witness's.
     exact: tuple[str | None, ...] = ()
+    # The migrations the tenants have applied (the same in all of them).
+    applied: frozenset[plan.Key] = frozenset()
+    # How many RunPython operations the plan holds: a witness's recording marks each.
+    pythons: int = 0
 
     def exactly_like(self, tenant: TenantRef, others: Sequence[TenantRef]) -> list[TenantRef]:
         """Those of ``others`` whose KEYED rows are ``tenant``'s, ids included."""
@@ -47,28 +51,47 @@ class Group:
         for tenant in tenants:
             split.setdefault(by_schema[tenant.schema], []).append(tenant)
         return [
-            Group(self.tenant_type, tuple(refs), tuple(by_schema[t.schema] for t in refs))
+            Group(
+                self.tenant_type,
+                tuple(refs),
+                tuple(by_schema[t.schema] for t in refs),
+                self.applied,
+                self.pythons,
+            )
             for refs in split.values()
         ]
 
 
-def refusal(steps: Sequence[plan.Step], loader: MigrationLoader) -> str:
-    """Why a plan is never replayed; empty when it may be."""
+def refusal(steps: Sequence[plan.Step], loader: MigrationLoader, *, python: bool = False) -> str:
+    """Why a plan is never replayed; empty when it may be. ``python``: whether a RunPython
+    can run in each replay (the witnesses migrate warm, which marks where it runs)."""
     for app, name, backwards in steps:
         if backwards:
             return f"unapplies {app}.{name}"
         migration = loader.graph.nodes[(app, name)]
         if not migration.atomic:
             return f"holds {app}.{name}, which is not atomic"
-        if any(isinstance(op, RunPython) for op in _database_operations(migration.operations)):
+        nested = _database_operations(migration.operations)[len(migration.operations) :]
+        if any(isinstance(op, RunPython) for op in nested):
+            return f"holds {app}.{name}, which runs Python inside SeparateDatabaseAndState"
+        if not python and any(isinstance(op, RunPython) for op in migration.operations):
             return f"holds {app}.{name}, which runs Python (RunPython)"
     return ""
 
 
+def pythons(steps: Sequence[plan.Step], loader: MigrationLoader) -> int:
+    """How many RunPython operations the (forwards) plan ``steps`` holds."""
+    return sum(
+        isinstance(op, RunPython)
+        for app, name, _ in steps
+        for op in loader.graph.nodes[(app, name)].operations
+    )
+
+
 def _database_operations(operations: Sequence[Any]) -> list[Any]:
-    found: list[Any] = []
+    # The operations, then those nested in them (SeparateDatabaseAndState's).
+    found = list(operations)
     for operation in operations:
-        found.append(operation)
         if isinstance(operation, SeparateDatabaseAndState):
             found += _database_operations(operation.database_operations)
     return found
@@ -86,15 +109,22 @@ class Grouping:
     drifted: tuple[drift.Drift, ...] = ()
 
 
-def grouped(alias: str, entries: Sequence[plan.SchemaPlan], loader: MigrationLoader) -> Grouping:
-    """The tenants of ``entries`` in groups of alike tenants, and the others."""
+def grouped(
+    alias: str,
+    entries: Sequence[plan.SchemaPlan],
+    loader: MigrationLoader,
+    *,
+    python: bool = False,
+) -> Grouping:
+    """The tenants of ``entries`` in groups of alike tenants, and the others (``python``: see
+    :func:`refusal`)."""
     rest: list[TenantRef] = []
     drifted: list[drift.Drift] = []
     by_plan: dict[tuple[Any, ...], list[plan.SchemaPlan]] = {}
     refused: dict[str, int] = {}
     for entry in entries:
         steps = entry.plan.steps if entry.plan is not None else ()
-        why = refusal(steps, loader) if steps else "no plan"
+        why = refusal(steps, loader, python=python) if steps else "no plan"
         if why or entry.applied is None or entry.unfinished or not schemas.is_valid(entry.schema):
             rest.append(TenantRef(entry.schema, entry.tenant_type))
             if why and steps:
@@ -103,7 +133,7 @@ def grouped(alias: str, entries: Sequence[plan.SchemaPlan], loader: MigrationLoa
         key = (entry.tenant_type, entry.applied, entry.plan)
         by_plan.setdefault(key, []).append(entry)
     groups: list[Group] = []
-    for (tenant_type, _, _), members in by_plan.items():
+    for (tenant_type, applied, planned), members in by_plan.items():
         if len(members) < MIN_GROUP:
             rest += [TenantRef(m.schema, m.tenant_type) for m in members]
             continue
@@ -114,7 +144,9 @@ def grouped(alias: str, entries: Sequence[plan.SchemaPlan], loader: MigrationLoa
             if len(refs) < MIN_GROUP:
                 rest += refs
             else:
-                groups.append(Group(tenant_type, refs, tuple(exact for _, exact in alike)))
+                exact = tuple(digest for _, digest in alike)
+                count = pythons(planned.steps, loader)
+                groups.append(Group(tenant_type, refs, exact, applied, count))
     return Grouping(tuple(groups), tuple(rest), refused, tuple(drifted))
 
 

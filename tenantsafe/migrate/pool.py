@@ -31,12 +31,16 @@ Work = Callable[[int, TenantRef], TenantResult]
 Chunk = list[tuple[int, TenantRef]]
 
 
-def processes() -> int:
-    """How many workers (django-tenants' setting, read at call time)."""
+def processes(wanted: int | None = None) -> int:
+    """How many workers: ``wanted``, else django-tenants' setting (read at call time)."""
+    if wanted is not None:
+        return wanted
     return int(getattr(settings, "TENANT_MULTIPROCESSING_MAX_PROCESSES", 2))
 
 
-def run_forked(work: Work, tenants: Sequence[TenantRef], alias: str) -> list[TenantResult]:
+def run_forked(
+    work: Work, tenants: Sequence[TenantRef], alias: str, *, wanted: int | None = None
+) -> list[TenantResult]:
     """``work`` for every tenant on forked workers; the results in the tenants' order.
 
     ``alias`` is the connection the workers use: closed here first, since the forked workers
@@ -48,7 +52,7 @@ def run_forked(work: Work, tenants: Sequence[TenantRef], alias: str) -> list[Ten
     todo: deque[Chunk] = deque(items[i : i + chunk] for i in range(0, len(items), chunk))
     results: dict[int, TenantResult] = {}
     connections[alias].close()
-    workers = [_Worker(work, alias) for _ in range(min(max(processes(), 1), len(todo)))]
+    workers = [_Worker(work, alias) for _ in range(min(max(processes(wanted), 1), len(todo)))]
     try:
         for worker in workers:
             worker.give(todo)

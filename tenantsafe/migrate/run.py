@@ -6,10 +6,11 @@ import time
 from collections.abc import Sequence
 
 from django.db import DatabaseError
+from django.test.utils import override_settings
 from django_tenants.utils import get_public_schema_name
 
 from tenantsafe import locks, progress, recording, schemas, spares, stopping
-from tenantsafe.migrate import failures
+from tenantsafe.migrate import failures, warm
 from tenantsafe.migrate.deploy import DeployRun, replays
 from tenantsafe.migrate.executor import Executor
 from tenantsafe.migrate.skipping import Planned, answer_from_read
@@ -94,12 +95,19 @@ class MigrationRun:
         opts = self.opts
         answer = answer_from_read(opts, self.tenants)
         self.results += answer.answered
-        with progress.reporting(
-            stream=opts.stdout,
-            verbosity=opts.verbosity,
-            check=opts.check,
-            todo=answer.todo,
-            answered=answer.answered,
+        applied = [e.applied for e in answer.planned.entries] if answer.planned else []
+        with (
+            progress.reporting(
+                stream=opts.stdout,
+                verbosity=opts.verbosity,
+                check=opts.check,
+                todo=answer.todo,
+                answered=answer.answered,
+            ),
+            warm.serving(opts, applied),
+            # Every statement of the run is pinned by the guard, so django-tenants' SET
+            # search_path on each new cursor (a round trip, dozens per tenant) buys nothing.
+            override_settings(TENANT_LIMIT_SET_CALLS=True),
         ):
             if answer.planned is not None and opts.plan and opts.replay:
                 DeployRun(opts, self.executor, answer.planned).show_groups()

@@ -14,6 +14,7 @@ from django_tenants.utils import get_tenant_model
 from tenantsafe import guard, locks, recording, statements
 from tenantsafe.errors import ReplayMismatch
 from tenantsafe.migrate.groups import CHECKED, KEYED, pinned
+from tenantsafe.migrate.states import Python, WarmPlan
 from tenantsafe.results import TenantRef
 
 
@@ -89,9 +90,16 @@ def writes_no_rows(sql: str) -> bool:
     return all(
         statements.is_schema_change(part)
         or (statements.RECORD_APPLIED.match(part) and ";" not in part)
+        # A RunPython writes in each tenant itself: nothing of the witness's is replayed.
+        or Python.at(part) is not None
         for part in sql.split(recording.SEPARATOR)
         if part.strip()
     )
+
+
+def pythons(sql: str) -> int:
+    """How many RunPython operations the recording ``sql`` marks."""
+    return sum(Python.at(part) is not None for part in sql.split(recording.SEPARATOR))
 
 
 def witnessed(alias: str, recorder: recording.Recorder, tenant: TenantRef) -> Witness:
@@ -150,13 +158,20 @@ def replay_into(
     lease: locks.Lease,
     *,
     lock_timeout_ms: int | None = None,
+    warm_plan: WarmPlan | None = None,
 ) -> None:
     """Apply ``witness``'s recording to ``tenant`` in one transaction; raises ReplayMismatch (and
-    rolls back) when the tenant is not then like the witness, or DatabaseError."""
+    rolls back) when the tenant is not then like the witness, or DatabaseError (or whatever a
+    RunPython raises). Each RunPython it marks runs there, with the historical models of its
+    place in the plan (``warm_plan``'s)."""
     path = recording.pinned_path(alias, tenant.schema, tenant.tenant_type)
     terms = guard.Terms(lease.fence, lock_timeout_ms)
     with guard.pinned_transaction(alias, path, terms=terms) as cursor:
-        cursor.execute(witness.sql)
+        for part in _parts(witness.sql):
+            if isinstance(part, str):
+                cursor.execute(part)
+            else:
+                _run_python(alias, tenant, part, warm_plan)
         catalog = recording.catalogs(cursor, [tenant.schema]).get(tenant.schema)
         rows = recording.rows_digests(
             cursor,
@@ -172,3 +187,41 @@ def replay_into(
                 f"({'catalog' if catalog != witness.catalog else 'rows'})",
                 schema=tenant.schema,
             )
+
+
+def _parts(sql: str) -> list[str | Python]:
+    """``sql`` in runs of statements (one multi-statement string each: one round trip) and the
+    RunPython operations between them."""
+    parts: list[str | Python] = []
+    run: list[str] = []
+    for part in sql.split(recording.SEPARATOR):
+        python = Python.at(part)
+        if python is None:
+            run.append(part)
+            continue
+        if any(p.strip() for p in run):
+            parts.append(recording.SEPARATOR.join(run))
+        parts += [python]
+        run = []
+    if any(p.strip() for p in run):
+        parts.append(recording.SEPARATOR.join(run))
+    return parts
+
+
+def _run_python(alias: str, tenant: TenantRef, python: Python, warm_plan: WarmPlan | None) -> None:
+    """The RunPython ``python`` in ``tenant``, inside the replay's transaction (an atomic
+    migration's), as Django's executor runs it: through the operation's own
+    ``database_forwards()``, which asks the routers, with the states of its place."""
+    if warm_plan is None:
+        raise ReplayMismatch(
+            f"no historical models for {python.app}.{python.name}", schema=tenant.schema
+        )
+    step = warm_plan.step(python)
+    connection: Any = connections[alias]
+    # The tenant's path for the code's queries: the one the replay pinned.
+    connection.set_schema(tenant.schema, tenant_type=tenant.tenant_type or None)
+    try:
+        with connection.schema_editor(atomic=False) as editor:
+            step.operation.database_forwards(python.app, editor, step.before, step.after)
+    finally:
+        connection.set_schema_to_public()

@@ -58,6 +58,20 @@ class Recorder:
         self.read_tenant_row = ""
         # What the migration read in the schema: a deploy's replay depends on those rows.
         self.reads: list[str] = []
+        # Inside a block set aside (aside()): statements not part of the recording.
+        self._aside = False
+
+    @contextlib.contextmanager
+    def aside(self, marker: str) -> Iterator[None]:
+        """Keep the block's statements out of the recording, and ``marker`` (an SQL comment)
+        where they ran: what a data migration sends is its own in each tenant (the replay runs
+        the block itself there, see tenantsafe.migrate.witness)."""
+        self.statements.append(Statement(marker, None, False))
+        previous, self._aside = self._aside, True
+        try:
+            yield
+        finally:
+            self._aside = previous
 
     def __call__(
         self,
@@ -75,7 +89,7 @@ class Recorder:
             sql, connection, self.schema
         )
         result = execute(sql, params, many, context)
-        if not ours:
+        if not ours or self._aside:
             return result
         if isinstance(sql, str) and statements.is_read(sql):
             if not self.read_tenant_row and self._tenant_tables.search(sql):

@@ -86,6 +86,7 @@ class Command(MigrateSchemasCommand):  # type: ignore[misc]
             lock_timeout=conf.lock_timeout(),
             lock_retries=conf.lock_retries(),
             replay=conf.replay_migrations(),
+            subprocess_parallel=conf.subprocess_parallel(),
         )
         # Guarded from the first read: behind a transaction pooler the tenant rows need their
         # path as much as the migrations do.
