@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -43,3 +46,13 @@ def psql(url: str, script: str) -> None:
     )
     if result.returncode != 0:
         raise SystemExit(f"psql failed:\n{result.stderr[-2000:]}")
+
+
+def run_json(module: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
+    """``python -m module args`` in a process of its own: the JSON its last output line holds."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return data

@@ -2,6 +2,9 @@
 
     python -m bench.bench_runtime_guard [--queries 1000] [--rounds 7]
 
+Through pgbouncer it also measures an ASGI row and an iterate-and-read loop's memory
+(``bench/_async.py``).
+
 Prepares one database with a migrated tenant, then measures, directly and through pgbouncer
 (when installed), in one worker process per endpoint:
 
@@ -29,14 +32,13 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench._db import median, server
+from bench import _async
+from bench._db import median, run_json, server
 
 VARIANTS = ["default", "guard", "guard+limit", "guard/pipeline", "guard/steps"]
 WORKLOADS = ["orm get", "raw cursor", "atomic x5", "iterator"]
@@ -221,7 +223,7 @@ def prepare(url: str) -> None:
 
     result = manage(url, "migrate_schemas_safe", "--shared", "-v0", env=POOLER_SAFE)
     assert result.returncode == 0, result.stderr
-    register_tenants(url, ["bench"])
+    register_tenants(url, ["bench", "bigstream"])
     result = manage(url, "migrate_schemas_safe", "--tenant", "-v0", env=POOLER_SAFE)
     assert result.returncode == 0, result.stderr
     with connect(url) as conn:
@@ -235,6 +237,7 @@ def prepare(url: str) -> None:
             "SELECT 'note ' || n, repeat('x', 100), n % 2 = 0 "
             f"FROM generate_series(1, {ITERATOR_ROWS}) n"
         )
+    _async.prepare_stream(url)
 
 
 def run_worker(url: str, queries: int, rounds: int, direct: str | None = None) -> dict[str, Any]:
@@ -242,16 +245,7 @@ def run_worker(url: str, queries: int, rounds: int, direct: str | None = None) -
     if direct:
         env["DATABASE_DIRECT_URL"] = direct
     args = ["--worker", "--queries", str(queries), "--rounds", str(rounds)]
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.bench_runtime_guard", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    data: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return data
+    return run_json("bench.bench_runtime_guard", *args, env=env)
 
 
 def report(endpoint: str, data: dict[str, Any]) -> None:
@@ -272,6 +266,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--async-only", action="store_true", help="only the ASGI and stream memory rows"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.worker:
@@ -292,17 +289,25 @@ def main() -> None:
                     url, ns.queries, ns.rounds, direct if label == "pgbouncer" else None
                 )
                 for label, url in endpoints.items()
+                if not ns.async_only
             }
+            if "pgbouncer" in endpoints:
+                rows = _async.measure(direct, endpoints["pgbouncer"], rounds=ns.rounds)
         for label, data in results.items():
             report(label, data)
-        ratio = results["direct"]["ratio"]["orm get"]["guard"]
-        print(f"\nguard / default, ORM autocommit queries, direct: {ratio:.2f} (target >= 0.80)")
+        if results:
+            ratio = results["direct"]["ratio"]["orm get"]["guard"]
+            print(
+                f"\nguard / default, ORM autocommit queries, direct: {ratio:.2f} (target >= 0.80)"
+            )
         if "pgbouncer" in results:
             paired = results["pgbouncer"]["iterator_against_direct"]
             print(
                 f"iterator(), guard through pgbouncer / default direct: {paired:.2f} "
                 "(paired in one process; target >= 0.80)"
             )
+        if "pgbouncer" in endpoints:
+            _async.report(rows)
 
 
 if __name__ == "__main__":

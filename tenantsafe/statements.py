@@ -59,6 +59,17 @@ def is_read(sql: str) -> bool:
     return bool(READ.match(sql)) and not READ_WITH_EFFECTS.search(sql)
 
 
+# Row locks (SELECT ... FOR UPDATE): held until the transaction ends.
+LOCKS_ROWS = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?(?:UPDATE|SHARE|KEY\s+SHARE)\b", re.IGNORECASE)
+
+
+def joins_stream(sql: str) -> bool:
+    """Whether ``sql`` may run inside the transaction the guard holds open for a server-side
+    cursor: one read that changes nothing and locks nothing, so that running it there rather
+    than on its own changes nothing but where it runs. Anything else ends that transaction."""
+    return is_read(sql) and ";" not in sql and not LOCKS_ROWS.search(sql)
+
+
 # Django creates a table, then adds its foreign keys (and unique_together, check constraints)
 # with one ALTER TABLE each. The same constraint written into the CREATE TABLE leaves the same
 # catalog at less cost: no separate statement, and a foreign key on a new table is not

@@ -54,6 +54,22 @@ if os.environ.get("TESTPROJECT_LOCK_LEASE_SECONDS"):
 if os.environ.get("TESTPROJECT_MAX_PROCESSES"):
     TENANT_MULTIPROCESSING_MAX_PROCESSES = int(os.environ["TESTPROJECT_MAX_PROCESSES"])
 
+# For the servers the integration tests start (uvicorn, Celery workers): the guard, how long
+# connections are kept ("none": for ever), Django's connection pool, the broker and
+# tenant-schemas-celery's tenant cache.
+if os.environ.get("TESTPROJECT_RUNTIME_GUARD"):
+    TENANTSAFE_RUNTIME_GUARD = os.environ["TESTPROJECT_RUNTIME_GUARD"] == "1"
+if os.environ.get("TESTPROJECT_CONN_MAX_AGE"):
+    _age = os.environ["TESTPROJECT_CONN_MAX_AGE"]
+    DATABASES["default"]["CONN_MAX_AGE"] = None if _age == "none" else int(_age)
+if os.environ.get("TESTPROJECT_DB_POOL") == "1":
+    DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 2, "max_size": 8, "timeout": 20}
+CELERY_BROKER_URL = os.environ.get("TESTPROJECT_REDIS_URL", "redis://127.0.0.1:6379/0")
+CELERY_RESULT_BACKEND = CELERY_BROKER_URL
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+if os.environ.get("TESTPROJECT_TENANT_CACHE_SECONDS"):
+    CELERY_TASK_TENANT_CACHE_SECONDS = int(os.environ["TESTPROJECT_TENANT_CACHE_SECONDS"])
+
 TENANT_MODEL = "customers.Client"
 TENANT_DOMAIN_MODEL = "customers.Domain"
 

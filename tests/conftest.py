@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["tests.servers"]
+
 
 @pytest.fixture
 def drop_tenant_schemas(transactional_db: None) -> Iterator[None]:

@@ -354,7 +354,7 @@ def transaction_status() -> int:
 
 
 def open_cursors() -> list[str]:
-    # Itself a statement: a stream still open ends before it runs.
+    # Itself a read: while a stream is open it runs in the stream's transaction.
     with connection.cursor() as cursor:
         cursor.execute("SELECT name FROM pg_cursors ORDER BY name")
         return [row[0] for row in cursor.fetchall()]

@@ -41,22 +41,28 @@ put on every cursor by the connection's ``make_cursor``/``make_debug_cursor``) c
   own.
 * A server-side cursor opened in autocommit through a pooler cannot live in the session (its
   FETCHes would reach other server connections), so its DECLARE runs in a transaction the guard
-  opens and pins (a *stream*), kept open while the cursor is read. It ends (CLOSE, COMMIT) when
-  the cursor is closed, read to the end or garbage-collected (then at the connection's next
-  use), or when the connection runs anything else: a live cursor's remaining rows are then
-  fetched into memory first, so it reads on correctly without holding the transaction.
+  opens and pins (a *stream*), kept open while the cursor is read. Under READ COMMITTED a read
+  meanwhile runs in that transaction, behind a savepoint (it takes a snapshot of its own there
+  too). Anything else ends the stream first, a live cursor's remaining rows fetched into
+  memory so that it reads on correctly. The stream also ends (CLOSE, COMMIT) when its cursors
+  are closed or read to the end; a cursor closed by another thread (an event loop finalizing
+  an abandoned async iterator) or garbage-collected is closed by the connection's own thread
+  at its next use or when the request ends: no driver call is made from a thread that does
+  not own the connection.
 * With ``DEBUG``, ``connection.queries`` records the statement the code ran: the connection's
   ``ops.last_executed_query`` leaves the merged check out.
 
 The modules, each using only those above it:
 
 * ``sql``: the SQL that pins a path and checks the terms, and what its failures mean (pure);
+* ``streams``: a stream's books, and who may touch them from which thread;
 * ``state``: what the guard keeps per connection (one attribute) and which aliases it guards;
 * ``pooler``: whether a transaction pooler stands in between;
 * ``pinning``: pinning by hand, for driver cursors the guard does not see;
 * ``dispatch``: the ``Call`` value and ``decide()``;
 * ``strategies``: one function per strategy;
-* ``cursor``: the execute wrapper, the guarded cursor class and streams;
+* ``cursor``: the execute wrapper, the guarded cursor class, which statements join a stream
+  and how a stream ends;
 * ``install``: putting the guard on connections and switching it on.
 """
 

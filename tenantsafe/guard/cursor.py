@@ -1,6 +1,10 @@
 """Where calls enter the guard: the execute wrapper (:func:`guarded_execute`) and the cursor
 wrapper class for what execute wrappers do not see (:class:`GuardedCursor`), with the streams
-that keep a server-side cursor's transaction open while it is read through a pooler."""
+that keep a server-side cursor's transaction open while it is read through a pooler: which
+statements join one (:func:`joins_stream`), and how it ends (:func:`end_stream`).
+
+Every driver call here is made by the thread that owns the connection (``streams`` says why):
+a cursor another thread closes is only handed over, and closed at the connection's next use."""
 
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ from typing import Any
 
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
-from tenantsafe import registry
+from tenantsafe import registry, statements
 from tenantsafe.guard import dispatch, state, strategies
-from tenantsafe.guard.state import INERROR, INTRANS, Stream
+from tenantsafe.guard.state import INERROR, INTRANS
+from tenantsafe.guard.streams import Stream, owns
+from tenantsafe.statements import SETTING
 
 logger = logging.getLogger("tenantsafe.guard")
 
@@ -28,9 +34,10 @@ def guarded_execute(
 ) -> Any:
     """The execute wrapper: every statement Django runs on the connection comes through."""
     connection = context["connection"]
-    if state.of(connection).stream is not None:
-        # Any other statement ends the stream: the pooler's server connection is not kept
-        # for the statements around a cursor being read.
+    stream = state.of(connection).stream
+    if stream is not None and not joins_stream(connection, stream, sql, many, context):
+        # The pooler's server connection is not kept for other statements around a cursor
+        # being read.
         end_stream(connection)
     if not _guarded(connection):
         return execute(sql, params, many, context)
@@ -51,12 +58,38 @@ def _pinned(wrapper: CursorWrapper) -> Iterator[None]:
         yield
 
 
+def joins_stream(connection: Any, stream: Stream, sql: Any, many: bool, context: Any) -> bool:
+    """Whether ``sql`` runs in the open stream's transaction, which then stays open.
+
+    Under READ COMMITTED a read there sees what it would see in a transaction of its own (a
+    snapshot of its own), so it joins (``statements.joins_stream`` says which statements are
+    such reads): the stream keeps streaming. So does a session setting. Anything else (a
+    write, a lock, another server-side cursor, Django's own transactions, REPEATABLE READ or
+    SERIALIZABLE) ends the stream first. Cursors another thread closed are closed here.
+    """
+    abandoned, live = stream.settle()
+    for driver_cursor in abandoned:
+        with connection.wrap_database_errors:
+            driver_cursor.close()
+    if not live or many or not isinstance(sql, str):
+        return False
+    if SETTING.match(sql):
+        # django-tenants' SET search_path before a cursor's first statement: a session
+        # setting, whose meaning a transaction does not change.
+        return True
+    return (
+        stream.read_committed
+        and statements.joins_stream(sql)
+        and not getattr(context["cursor"].cursor, "name", None)
+        and _guarded(connection)
+    )
+
+
 def end_stream(connection: Any, *, keep_rows: bool = True) -> None:
     """End the stream's transaction; a cursor still open reads its remaining rows from memory.
 
-    Never from a finalizer: a garbage-collected cursor is closed here, by name, at the
-    connection's next use (the driver's connection may be busy, or owned by another thread,
-    while the collector runs).
+    The connection's owner only, never from a finalizer: a cursor garbage-collected, or closed
+    by another thread, is closed here, at the connection's next use or when the request ends.
     """
     kept = state.of(connection)
     stream = kept.stream
@@ -64,17 +97,20 @@ def end_stream(connection: Any, *, keep_rows: bool = True) -> None:
         return
     kept.stream = None
     kept.pinned = None
+    cursors, abandoned = stream.end()
     raw = connection.connection
     if raw is None or raw.closed:
         return
     status = raw.info.transaction_status
     with contextlib.closing(raw.cursor()) as helper:
-        for name, ref in stream.cursors.items():
-            wrapper = ref()
+        for name, wrapper in cursors:
             if wrapper is not None:
-                wrapper._tenantsafe_detach(keep_rows and status == INTRANS)
+                wrapper._tenantsafe_detach(stream, keep_rows and status == INTRANS)
             elif status == INTRANS:
                 helper.execute(f"CLOSE {connection.ops.quote_name(name)}")
+        for driver_cursor in abandoned:
+            # Before COMMIT, which would materialize a WITH HOLD cursor's remaining rows.
+            driver_cursor.close()
         if status == INTRANS:
             helper.execute("COMMIT")
         elif status == INERROR:
@@ -92,6 +128,9 @@ class GuardedCursor(CursorWrapper):
     # cursor read in the transaction the guard holds open for it. A deque: its rows in
     # memory (fetched when it left its stream; empty once read to the end).
     _tenantsafe: Stream | collections.deque[Any] | None = None
+    # Declared in a stream once: from then on only the connection's owner closes its driver
+    # cursor (whose close waits for the connection's lock).
+    _tenantsafe_streamed = False
 
     def callproc(self, procname: Any, params: Any = None, kparams: Any = None) -> Any:
         with _pinned(self):
@@ -173,7 +212,14 @@ class GuardedCursor(CursorWrapper):
             yield from rows
 
     def close(self) -> None:
-        if isinstance(self._tenantsafe, Stream):
+        reading = self._tenantsafe
+        if self._tenantsafe_streamed and not owns(self.db):
+            # Another thread (an event loop collecting an abandoned async iterator): no
+            # driver call, which would wait for the owner's; the owner closes it.
+            if isinstance(reading, Stream) and reading.abandon(self.cursor.name, self.cursor):
+                self._tenantsafe = collections.deque()
+            return
+        if isinstance(reading, Stream):
             self._tenantsafe_release()
         self.cursor.close()
 
@@ -197,15 +243,13 @@ class GuardedCursor(CursorWrapper):
         stream = self._tenantsafe
         assert isinstance(stream, Stream)
         self._tenantsafe = None
-        stream.cursors.pop(self.cursor.name, None)
+        last = stream.release(self.cursor.name)
         self.cursor.close()
-        if not stream.cursors and state.of(self.db).stream is stream:
+        if last and state.of(self.db).stream is stream:
             end_stream(self.db)
 
-    def _tenantsafe_detach(self, keep_rows: bool) -> None:
-        """Leave the stream (end_stream() ends it), with the remaining rows if ``keep_rows``."""
-        stream = self._tenantsafe
-        assert isinstance(stream, Stream)
+    def _tenantsafe_detach(self, stream: Stream, keep_rows: bool) -> None:
+        """Leave ``stream`` (end_stream() ends it), with the remaining rows if ``keep_rows``."""
         self._tenantsafe = None
         rows = self.cursor.fetchall() if keep_rows else []
         if rows:

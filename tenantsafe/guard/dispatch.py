@@ -42,6 +42,9 @@ class Strategy(enum.Enum):
     # A server-side cursor through a pooler: declared in a pinned transaction kept open while
     # it is read.
     STREAMED = "streamed"
+    # A read while a stream is open, under READ COMMITTED: in the stream's transaction,
+    # behind a savepoint, so the stream keeps streaming (cursor.joins_stream decided it).
+    JOINED = "joined"
     # Autocommit: a transaction of its own, pinned, around the statement or driver call.
     OWN_TRANSACTION = "own transaction"
     # In the caller's transaction: pinned step by step before the statement or driver call.
@@ -77,6 +80,8 @@ class Call(NamedTuple):
     merges: bool = False
     # The driver can pipeline (psycopg 3 on libpq >= 14, not in a pipeline already).
     pipelines: bool = False
+    # A stream is open on the connection: the statement runs in its transaction.
+    streaming: bool = False
 
     @property
     def text(self) -> str | None:
@@ -135,6 +140,7 @@ def _call(connection: Any, **call: Any) -> Call:
         status=connection.connection.info.transaction_status,
         autocommit=connection.get_autocommit(),
         pinned=kept.pinned == path,
+        streaming=kept.stream is not None,
         pooled=functools.partial(_pooled, connection),
         terms=kept.terms,
         **call,
@@ -159,6 +165,8 @@ def decide(call: Call) -> Strategy:
             if call.pooled():
                 return Strategy.REFUSED
             return Strategy.SESSION if call.status == IDLE else Strategy.AS_IS
+    if call.streaming:
+        return Strategy.JOINED
     if call.status == INERROR or (call.status == INTRANS and call.pinned):
         return Strategy.AS_IS
     if call.driver:

@@ -104,8 +104,11 @@ def merged(check_sql: str, statement: str) -> str:
     return f"{check_sql};\n{statement}"
 
 
-def begin_checked(path: tuple[str, ...], terms: Terms | None) -> str:
-    """``BEGIN`` and the check in one simple query: an explicit transaction pinned to ``path``."""
+def begin_checked(path: tuple[str, ...], terms: Terms | None, *, isolation: bool = False) -> str:
+    """``BEGIN`` and the check in one simple query: an explicit transaction pinned to ``path``.
+    With ``isolation``, the check's row also has the transaction's isolation level."""
+    if isolation:
+        return f"BEGIN;\n{check(path, False, terms)}, current_setting('transaction_isolation')"
     return f"BEGIN;\n{check(path, False, terms)}"
 
 

@@ -1,16 +1,21 @@
 """What the guard keeps: per Django connection, under one attribute; per process, which
-aliases are guarded."""
+aliases are guarded.
+
+A connection's state is read and changed by the thread that owns the connection only (Django's
+connections are per thread). Another thread (an event loop closing an abandoned async
+iterator's cursor) touches no more than a stream's books, under the stream's lock
+(``streams``)."""
 
 from __future__ import annotations
 
 import collections
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tenantsafe import conf
 from tenantsafe.guard.sql import Terms
+from tenantsafe.guard.streams import Stream
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -27,15 +32,6 @@ INERROR = 3
 
 
 @dataclass
-class Stream:
-    """A transaction the guard holds open for server-side cursors (by name) through a pooler."""
-
-    path: tuple[str, ...]
-    # The guarded cursor wrappers being read in it, by cursor name.
-    cursors: dict[str, weakref.ref[Any]] = field(default_factory=dict)
-
-
-@dataclass
 class ConnectionState:
     # install() has put the guard on the connection.
     installed: bool = False
@@ -43,6 +39,7 @@ class ConnectionState:
     pinned: tuple[str, ...] | None = None
     # Added to every transaction the guard pins (with_terms()).
     terms: Terms | None = None
+    # The stream open on the connection (a server-side cursor read through a pooler).
     stream: Stream | None = None
     # The check merged into the last statement (and whether it was %-escaped): left out of
     # connection.queries.

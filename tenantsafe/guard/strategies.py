@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +21,8 @@ from tenantsafe.errors import PooledStatementError
 from tenantsafe.guard import sql, state
 from tenantsafe.guard.dispatch import Call, Strategy
 from tenantsafe.guard.pinning import log_pin, pin
-from tenantsafe.guard.state import IDLE, INTRANS, Stream
+from tenantsafe.guard.state import IDLE, INTRANS
+from tenantsafe.guard.streams import Stream
 
 logger = logging.getLogger("tenantsafe.guard")
 
@@ -103,12 +103,19 @@ def _commit(call: Call) -> None:
         _forget(call)
 
 
-def _begin_checked(call: Call, cursor: Any) -> None:
-    """``BEGIN`` and the check in one simple query: an explicit transaction pinned to the path."""
+def _begin_checked(call: Call, cursor: Any, *, isolation: bool = False) -> str | None:
+    """``BEGIN`` and the check in one simple query: an explicit transaction pinned to the path.
+    With ``isolation``, the transaction's isolation level, read in the same query."""
+    level: str | None = None
     with _translated(call), _rolled_back(call):
-        cursor.execute(sql.begin_checked(call.path, call.terms))
+        cursor.execute(sql.begin_checked(call.path, call.terms, isolation=isolation))
+        if isolation:
+            if is_psycopg3:
+                cursor.nextset()  # past BEGIN's result; psycopg2 keeps only the last one
+            level = cursor.fetchone()[1]
     log_pin(call.path, call.path[0])
     state.of(call.connection).pinned = call.path
+    return level
 
 
 @contextlib.contextmanager
@@ -211,14 +218,57 @@ def _streamed(call: Call) -> Any:
     wrapper = call.context["cursor"]
     with call.connection.wrap_database_errors:
         with contextlib.closing(call.raw.cursor()) as helper:
-            _begin_checked(call, helper)
+            level = _begin_checked(call, helper, isolation=True)
         with _rolled_back(call):
             result = call.run()
-    stream = Stream(call.path)
-    stream.cursors[wrapper.cursor.name] = weakref.ref(wrapper)
+    stream = Stream(call.path, read_committed=level == "read committed")
+    stream.add(wrapper.cursor.name, wrapper)
     state.of(call.connection).stream = stream
     # The guarded cursor reads its rows in the stream (cursor.GuardedCursor).
     wrapper._tenantsafe = stream
+    wrapper._tenantsafe_streamed = True
+    return result
+
+
+# Around a read that joins a stream: its failure must not abort the stream's transaction.
+_SAVEPOINT = "SAVEPOINT tenantsafe_read"
+_RELEASE = "RELEASE SAVEPOINT tenantsafe_read"
+
+
+def _joined(call: Call) -> Any:
+    """A read in the stream's transaction, behind a savepoint; pinned to the path unless the
+    transaction already is (psycopg 3: all in one pipeline, one round trip)."""
+    kept = state.of(call.connection)
+    pinned = kept.pinned
+    helper = call.raw.cursor()
+    try:
+        with call.connection.wrap_database_errors:
+            if call.pipelines:
+                with call.raw.pipeline():
+                    helper.execute(_SAVEPOINT)
+                    if not call.pinned:
+                        helper.execute(sql.check(call.path, False, call.terms))
+                    result = call.run()
+                    helper.execute(_RELEASE)
+            else:
+                helper.execute(_SAVEPOINT)
+                if not call.pinned:
+                    pin(call.connection, helper, call.path)
+                result = call.run()
+                helper.execute(_RELEASE)
+    except Exception as exc:
+        # Rolling back to the savepoint undoes a path the check set: the one before holds.
+        kept.pinned = pinned
+        with contextlib.suppress(Exception):
+            helper.execute(f"ROLLBACK TO {_SAVEPOINT}")
+            helper.execute(_RELEASE)
+        failure = sql.check_failure(exc, call.path, call.terms)
+        if failure is None:
+            raise
+        raise failure from exc
+    finally:
+        helper.close()
+    kept.pinned = call.path
     return result
 
 
@@ -248,6 +298,7 @@ _STATEMENTS: dict[Strategy, Callable[[Call], Any]] = {
     Strategy.MERGED: _merged,
     Strategy.PIPELINED: _pipelined,
     Strategy.STREAMED: _streamed,
+    Strategy.JOINED: _joined,
     Strategy.OWN_TRANSACTION: _own_transaction,
     Strategy.IN_TRANSACTION: _in_transaction,
 }

@@ -86,6 +86,14 @@ STATEMENTS: list[tuple[str, dict[str, Any], Strategy]] = [
     ("named cursor, autocommit, direct", {"named": True, "pooled": direct}, S.OWN_TRANSACTION),
     ("named cursor, in a transaction", {"named": True, "status": INTRANS}, S.IN_TRANSACTION),
     ("named cursor, atomic not yet begun", {"named": True, "autocommit": False}, S.IN_TRANSACTION),
+    # A read that joined an open stream (cursor.joins_stream): in its transaction.
+    ("read during a stream", {"streaming": True, "status": INTRANS}, S.JOINED),
+    (
+        "read during a stream, transaction pinned to its path",
+        {"streaming": True, "status": INTRANS, "pinned": True},
+        S.JOINED,
+    ),
+    ("setting during a stream", {"sql": "SET search_path = alpha", "streaming": True}, S.AS_IS),
 ]
 
 

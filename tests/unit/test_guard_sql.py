@@ -97,6 +97,14 @@ def test_begin_checked_and_merged_are_one_simple_query():
     assert sql.merged(check, "SELECT 1") == f"{check};\nSELECT 1"
 
 
+def test_begin_checked_can_read_the_isolation_level_in_the_same_query():
+    # A stream reads its transaction's isolation level with BEGIN: whether reads may join it.
+    check = sql.check(("alpha", "public"), False, None)
+    assert sql.begin_checked(("alpha", "public"), None, isolation=True) == (
+        f"BEGIN;\n{check}, current_setting('transaction_isolation')"
+    )
+
+
 @pytest.mark.parametrize("escaped", [False, True])
 def test_without_check_gives_back_the_statement_the_code_ran(escaped):
     check = sql.check(("te%st",), escaped)
