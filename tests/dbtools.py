@@ -46,6 +46,7 @@ __all__ = [
     "connection",
     "database_url",
     "direct_url",
+    "doctor_json",
     "fingerprint",
     "fresh_database",
     "has_table",
@@ -56,9 +57,11 @@ __all__ = [
     "pool_load",
     "pooled_url",
     "public_tables",
+    "reads",
     "recorded",
     "reference_fingerprint",
     "register_tenants",
+    "restore_as",
     "scalar",
     "schemas_named",
     "signup_code",
@@ -256,6 +259,22 @@ def last_output() -> tuple[str, str]:
     return _last[0]
 
 
+def doctor_json(*args: str) -> tuple[dict[str, Any], int]:
+    """``tenantsafe_doctor --json``: the report and the exit status."""
+    import io
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    out = io.StringIO()
+    try:
+        call_command("tenantsafe_doctor", "--json", *args, stdout=out)
+        status = 0
+    except CommandError as exc:
+        status = exc.returncode
+    return json.loads(out.getvalue()), status
+
+
 # A signup in a process of its own, as a web worker runs it.
 
 
@@ -351,3 +370,30 @@ def signups_at_once(
     moment (:func:`at_the_gate`). Their :func:`signup_result`, in the order of ``names``."""
     procs = at_the_gate(url, gate, mode, lambda: [start_signup(url, name, env) for name in names])
     return [signup_result(proc) for proc in procs]
+
+
+def reads(captured: list[dict[str, str]]) -> list[str]:
+    """The reads of CaptureQueriesContext's queries: SET search_path and transaction control
+    (BEGIN/COMMIT) are not counted."""
+    return [q["sql"] for q in captured if q["sql"].lstrip().startswith(("SELECT ", "WITH "))]
+
+
+def restore_as(source: str, name: str) -> None:
+    """A tenant ``name`` whose schema is ``source``'s dumped with pg_dump and restored under
+    the new name (with a tenant row and a domain), as a tenant restored from a backup is."""
+    url = database_url()
+    dump = subprocess.run(
+        ["pg_dump", "-n", source, "--no-owner", "--no-privileges", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    renamed = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(source)}(?=[.;\s])", name, dump)
+    subprocess.run(
+        ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-1", url],
+        input=renamed,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    register_tenants(url, [name], create_schemas=False)
