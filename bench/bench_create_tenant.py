@@ -1,12 +1,13 @@
 """create_tenant of fresh tenants against django-tenants' migrating save(), same run.
 
-    python -m bench.bench_create_tenant [--tenants 12] [--rounds 2]
+    python -m bench.bench_create_tenant [--tenants 12] [--rounds 2] [--existing 10000]
 
 Two identical databases (public schema migrated) per round; in one, N tenants are created with
 ``Client(...).save()`` (django-tenants creates and migrates each schema), in the other with
 ``tenantsafe.testing.create_tenant`` (the first is migrated and recorded, the rest replayed).
-Each side runs in a fresh process and only the creation loop is timed. Uses DATABASE_URL, or
-starts a throwaway cluster when it is not set.
+Each side runs in a fresh process and only the creation loop is timed. With ``--existing N``
+both sides use a database holding N current tenants (``bench/_many.py``), which loses what they
+added afterwards. Uses DATABASE_URL, or starts a throwaway cluster when it is not set.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from bench import _many
 from bench._db import server
 from testproject.dbtools import ROOT, with_dbname
 
 
 @contextlib.contextmanager
-def _database(url: str) -> Iterator[str]:
+def _database(url: str, existing: str = "") -> Iterator[str]:
+    if existing:
+        # The database of that many current tenants (bench/_many.py), cleaned afterwards.
+        with _many.borrowed(existing) as target:
+            yield target
+        return
     import psycopg
 
     name = f"bench_{uuid.uuid4().hex[:10]}"
@@ -90,28 +97,33 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tenants", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--phase", choices=["save", "create"])
+    parser.add_argument(
+        "--existing", type=int, default=0, help="each database holds that many current tenants"
+    )
     ns = parser.parse_args(argv)
     if ns.phase:
         print(json.dumps(_phase(ns.phase, ns.tenants)))
         return 0
     with server():
-        return _compare(os.environ["DATABASE_URL"], ns.tenants, ns.rounds)
+        existing = _many.golden(ns.existing) if ns.existing else ""
+        return _compare(os.environ["DATABASE_URL"], ns.tenants, ns.rounds, existing)
 
 
-def _compare(url: str, count: int, rounds: int) -> int:
+def _compare(url: str, count: int, rounds: int, existing: str = "") -> int:
     save: list[float] = []
     create: list[float] = []
     for number in range(rounds):
         # Alternate which side goes first, so neither always gets the warmer server.
         order = ["save", "create"] if number % 2 == 0 else ["create", "save"]
         for side in order:
-            with _database(url) as target:
+            with _database(url, existing) as target:
                 (save if side == "save" else create).extend(_side(side, target, count))
     firsts = slice(0, None, count)
     save_first, create_first = save[firsts], create[firsts]
     save_rest = [t for i, t in enumerate(save) if i % count]
     create_rest = [t for i, t in enumerate(create) if i % count]
-    print(f"{count} fresh tenants x {rounds} rounds (python {sys.version.split()[0]})")
+    there = f", {existing} (its current tenants) copied for each" if existing else ""
+    print(f"{count} fresh tenants x {rounds} rounds{there} (python {sys.version.split()[0]})")
     print(
         f"  django-tenants save(): total {sum(save):7.2f}s  first {_ms(save_first)}  "
         f"then {_ms(save_rest)} each (median)"

@@ -1,6 +1,7 @@
 """Provisioning a new tenant: django-tenants' save() and clone_schema against tenantsafe's replay.
 
     python -m bench.bench_provision [--app large|small] [--models 150] [--tenants 4] [--rounds 2]
+                                    [--existing 10 10000]
 
 ``--app large`` (the default) generates a tenant app of ``--models`` models into a temporary
 directory (``bench/_bigapp.py``) and uses ``bench.bigapp_settings``; ``--app small`` is the test
@@ -23,6 +24,11 @@ three see the same database and the same moment's load; and another new database
   filled beforehand in another process (``tenantsafe.provisioning.fill_spares()``): each save
   claims a spare schema.
 
+With ``--existing N [M ...]`` (``--app small`` only), each side uses instead a database holding
+N current tenants (``bench/_many.py``), which loses what it added afterwards: provisioning at
+that size; with several sizes, each round measures each size in turn (in an order that
+rotates), and the medians at each size are set against those at the first.
+
 Each timing process has a temporary directory of its own, and only the saves are timed. Uses
 DATABASE_URL, or starts a throwaway cluster when it is not set.
 """
@@ -43,6 +49,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import _many
 from bench._bigapp import generate
 from bench._db import server
 from testproject.dbtools import ROOT, connect, direct_url, fresh_database, manage, with_dbname
@@ -55,11 +62,13 @@ BASE_SCHEMA = "bench_base"
 
 
 class _Env:
-    """What the subprocesses of one run share: the settings module and PYTHONPATH."""
+    """What the subprocesses of one run share: the settings module and PYTHONPATH, and the
+    database of current tenants each new database is a copy of (empty: a new one)."""
 
-    def __init__(self, settings: str, path: list[str]) -> None:
+    def __init__(self, settings: str, path: list[str], existing: str = "") -> None:
         self.settings = settings
         self.path = path
+        self.existing = existing
 
     def vars(self, url: str, tmp: str) -> dict[str, str]:
         return {
@@ -91,6 +100,11 @@ def _run(env: _Env, url: str, *args: str) -> str:
 
 @contextlib.contextmanager
 def _database(env: _Env) -> Iterator[str]:
+    if env.existing:
+        # The database of that many current tenants (bench/_many.py), cleaned afterwards.
+        with _many.borrowed(env.existing) as url:
+            yield url
+        return
     with fresh_database("bench") as name, tempfile.TemporaryDirectory() as tmp:
         url = with_dbname(direct_url(), name)
         result = manage(url, "migrate_schemas", "--shared", "-v0", env=env.vars(url, tmp))
@@ -182,17 +196,30 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--phase", choices=[*METHODS, "together"])
     parser.add_argument("--step", choices=["prepare", "time"])
+    parser.add_argument(
+        "--existing",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="with --app small: each database holds that many current tenants already; "
+        "several sizes take turns in each round",
+    )
     ns = parser.parse_args(argv)
     if ns.phase:
         print(json.dumps(_phase(ns.phase, ns.step, ns.tenants)))
         return 0
+    if any(ns.existing) and ns.app != "small":
+        parser.error("--existing goes with --app small")
     with server(), tempfile.TemporaryDirectory() as apps:
         if ns.app == "large":
             generate(Path(apps), ns.models)
-            env = _Env("bench.bigapp_settings", [apps])
+            envs = {0: _Env("bench.bigapp_settings", [apps])}
         else:
-            env = _Env("testproject.settings", [])
-        return _compare(env, ns)
+            envs = {
+                size: _Env("testproject.settings", [], _many.golden(size) if size else "")
+                for size in ns.existing
+            }
+        return _compare(envs, ns)
 
 
 def _per_method() -> dict[str, Any]:
@@ -211,29 +238,48 @@ class _Results:
     turns: list[float] = dataclasses.field(default_factory=list)
 
 
-def _compare(env: _Env, ns: argparse.Namespace) -> int:
-    results = _Results()
+def _compare(envs: dict[int, _Env], ns: argparse.Namespace) -> int:
+    """Per round, each size of database (``--existing``) in turn, in an order that rotates."""
+    results = {size: _Results() for size in envs}
+    sizes = list(envs)
     with contextlib.ExitStack() as kept:
         for number in range(ns.rounds):
-            for side in ("together", "spare") if number % 2 == 0 else ("spare", "together"):
-                by_method, how = _side(env, side, ns.tenants, kept)
-                results.hows.extend(how)
-                if side == "together":
-                    results.turns.extend(
-                        r / c
-                        for r, c in zip(
-                            by_method["replay"][1:], by_method["clone"][1:], strict=True
-                        )
-                    )
-                for method, times in by_method.items():
-                    results.firsts[method].append(times[0])
-                    results.rest[method].extend(times[1:])
-                    results.rounds[method].append(_ms(times[1:] or times).strip())
-    _report(ns, results)
+            for size in sizes[number % len(sizes) :] + sizes[: number % len(sizes)]:
+                _round(envs[size], ns, number, results[size], kept)
+    for size, found in results.items():
+        _report(ns, found, size)
+    smallest = results[sizes[0]]
+    for size in sizes[1:]:
+        parts = []
+        for method in ("replay", "save", "spare"):
+            ratio = statistics.median(results[size].rest[method]) / statistics.median(
+                smallest.rest[method]
+            )
+            parts.append(f"{method} {ratio:.2f}")
+        print(
+            f"at {size} current tenants, each new tenant takes this many times what it takes at "
+            f"{sizes[0]}: {', '.join(parts)} (target for the replay: at most 1.2)"
+        )
     return 0
 
 
-def _report(ns: argparse.Namespace, results: _Results) -> None:
+def _round(
+    env: _Env, ns: argparse.Namespace, number: int, results: _Results, kept: contextlib.ExitStack
+) -> None:
+    for side in ("together", "spare") if number % 2 == 0 else ("spare", "together"):
+        by_method, how = _side(env, side, ns.tenants, kept)
+        results.hows.extend(how)
+        if side == "together":
+            results.turns.extend(
+                r / c for r, c in zip(by_method["replay"][1:], by_method["clone"][1:], strict=True)
+            )
+        for method, times in by_method.items():
+            results.firsts[method].append(times[0])
+            results.rest[method].extend(times[1:])
+            results.rounds[method].append(_ms(times[1:] or times).strip())
+
+
+def _report(ns: argparse.Namespace, results: _Results, existing: int) -> None:
     firsts, rest, rounds, hows, turns = (
         results.firsts,
         results.rest,
@@ -244,8 +290,9 @@ def _report(ns: argparse.Namespace, results: _Results) -> None:
     count = ns.tenants
     app = f"{ns.models} generated models" if ns.app == "large" else "the test project"
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    there = f", {existing} current tenants in each database" if existing else ""
     print(
-        f"{app}: {count} new tenants per method x {ns.rounds} rounds "
+        f"{app}{there}: {count} new tenants per method x {ns.rounds} rounds "
         f"(python {sys.version.split()[0]}, load average {load})"
     )
     labels = {

@@ -6,6 +6,7 @@ The public API, covered by the changelog's deprecation rules:
   (``tenantsafe.plugin``, loaded by its entry point) and its fixtures;
 - :mod:`tenantsafe.provisioning` (``provision``, ``ensure_recording``, ``fill_spares``...);
 - :mod:`tenantsafe.errors`, the exceptions tenantsafe raises;
+- :func:`tenantsafe.recycling.recycle_if_due`, for loops outside requests (docs/catalog-memory.md);
 - the ``TENANTSAFE_*`` settings (docs/settings.md), the management commands and their options,
   and the system checks' ids.
 

@@ -11,9 +11,10 @@ class TenantsafeConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import pre_save
 
-        from tenantsafe import autoschema, checks, guard, provisioning
+        from tenantsafe import autoschema, checks, guard, provisioning, recycling
 
         guard.install()
+        recycling.install()
         # Checks report misconfiguration; ready() itself never raises for it.
         checks.register()
         # The _skip_auto_migrate contract of create_tenant: any tenant model, no changes to it.

@@ -35,6 +35,7 @@ def register() -> None:
         check_app_lists,
         check_limit_set_calls,
         check_provisioning,
+        check_recycling,
     ):
         checks.register(check, "tenantsafe")
     checks.register(check_pooler, "tenantsafe", checks.Tags.database)
@@ -363,6 +364,21 @@ def _tenant_connections(databases: Sequence[str] | None) -> Iterator[tuple[str, 
         connection = connections[alias]
         if hasattr(connection, "_get_cursor_search_paths"):
             yield alias, connection
+
+
+def check_recycling(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> Messages:
+    value = getattr(settings, "TENANTSAFE_RECYCLE_AFTER_SCHEMAS", None)
+    if value is None or (_is_count(value) and value > 0):
+        return []
+    return [
+        checks.Error(
+            f"TENANTSAFE_RECYCLE_AFTER_SCHEMAS = {value!r} is not a whole number above 0, so "
+            "connections are never recycled.",
+            hint="Set it to after how many distinct tenant schemas a connection is recycled, "
+            "an int such as 1000, or remove it (None) to never recycle.",
+            id="tenantsafe.E010",
+        )
+    ]
 
 
 def check_pooler(

@@ -59,6 +59,13 @@ def recording_wait_seconds() -> float:
     return 60.0 if value is None else float(value)
 
 
+def recycle_after_schemas() -> int:
+    """After how many distinct schemas a process recycles a connection (tenantsafe.recycling);
+    0: never. A value that is not a whole number above 0 counts as 0 (check E010 says so)."""
+    value = getattr(settings, "TENANTSAFE_RECYCLE_AFTER_SCHEMAS", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def warm_migrations() -> bool:
     """Whether migrate_schemas_safe shares the migration graph and project states between the
     tenants it migrates through Django (tenantsafe.warm)."""

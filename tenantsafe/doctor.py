@@ -7,9 +7,8 @@ public, the pooler in front of the connection, and tenantsafe's system check mes
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from django.apps import apps
@@ -23,53 +22,13 @@ from django_tenants.utils import (
     has_multi_type_tenants,
 )
 
-from tenantsafe import conf, guard, plan, schemas, sharding, spares, tenants
+from tenantsafe import conf, drift, guard, memory, plan, schemas, sharding, spares, tenants
+from tenantsafe.findings import ERROR, INFO, LEVELS, WARNING, Finding, Report, quoted, render
 from tenantsafe.guard import pooler
+from tenantsafe.meanwhile import meanwhile
 from tenantsafe.results import TenantRef
 
-ERROR = "error"
-WARNING = "warning"
-INFO = "info"
-LEVELS = (ERROR, WARNING, INFO)
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: str
-    kind: str
-    schema: str | None
-    message: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Report:
-    database: str
-    tenants: int = 0
-    current: int = 0
-    pooler: dict[str, Any] = field(default_factory=dict)
-    # On Citus: each worker's tenants, and each tenant's node (see tenantsafe.sharding).
-    citus: dict[str, Any] = field(default_factory=dict)
-    findings: list[Finding] = field(default_factory=list)
-    elapsed: float = 0.0
-
-    def count(self, level: str) -> int:
-        return sum(1 for f in self.findings if f.level == level)
-
-    def fails(self, fail_on: str) -> bool:
-        failing = {ERROR} if fail_on == ERROR else {ERROR, WARNING}
-        return any(f.level in failing for f in self.findings)
-
-    def as_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["counts"] = {level: self.count(level) for level in LEVELS}
-        data["elapsed"] = round(self.elapsed, 3)
-        return data
-
-
-def quoted(name: str) -> str:
-    # As a JSON string: names straight from tenant rows may hold quotes or control characters.
-    return json.dumps(name, ensure_ascii=False)
+__all__ = ["ERROR", "INFO", "LEVELS", "WARNING", "Finding", "Report", "diagnose", "render"]
 
 
 def diagnose(alias: str) -> Report:
@@ -141,27 +100,54 @@ def _diagnose(alias: str, checked: list[Finding]) -> Report:
             )
 
     present = [TenantRef(public)] + [ref for ref in valid if ref.schema in namespaces]
-    complete: list[TenantRef] = []
-    for entry in plan.plan_schemas(alias, present):
-        if entry.duplicates:
-            report.findings.append(_duplicates(entry))
-        finding = _behind(entry, public)
-        if finding is None:
-            report.current += entry.schema != public
-        else:
-            report.findings.append(finding)
-        if entry.schema != public and entry.plan is not None and entry.plan.empty:
-            complete.append(TenantRef(entry.schema, entry.tenant_type))
-    report.findings.extend(_registry_lag(alias, complete, namespaces))
+    _read_tenants(alias, report, present, namespaces)
 
     report.findings.extend(_tenant_tables_in_public(alias, public, rows))
     report.pooler = _pooler(alias)
     report.findings.append(Finding(INFO, "pooler", None, report.pooler["description"]))
-    report.findings.extend(
-        _citus(alias, report, [r.schema for r in valid if r.schema in namespaces])
+    report.citus, found = sharding.findings(
+        alias, [r.schema for r in valid if r.schema in namespaces]
     )
+    report.findings.extend(found)
     report.elapsed = time.monotonic() - started
     return report
+
+
+def _read_tenants(
+    alias: str, report: Report, present: list[TenantRef], namespaces: dict[str, set[str]]
+) -> None:
+    """What grows with the tenants: migrations behind, content types and permissions,
+    catalog drift, catalog memory; public first in ``present``."""
+    public = present[0].schema
+    complete: set[str] = set()
+    tenants_present = present[1:]
+    # The three reads that grow with the tenants, on three connections at once.
+    with (
+        meanwhile(
+            alias, lambda: drift.catalogs_of(alias, [t.schema for t in tenants_present])
+        ) as digests,
+        meanwhile(alias, lambda: _registry_lag(alias, tenants_present, namespaces)) as lagging,
+    ):
+        entries = plan.plan_schemas(alias, present)
+        for entry in entries:
+            if entry.duplicates:
+                report.findings.append(_duplicates(entry))
+            finding = _behind(entry, public)
+            if finding is None:
+                report.current += entry.schema != public
+            else:
+                report.findings.append(finding)
+            if entry.schema != public and entry.plan is not None and entry.plan.empty:
+                complete.add(entry.schema)
+        # Only tenants with every migration are expected to have every content type.
+        report.findings.extend(f for f in lagging() if f.schema in complete)
+        found = digests()
+    report.findings.extend(_drifted(alias, [e for e in entries if e.schema != public], found))
+    sample = next((e.schema for e in entries if e.schema != public and e.current), None)
+    if sample is not None:
+        cost = memory.estimate(alias, len(present) - 1, sample)
+        report.catalog_memory = cost.as_json()
+        report.findings.extend(filter(None, [cost.finding()]))
 
 
 def _collisions(rows: list[TenantRef]) -> list[Finding]:
@@ -259,6 +245,33 @@ def _behind(entry: plan.SchemaPlan, public: str) -> Finding | None:
     )
 
 
+def _drifted(alias: str, entries: list[plan.SchemaPlan], digests: dict[str, str]) -> list[Finding]:
+    found = []
+    for one in drift.find(alias, entries, digests):
+        expected = (
+            "what a new tenant gets (the provisioning recording)"
+            if one.reference == drift.RECORDING
+            else f"what {one.alike} of the {one.of} tenants at its migration state have"
+        )
+        found.append(
+            Finding(
+                WARNING,
+                "catalog-drift",
+                one.schema,
+                f"Tenant {quoted(one.schema)} differs from {expected}: {one.describe()}. Undo "
+                "the change, or make it a migration every tenant gets (see Catalog drift in "
+                "tenantsafe's docs).",
+                {
+                    "reference": one.reference,
+                    "alike": one.alike,
+                    "of": one.of,
+                    "differences": [asdict(d) for d in one.differences],
+                },
+            )
+        )
+    return found
+
+
 def _duplicates(entry: plan.SchemaPlan) -> Finding:
     listed = ", ".join(f"{app}.{name}" for app, name in entry.duplicates)
     return Finding(
@@ -288,52 +301,62 @@ def _expected_registry() -> tuple[list[str], list[str]]:
     return types, perms
 
 
+# Tables per statement of _registry_lag. Each is one scan, its rows compared here: joining
+# and counting them in PostgreSQL cost it half as much again as a scan.
+_REGISTRY_CHUNK = 200
+
+
 def _registry_lag(
     alias: str, refs: list[TenantRef], namespaces: dict[str, set[str]]
 ) -> list[Finding]:
-    """Migrated tenants that lack content types or permissions (post_migrate cut short)."""
+    """Those of ``refs`` that lack content types or permissions (post_migrate cut short, if
+    they have every migration)."""
     if not refs or not apps.is_installed("django.contrib.contenttypes"):
         return []
     types, perms = _expected_registry()
-    routed = {ref.tenant_type: plan.routed_apps(alias, ref.schema, ref.tenant_type) for ref in refs}
+    # Per tenant type (the router decides by it): once, not once per tenant.
+    first = {ref.tenant_type: ref for ref in reversed(refs)}
+    routed = {kind: plan.routed_apps(alias, ref.schema, kind) for kind, ref in first.items()}
     parts = []
+    # Per tenant read: its content types by id, and its permissions (None: not read).
+    found: dict[int, tuple[dict[int, str], list[tuple[int, str]] | None]] = {}
     for i, ref in enumerate(refs):
         tables = namespaces.get(ref.schema, set())
         if "django_content_type" not in tables or "contenttypes" not in routed[ref.tenant_type]:
             continue
         q = schemas.quote(ref.schema)
-        perm_count = (
-            f"(SELECT count(*) FROM {q}.auth_permission p JOIN {q}.django_content_type c "  # noqa: S608
-            "ON c.id = p.content_type_id "
-            "WHERE c.app_label || '.' || c.model || '.' || p.codename IN (SELECT k FROM pm))"
-            if "auth_permission" in tables and "auth" in routed[ref.tenant_type]
-            else "NULL"
-        )
         parts.append(
-            f"SELECT {i}, (SELECT count(*) FROM {q}.django_content_type c "  # noqa: S608
-            "WHERE c.app_label || '.' || c.model IN (SELECT k FROM ct)), "
-            f"{perm_count}"
+            f"SELECT {i}, c.id, c.app_label || '.' || c.model, NULL "  # noqa: S608
+            f"FROM {q}.django_content_type c"
         )
-    if not parts:
-        return []
-    findings = []
-    with connections[alias].cursor() as cursor:
-        for start in range(0, len(parts), plan.CHUNK):
-            cursor.execute(
-                "WITH ct(k) AS (SELECT unnest(%s::text[])), pm(k) AS (SELECT unnest(%s::text[])) "
-                + " UNION ALL ".join(parts[start : start + plan.CHUNK]),
-                [types, perms],
+        found[i] = ({}, None)
+        if "auth_permission" in tables and "auth" in routed[ref.tenant_type]:
+            parts.append(
+                f"SELECT {i}, p.content_type_id, NULL, p.codename FROM {q}.auth_permission p"  # noqa: S608
             )
-            for i, type_count, perm_count in cursor.fetchall():
-                schema = refs[i].schema
-                if type_count < len(types):
-                    findings.append(
-                        _lag(schema, "contenttypes-behind", "content types", type_count, len(types))
-                    )
-                if perm_count is not None and perm_count < len(perms):
-                    findings.append(
-                        _lag(schema, "permissions-behind", "permissions", perm_count, len(perms))
-                    )
+            found[i] = ({}, [])
+    with connections[alias].cursor() as cursor:
+        for start in range(0, len(parts), _REGISTRY_CHUNK):
+            cursor.execute(" UNION ALL ".join(parts[start : start + _REGISTRY_CHUNK]))
+            for i, ident, key, codename in cursor.fetchall():
+                kinds, codes = found[i]
+                if codename is None:
+                    kinds[ident] = key
+                elif codes is not None:
+                    codes.append((ident, codename))
+    findings = []
+    for i, (kinds, codes) in found.items():
+        schema = refs[i].schema
+        type_count = len(set(kinds.values()) & set(types))
+        if type_count < len(types):
+            findings.append(
+                _lag(schema, "contenttypes-behind", "content types", type_count, len(types))
+            )
+        perm_count = len({f"{kinds.get(ct)}.{code}" for ct, code in codes or ()} & set(perms))
+        if codes is not None and perm_count < len(perms):
+            findings.append(
+                _lag(schema, "permissions-behind", "permissions", perm_count, len(perms))
+            )
     return findings
 
 
@@ -387,69 +410,3 @@ def _pooler(alias: str) -> dict[str, Any]:
         "runtime_guard": conf.runtime_guard_enabled(),
         "description": f"Database {quoted(alias)} {found.describe(alias)}.",
     }
-
-
-def render(report: Report) -> list[str]:
-    """The report as lines of an aligned table."""
-    lines = [
-        f"tenantsafe doctor: database {quoted(report.database)}, {report.tenants} tenant(s), "
-        f"{report.current} current, read in {report.elapsed:.2f}s",
-        "",
-    ]
-    rows = [("LEVEL", "SCHEMA", "FINDING")] + [
-        (f.level.upper(), quoted(f.schema) if f.schema is not None else "-", f.message)
-        for f in sorted(report.findings, key=lambda f: (LEVELS.index(f.level), f.kind))
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in (0, 1)]
-    for level, schema, message in rows:
-        lines.append(f"{level:<{widths[0]}}  {schema:<{widths[1]}}  {message}")
-    errors, warnings = report.count(ERROR), report.count(WARNING)
-    lines.append("")
-    if errors or warnings:
-        lines.append(f"{errors} error(s), {warnings} warning(s).")
-    else:
-        lines.append("No problems found.")
-    return lines
-
-
-# How many tenants' names a node's line shows; --json lists them all.
-SHOWN = 10
-
-
-def _citus(alias: str, report: Report, names: list[str]) -> list[Finding]:
-    """On Citus: the tenants of each worker, and the tenants left on the coordinator."""
-    layout = sharding.layout(alias)
-    if layout is None:
-        return []
-    per_node = layout.per_node(names)
-    report.citus = {
-        "sharding": layout.sharding,
-        "nodes": {node: len(held) for node, held in per_node.items()},
-        "tenants": {name: layout.nodes.get(name) or None for name in names},
-    }
-    findings = []
-    for node, held in per_node.items():
-        listed = ", ".join(quoted(name) for name in held[:SHOWN])
-        more = f" and {len(held) - SHOWN} more (--json lists them)" if len(held) > SHOWN else ""
-        findings.append(
-            Finding(
-                INFO,
-                "citus-node",
-                None,
-                f"Citus node {quoted(node)} holds {len(held)} tenant(s)"
-                + (f": {listed}{more}." if held else "."),
-                {"node": node, "tenants": held},
-            )
-        )
-    for name in layout.undistributed(names):
-        findings.append(
-            Finding(
-                WARNING,
-                "citus-undistributed",
-                name,
-                f"Tenant {quoted(name)} is not distributed: its schema lives on the coordinator "
-                "(it was created before schema-based sharding was on). Distribute it with "
-                f"manage.py tenantsafe_citus distribute --schema {name}.",
-            )
-        )
-    return findings

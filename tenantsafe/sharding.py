@@ -26,6 +26,7 @@ from django.db import connections, transaction
 
 from tenantsafe import citus, locks, schemas
 from tenantsafe.errors import ShardingError
+from tenantsafe.findings import INFO, WARNING, Finding, quoted
 
 logger = logging.getLogger("tenantsafe.sharding")
 
@@ -204,3 +205,47 @@ def rebalance(alias: str, mode: str = "auto", *, waiting: Waiting | None = None)
     """Apply Citus's rebalance plan one tenant at a time, each under its lease."""
     for schema, target in rebalance_plan(alias):
         yield move(alias, schema, target, mode, waiting=waiting)
+
+
+# How many tenants' names a node's line of the doctor shows; --json lists them all.
+SHOWN = 10
+
+
+def findings(alias: str, names: list[str]) -> tuple[dict[str, Any], list[Finding]]:
+    """For the doctor, on Citus: where the tenants ``names`` live (the report's ``citus``), a
+    finding per worker with its tenants, and one per tenant left on the coordinator."""
+    found = layout(alias)
+    if found is None:
+        return {}, []
+    per_node = found.per_node(names)
+    data = {
+        "sharding": found.sharding,
+        "nodes": {node: len(held) for node, held in per_node.items()},
+        "tenants": {name: found.nodes.get(name) or None for name in names},
+    }
+    result = []
+    for node, held in per_node.items():
+        listed = ", ".join(quoted(name) for name in held[:SHOWN])
+        more = f" and {len(held) - SHOWN} more (--json lists them)" if len(held) > SHOWN else ""
+        result.append(
+            Finding(
+                INFO,
+                "citus-node",
+                None,
+                f"Citus node {quoted(node)} holds {len(held)} tenant(s)"
+                + (f": {listed}{more}." if held else "."),
+                {"node": node, "tenants": held},
+            )
+        )
+    for name in found.undistributed(names):
+        result.append(
+            Finding(
+                WARNING,
+                "citus-undistributed",
+                name,
+                f"Tenant {quoted(name)} is not distributed: its schema lives on the coordinator "
+                "(it was created before schema-based sharding was on). Distribute it with "
+                f"manage.py tenantsafe_citus distribute --schema {name}.",
+            )
+        )
+    return data, result

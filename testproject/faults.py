@@ -4,6 +4,9 @@
 it writes ``<dir>/held`` (JSON: this process's pid and the migrating connection's backend pid)
 and waits until ``<dir>/go`` exists. Points:
 
+- ``pre_migrate``: the first pre_migrate receiver of the schema's migrate run (connected in
+  ``CustomersConfig.ready()``): the run holds the schema's lease, and no migration of it has
+  run yet.
 - ``post_migrate``: the first post_migrate receiver of the schema's migrate run (connected in
   ``CustomersConfig.ready()``, before contenttypes' and auth's): every migration is recorded,
   no content type or permission is created yet.
@@ -19,8 +22,6 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-
-HOLD_TIMEOUT = 120.0
 
 _held = False
 
@@ -41,11 +42,19 @@ def hold(point: str, connection: Any) -> None:
     tmp = here / "held.tmp"
     tmp.write_text(json.dumps({"pid": os.getpid(), "backend_pid": backend_pid}))
     tmp.rename(here / "held")
-    deadline = time.monotonic() + HOLD_TIMEOUT
+    # TESTPROJECT_HOLD_TIMEOUT: shorter for the mutation check (bench/mutants.py), where a
+    # broken run may never be let go.
+    deadline = time.monotonic() + float(os.environ.get("TESTPROJECT_HOLD_TIMEOUT", "120"))
     while not (here / "go").exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"TESTPROJECT_HOLD: {point} in {schema} never released")
         time.sleep(0.05)
+
+
+def on_pre_migrate(sender: Any, using: str = "default", **kwargs: Any) -> None:
+    from django.db import connections
+
+    hold("pre_migrate", connections[using])
 
 
 def on_post_migrate(sender: Any, using: str = "default", **kwargs: Any) -> None:

@@ -11,8 +11,8 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import pytest
 from django import db
@@ -38,12 +38,15 @@ connection: Any = db.connection
 
 __all__ = [
     "ROOT",
+    "PoolLoad",
     "add_tenant",
     "answer",
+    "at_the_gate",
     "connect",
     "connection",
     "database_url",
     "direct_url",
+    "doctor_json",
     "fingerprint",
     "fresh_database",
     "has_table",
@@ -55,28 +58,44 @@ __all__ = [
     "pooled_url",
     "public_tables",
     "python_workers",
+    "reads",
     "recorded",
     "reference_fingerprint",
     "register_tenants",
+    "restore_as",
     "scalar",
     "schemas_named",
     "signup_code",
     "signup_result",
     "signups_at_once",
+    "skip_unless_local",
     "sql",
+    "start_manage",
     "start_signup",
     "summary",
     "tables",
+    "under_ci",
     "with_dbname",
 ]
+
+
+def under_ci() -> bool:
+    """Whether this is a CI run, where nothing may skip for want of a server: any non-empty
+    ``CI`` but ``0`` and ``false`` (``CI=true``, ``CI=1``, ``CI=yes``...)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def skip_unless_local(reason: str) -> NoReturn:
+    """Skip for ``reason`` locally; under CI, where it must not happen, fail."""
+    if under_ci():
+        pytest.fail(f"{reason}, under CI={os.environ['CI']}: it must run in CI")
+    pytest.skip(reason)
 
 
 def pooled_url() -> str:
     url = os.environ.get("PGBOUNCER_URL")
     if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PGBOUNCER_URL is not set under CI=true: pgbouncer must run in CI")
-        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+        skip_unless_local("pgbouncer is not installed (apt-get install pgbouncer)")
     return url
 
 
@@ -93,41 +112,78 @@ def add_tenant(schema: str, *, with_schema: bool = True) -> None:
             cursor.execute('CREATE SCHEMA "%s"' % schema.replace('"', '""'))
 
 
+class PoolLoad:
+    """The other clients of :func:`pool_load`: how many queries each has run, what went wrong."""
+
+    def __init__(self, clients: int) -> None:
+        self.queries = [0] * clients
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+
+    def progressed_since(self, seen: list[int]) -> bool:
+        return all(now > then for now, then in zip(self.queries, seen, strict=True))
+
+    def wait_running(self, *, reconnect: bool = False) -> None:
+        """Until every client has run another query (fails the test if one stopped)."""
+        seen = list(self.queries)
+        deadline = time.monotonic() + 60
+        while not self.progressed_since(seen) and time.monotonic() < deadline:
+            assert reconnect or not self.errors, self.errors
+            time.sleep(0.05)
+        assert self.progressed_since(seen), (
+            f"the other clients on the pool stopped: queries per client {self.queries} "
+            f"(at the end of the block {seen}); errors: {self.errors[-3:]}"
+        )
+
+
 @contextlib.contextmanager
 def pool_load(
-    url: str, paths: list[str], *, clients: int = 4, check: bool = True
-) -> Iterator[list[BaseException]]:
-    """Other clients sharing the pgbouncer pool, as in production.
+    url: str, paths: list[str], *, clients: int = 4, reconnect: bool = False, check: bool = True
+) -> Iterator[PoolLoad]:
+    """Other clients sharing the pgbouncer pool, as in production, until the block ends.
 
     Each one keeps issuing a session-level SET to one of ``paths`` (as django-tenants does for
     the tenants it serves) and a query in autocommit, so the server connections the pool hands
-    out carry other search paths. Yields the errors they met; with ``check``, the block fails
-    on any.
+    out carry other search paths. When the block is done, every client must still be running
+    queries (each runs more after it), so no test ends with the pool to itself. With
+    ``reconnect``, for tests that take the pooler down, a client whose connection is lost
+    connects again. Without ``check`` the block checks nothing (the test reads the yielded
+    :class:`PoolLoad` itself, say after a failure of its own that stopped the clients).
     """
-    stop = threading.Event()
-    errors: list[BaseException] = []
+    load = PoolLoad(clients)
 
     def client(n: int) -> None:
-        try:
-            with connect(url) as conn:
-                for i in range(200_000):
-                    if stop.is_set():
-                        return
-                    conn.execute(f"SET search_path = {paths[(i + n) % len(paths)]}")
-                    conn.execute("SELECT 1")
-        except BaseException as exc:  # pragma: no cover - surfaced below
-            errors.append(exc)
+        i = n
+        while not load.stop.is_set():
+            try:
+                with connect(url) as conn:
+                    while not load.stop.is_set():
+                        conn.execute(f"SET search_path = {paths[i % len(paths)]}")
+                        conn.execute("SELECT 1")
+                        load.queries[n] += 1
+                        i += 1
+                        # Hundreds of SETs a second each, without taking a core from the test.
+                        load.stop.wait(0.001)
+            except Exception as exc:
+                if load.stop.is_set():
+                    return
+                load.errors.append(exc)
+                if not reconnect:
+                    return
+                time.sleep(0.1)  # the pooler is down: try again shortly
 
     threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
     for thread in threads:
         thread.start()
     try:
-        yield errors
+        yield load
+        if check:
+            load.wait_running(reconnect=reconnect)
     finally:
-        stop.set()
+        load.stop.set()
         for thread in threads:
             thread.join(30)
-    assert not check or not errors, errors
+    assert not check or reconnect or not load.errors, load.errors
 
 
 def python_workers(code: str, groups: list[list[str]], env: dict[str, str]) -> dict[str, Any]:
@@ -226,6 +282,22 @@ def last_output() -> tuple[str, str]:
     return _last[0]
 
 
+def doctor_json(*args: str) -> tuple[dict[str, Any], int]:
+    """``tenantsafe_doctor --json``: the report and the exit status."""
+    import io
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    out = io.StringIO()
+    try:
+        call_command("tenantsafe_doctor", "--json", *args, stdout=out)
+        status = 0
+    except CommandError as exc:
+        status = exc.returncode
+    return json.loads(out.getvalue()), status
+
+
 # A signup in a process of its own, as a web worker runs it.
 
 
@@ -272,31 +344,79 @@ def start_signup(url: str, schema: str, env: dict[str, str] | None = None) -> su
     )
 
 
+def start_manage(url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``python -m testproject.manage *args`` in a new process on ``url``'s database."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "testproject.manage", *args],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": url, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def signup_result(proc: subprocess.Popen[str], timeout: float = 300) -> dict[str, Any]:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err
     return answer(out)
 
 
-def signups_at_once(
-    url: str, names: list[str], *, gate: str, mode: str, env: dict[str, str] | None = None
-) -> list[dict[str, Any]]:
-    """A signup per name, each in its own process, that reach table ``gate`` at the same
-    moment: a lock on it (in ``mode``) is held until every one of them waits for it. Their
-    :func:`signup_result`, in the order of ``names``."""
+def at_the_gate(
+    url: str, gate: str, mode: str, start: Callable[[], list[subprocess.Popen[str]]]
+) -> list[subprocess.Popen[str]]:
+    """The processes ``start()`` starts, let through a lock on table ``gate`` (held in
+    ``mode`` meanwhile) once every one of them waits for it: they go on from there at the
+    same moment."""
     with connect(url) as conn:
         conn.execute("BEGIN")
         conn.execute(f"LOCK TABLE {gate} IN {mode} MODE")
-        procs = [start_signup(url, name, env) for name in names]
+        procs = start()
         waiting = 0
         deadline = time.monotonic() + 120
-        while waiting < len(names) and time.monotonic() < deadline:
+        while waiting < len(procs) and time.monotonic() < deadline:
             assert all(proc.poll() is None for proc in procs), [p.communicate() for p in procs]
             time.sleep(0.05)
             waiting = conn.execute(
                 "SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted",
                 [gate],
             ).fetchone()[0]
-        assert waiting == len(names)
+        assert waiting == len(procs)
         conn.execute("COMMIT")
+    return procs
+
+
+def signups_at_once(
+    url: str, names: list[str], *, gate: str, mode: str, env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """A signup per name, each in its own process, that reach table ``gate`` at the same
+    moment (:func:`at_the_gate`). Their :func:`signup_result`, in the order of ``names``."""
+    procs = at_the_gate(url, gate, mode, lambda: [start_signup(url, name, env) for name in names])
     return [signup_result(proc) for proc in procs]
+
+
+def reads(captured: list[dict[str, str]]) -> list[str]:
+    """The reads of CaptureQueriesContext's queries: SET search_path and transaction control
+    (BEGIN/COMMIT) are not counted."""
+    return [q["sql"] for q in captured if q["sql"].lstrip().startswith(("SELECT ", "WITH "))]
+
+
+def restore_as(source: str, name: str) -> None:
+    """A tenant ``name`` whose schema is ``source``'s dumped with pg_dump and restored under
+    the new name (with a tenant row and a domain), as a tenant restored from a backup is."""
+    url = database_url()
+    dump = subprocess.run(
+        ["pg_dump", "-n", source, "--no-owner", "--no-privileges", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    renamed = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(source)}(?=[.;\s])", name, dump)
+    subprocess.run(
+        ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-1", url],
+        input=renamed,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    register_tenants(url, [name], create_schemas=False)

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from testproject.cluster import _server_user, find_pg_bindir, find_pgbouncer, free_port
-from tests.dbtools import ROOT, connect, with_dbname
+from tests.dbtools import ROOT, connect, skip_unless_local, with_dbname
 
 
 def _psql() -> str:
@@ -62,9 +62,7 @@ class Bouncer:
     ) -> None:
         binary = find_pgbouncer()
         if binary is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("pgbouncer is not installed under CI=true: pgbouncer must run in CI")
-            pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+            skip_unless_local("pgbouncer is not installed (apt-get install pgbouncer)")
         self.binary = binary
         server = urlsplit(server_url)
         self.server_host = server.hostname or "127.0.0.1"
@@ -220,6 +218,26 @@ class Run:
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
+    def deliver(self, signum: int, *, timeout: float = 30) -> None:
+        """Send ``signum`` and wait until the process has taken it: no longer pending, and its
+        main thread back to sleep (in a hold, say) after running the handler. Two signals
+        sent quicker than that may reach the handler as one."""
+        self.process.send_signal(signum)
+        bit = 1 << (signum - 1)
+
+        def taken() -> bool:
+            if not self.running():
+                return True
+            fields = dict(
+                line.split(":", 1)
+                for line in Path(f"/proc/{self.pid}/status").read_text().split("\n")
+                if ":" in line
+            )
+            pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+            return not pending & bit and fields["State"].strip().startswith("S")
+
+        wait_for(f"{self!r} to take signal {signum}", taken, timeout=timeout, interval=0.01)
+
     def wait(self, timeout: float = 120) -> int:
         try:
             code = self.process.wait(timeout)
@@ -355,10 +373,12 @@ class Reader(threading.Thread):
         self.stop = threading.Event()
         self.times: list[float] = []
         self.errors: list[BaseException] = []
+        self.pid = 0
 
     def run(self) -> None:
         try:
             with connect(self.url) as conn:
+                self.pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
                 while not self.stop.is_set():
                     started = time.monotonic()
                     conn.execute(f"SELECT count(*) FROM {self.table}").fetchall()
@@ -386,14 +406,16 @@ def reading(url: str, table: str) -> Iterator[Reader]:
             reader.join(30)
 
 
-def lock_waiters(url: str, relation: str) -> list[int]:
-    """Backends waiting for a lock on ``relation`` (schema-qualified, unquoted)."""
+def lock_waiters(url: str, relation: str, mode: str | None = None) -> list[int]:
+    """Backends waiting for a lock on ``relation`` (schema-qualified, unquoted), in ``mode``
+    (``AccessExclusiveLock``...) if given."""
     with connect(url) as conn:
         rows = conn.execute(
             "SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE NOT l.granted AND n.nspname || '.' || c.relname = %s",
-            [relation],
+            "WHERE NOT l.granted AND n.nspname || '.' || c.relname = %s "
+            "AND l.mode = coalesce(%s, l.mode)",
+            [relation, mode],
         ).fetchall()
     return [int(row[0]) for row in rows]
 
@@ -416,3 +438,71 @@ def backends(url: str, application_name: str) -> list[int]:
 def terminate(url: str, pid: int) -> bool:
     with connect(with_dbname(url, "postgres")) as conn:
         return bool(conn.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone()[0])
+
+
+class LeaseGate:
+    """The test's own open transaction that has updated ``schema``'s lease row (to itself).
+
+    A run that tries to take the lease meanwhile waits for that transaction (``INSERT ... ON
+    CONFLICT`` waits for a row version in progress), which pg_locks shows: the observable
+    event "another run waits for this tenant". The holder's fence (``FOR KEY SHARE``) does
+    not wait for it; its heartbeat does, so keep the gate shut for moments only.
+    """
+
+    def __init__(self, url: str, schema: str) -> None:
+        self.url = url
+        self.schema = schema
+        self.conn = connect(url)
+        self.conn.execute("BEGIN")
+        row = self.conn.execute(
+            "UPDATE public.tenantsafe_lease SET expires_at = expires_at WHERE schema_name = %s "
+            "RETURNING pg_current_xact_id()::text",
+            [schema],
+        ).fetchone()
+        assert row is not None, f"nobody holds the lease on {schema}"
+        self.xid = str(row[0])
+
+    def takers(self) -> list[int]:
+        """Backends waiting to take the lease."""
+        with connect(self.url) as conn:
+            rows = conn.execute(
+                "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'transactionid' AND NOT l.granted "
+                "AND l.transactionid::text = %s AND a.query ~ 'INSERT INTO \\S*tenantsafe_lease'",
+                [self.xid],
+            ).fetchall()
+        return [int(row[0]) for row in rows]
+
+    def wait_for_taker(self, run: Run, *, timeout: float = 90) -> list[int]:
+        """Until ``run`` (or any other) tries to take the lease; fails if ``run`` ends first."""
+
+        def waiting() -> list[int]:
+            if not run.running():
+                pytest.fail(
+                    f"{run!r} ended before it tried to take the lease on {self.schema}\n"
+                    f"stdout: {run.stdout[-2000:]}\nstderr: {run.stderr[-3000:]}"
+                )
+            return self.takers()
+
+        return list(
+            wait_for(f"{run!r} to wait for the lease on {self.schema}", waiting, timeout=timeout)
+        )
+
+    def open(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.open()
+        with contextlib.suppress(Exception):
+            self.conn.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def lease_gate(url: str, schema: str) -> Iterator[LeaseGate]:
+    """A :class:`LeaseGate`, opened when the block ends."""
+    gate = LeaseGate(url, schema)
+    try:
+        yield gate
+    finally:
+        gate.close()

@@ -17,7 +17,7 @@ from django.test import override_settings
 from django_tenants.routers import TenantSyncRouter
 
 from tenantsafe.checks import rollback_forgets_search_path
-from tests.dbtools import direct_url, manage, pooled_url
+from tests.dbtools import direct_url, manage, pool_load, pooled_url
 
 NO_ISSUES = "System check identified no issues (0 silenced)."
 
@@ -390,13 +390,15 @@ W003 = (
 @pytest.mark.pooler
 def test_w003_transaction_pooler_found_by_check_database():
     url = pooled_url()
-    result = manage(url, "check", "--database", "default")
+    with pool_load(url, ["public"]):
+        result = manage(url, "check", "--database", "default")
     assert result.returncode == 0, result.stderr  # a warning: reported, not fatal
     assert f"?: ({W003[0]}) {W003[1]}\n\tHINT: {W003[2]}" in result.stderr
     assert "System check identified 1 issue (0 silenced)." in result.stderr
 
     # Database checks run only for the aliases check is given.
-    result = manage(url, "check")
+    with pool_load(url, ["public"]):
+        result = manage(url, "check")
     assert result.returncode == 0
     assert NO_ISSUES in result.stdout
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 
 import pytest
 from django.core.management.base import CommandError
+from django.test import override_settings
 
 from testproject.customers.models import Client
-from tests.dbtools import add_tenant, last_output, migrate, recorded, scalar, summary, tables
+from tests.dbtools import add_tenant, last_output, migrate, recorded, scalar, sql, summary, tables
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
 
@@ -136,10 +138,19 @@ def test_malicious_schema_option_is_refused_before_anything_runs():
 def test_tenant_run_reports_tables_that_appear_in_public(monkeypatch):
     monkeypatch.setenv("TESTPROJECT_LEAK_PUBLIC", "leaky")
     add_tenant("leaky")
-    with pytest.raises(CommandError):
-        migrate(tenant=True)
-    _, err = last_output()
-    assert "FAILED public: public gained tables while tenants were migrated: shop_leaked" in err
+    try:
+        with pytest.raises(CommandError, match=r"1 of 1 schema\(s\) failed"):
+            migrate(tenant=True)
+        out, err = last_output()
+        # The tenant itself migrated; the run fails for what appeared in public, and says so.
+        assert "1 tenant(s): 1 migrated, 0 already current, 0 failed" in out
+        assert err.splitlines() == [
+            "FAILED public: public gained tables while tenants were migrated: shop_leaked"
+        ]
+        assert "shop_leaked" in tables("public")
+        assert scalar('SELECT count(*) FROM "leaky".shop_category') == 3
+    finally:
+        sql("DROP TABLE IF EXISTS public.shop_leaked")
 
 
 def test_check_and_plan_change_nothing():
@@ -222,11 +233,53 @@ def test_verbosity_zero_prints_nothing_on_success():
     assert "shop_product" in tables("alpha")
 
 
+@pytest.fixture
+def shared_migration(
+    new_migrations: Callable[..., str], drop_tenant_schemas: None
+) -> Iterator[None]:
+    """A new migration of the shared customers app (a table), in force for the test; public
+    is put back afterwards."""
+    package = new_migrations(
+        "customers",
+        {
+            "0002_visit": """
+            from django.db import migrations, models
+
+
+            class Migration(migrations.Migration):
+                dependencies = [("customers", "0001_initial")]
+
+                operations = [
+                    migrations.CreateModel(
+                        name="Visit",
+                        fields=[("id", models.BigAutoField(primary_key=True))],
+                    ),
+                ]
+            """
+        },
+    )
+    try:
+        with override_settings(MIGRATION_MODULES={"customers": package}):
+            yield
+    finally:
+        sql("DROP TABLE IF EXISTS public.customers_visit")
+        sql("DELETE FROM public.django_migrations WHERE app = %s AND name = %s", list(VISIT))
+
+
+VISIT = ("customers", "0002_visit")
+
+
+@pytest.mark.usefixtures("shared_migration")
 def test_shared_migrates_public_only():
     add_tenant("alpha")
     out, _ = migrate(shared=True)
-    assert "0 tenant(s)" in out
+    assert "migrate_schemas_safe: public migrated; 0 tenant(s): 0 migrated" in out
+    assert "customers_visit" in tables("public")
+    assert VISIT in recorded("public")
     assert tables("alpha") == set()
+
+    out, _ = migrate(shared=True)
+    assert "migrate_schemas_safe: public current; 0 tenant(s)" in out
 
 
 def test_tenant_model_rows_are_untouched():
@@ -241,10 +294,55 @@ def test_create_missing_never_invents_a_tenant_schema():
     assert scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'typo'") == 0
 
 
+@pytest.mark.usefixtures("shared_migration")
 def test_a_full_run_reports_public_apart_from_the_tenants():
     add_tenant("alpha")
     add_tenant("beta")
     out, _ = migrate()
-    assert "migrate_schemas_safe: public current; 2 tenant(s): 2 migrated, 0 already current" in (
+    assert "migrate_schemas_safe: public migrated; 2 tenant(s): 2 migrated, 0 already current" in (
         out
     )
+    # Public first, then the tenants, each in its own schema.
+    assert VISIT in recorded("public")
+    assert "customers_visit" in tables("public")
+    for name in ("alpha", "beta"):
+        assert "shop_product" in tables(name)
+        assert "customers_visit" not in tables(name)
+    assert not {"shop_product", "notes_note"} & tables("public")
+
+    out, _ = migrate()
+    assert "migrate_schemas_safe: public current; 2 tenant(s): 0 migrated, 2 already current" in (
+        out
+    )
+
+
+SEES_LOCK_TIMEOUT = """
+    from django.db import migrations
+
+
+    class Migration(migrations.Migration):
+        dependencies = [("notes", "0003_welcome_note")]
+
+        operations = [
+            migrations.RunSQL(
+                "CREATE TABLE notes_seen (lock_timeout text);"
+                "INSERT INTO notes_seen SELECT current_setting('lock_timeout')",
+                "DROP TABLE notes_seen",
+            )
+        ]
+"""
+
+
+@pytest.mark.parametrize(
+    ("option", "seen"),
+    [(None, "5s"), ("0", "0"), ("2min", "2min")],
+    ids=["default", "0", "2min"],
+)
+def test_the_lock_timeout_a_migration_runs_under(new_migrations, option, seen):
+    # The default is 5 s; 0 leaves PostgreSQL's own (0: no timeout) in force.
+    package = new_migrations("notes", {"0004_seen": SEES_LOCK_TIMEOUT})
+    add_tenant("alpha")
+    with override_settings(MIGRATION_MODULES={"notes": package}):
+        migrate(tenant=True, verbosity=0, **({} if option is None else {"lock_timeout": option}))
+    assert scalar('SELECT lock_timeout FROM "alpha".notes_seen') == seen
+    assert scalar("SHOW lock_timeout") == "0"

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from tests import faults
 from tests.dbtools import (
     direct_url,
     fingerprint,
     fresh_database,
     manage,
-    manage_at_once,
     pool_load,
     pooled_url,
     public_tables,
@@ -98,22 +98,37 @@ def test_plain_migrate_schemas_through_pgbouncer_does_not(pending_tenants, refer
 
 def test_two_concurrent_runs_migrate_each_tenant_once(pending_tenants, reference):
     direct, pooled = pending_tenants
-    with busy_pool(pooled):
-        runs = manage_at_once(pooled, "migrate_schemas_safe", "--tenant", env=POOLER_SAFE)
+    with (
+        busy_pool(pooled),
+        faults.runs() as start,
+        faults.hold("pre_migrate", "t00") as held,
+    ):
+        # A holds t00 and has migrated nothing of it; B tries to take it meanwhile.
+        a = start(pooled, "migrate_schemas_safe", "--tenant", env={**POOLER_SAFE, **held.env})
+        held.wait(a)
+        with faults.lease_gate(direct, "t00") as gate:
+            b = start(pooled, "migrate_schemas_safe", "--tenant", env=POOLER_SAFE)
+            gate.wait_for_taker(b)
+        held.release()
+        runs = [a, b]
+        codes = [run.wait(180) for run in runs]
+        outputs = [run.stdout for run in runs]
+        assert codes == [0, 0], [run.stderr[-3000:] for run in runs]
 
-    for status, _, err in runs:
-        assert status == 0, err[-3000:]
-    outputs = [(out, err) for _, out, err in runs]
-    counts = [summary(out) for out, _ in outputs]
+    counts = [summary(out) for out in outputs]
     assert sum(c["migrated"] for c in counts) == 12
     assert all(c["failed"] == 0 and c["migrated"] + c["current"] == 12 for c in counts)
-    # Each tenant's migrations were applied by exactly one of the runs.
-    both = "".join(out for out, _ in outputs)
+    # Each tenant's migrations were applied by exactly one of the runs; t00 by A, which held
+    # it while B waited.
     applied = [
-        len(re.findall(rf"standard:{name}\] +Applying shop\.0001_initial", both))
+        [
+            len(re.findall(rf"standard:{name}\] +Applying shop\.0001_initial", out))
+            for out in outputs
+        ]
         for name in TENANTS
     ]
-    assert applied == [1] * 12
+    assert [sum(both) for both in applied] == [1] * 12
+    assert applied[0] == [1, 0]
     assert [name for name in TENANTS if fingerprint(direct, name) != reference] == []
 
 
@@ -125,7 +140,8 @@ def test_non_atomic_migration_is_refused_through_the_pooler_and_runs_directly():
         assert manage(direct, "migrate_schemas_safe", "--shared", "-v0").returncode == 0
         register_tenants(direct, ["one", "two"])
 
-        refused = manage(via_pool, "migrate_schemas_safe", "--tenant")
+        with pool_load(via_pool, ['"one", public', '"two", public']):
+            refused = manage(via_pool, "migrate_schemas_safe", "--tenant")
 
         assert refused.returncode == 1
         assert summary(refused.stdout)["failed"] == 2
@@ -142,13 +158,14 @@ def test_non_atomic_migration_is_refused_through_the_pooler_and_runs_directly():
         assert _recorded(direct, "one", "search") == ["0001_initial"]
 
         # What the error advises: the same command, its migrations over a direct connection.
-        directly = manage(
-            via_pool,
-            "migrate_schemas_safe",
-            "--tenant",
-            "--database=direct",
-            env={"DATABASE_DIRECT_URL": direct},
-        )
+        with pool_load(via_pool, ['"one", public', '"two", public']):
+            directly = manage(
+                via_pool,
+                "migrate_schemas_safe",
+                "--tenant",
+                "--database=direct",
+                env={"DATABASE_DIRECT_URL": direct},
+            )
 
         assert directly.returncode == 0, directly.stderr[-3000:]
         assert sorted(_indexes(direct, "search_term_idx")) == ["one", "two"]

@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ from tests.dbtools import (
     sql,
     with_dbname,
 )
-from tests.faults import hold, runs
+from tests.faults import hold, runs, wait_for
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
 
@@ -218,6 +219,76 @@ def test_a_killed_recorders_claim_does_not_block_the_next_signup(where, referenc
         assert fingerprint(database_url(), name) == reference, name
 
 
+FAILING_SIGNUP = """
+import time
+from tenantsafe.errors import ProvisionError
+from tenantsafe.provisioning import provision
+from testproject.customers.models import Client
+try:
+    provision(Client(schema_name="first", name="First"))
+except ProvisionError as exc:
+    print("failed:", exc.error, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_a_recorder_whose_migration_fails_hands_its_claim_to_a_waiting_signup(
+    reference, monkeypatch, caplog
+):
+    # The next signup's looks for the claim, seen from here: set once it found it taken.
+    refused = threading.Event()
+    try_lease = locks.try_lease
+
+    def looked(alias: str, name: str, *, purpose: str) -> locks.Lease | None:
+        lease = try_lease(alias, name, purpose=purpose)
+        if lease is None and name.startswith("recording:"):
+            refused.set()
+        return lease
+
+    monkeypatch.setattr(locks, "try_lease", looked)
+    with runs() as start, hold("seed", "first") as held:
+        # A web worker: its signup fails, and it lives on (its claim cannot be taken over as
+        # a dead holder's).
+        recorder = start(
+            database_url(),
+            "shell",
+            "-c",
+            FAILING_SIGNUP,
+            env={**held.env, "TESTPROJECT_FAIL_SEED": "first"},
+        )
+        held.wait(recorder)
+        assert claims() == [f"record (pid {recorder.pid} on {socket.gethostname()})"]
+
+        # The recorder's migration fails once the second signup waits for its claim.
+        def release_once_refused() -> None:
+            refused.wait(120)
+            held.release()
+
+        releaser = threading.Thread(target=release_once_refused)
+        releaser.start()
+        with override_settings(TENANTSAFE_RECORDING_WAIT_SECONDS=120):
+            how = provision(Client(schema_name="second", name="Second"))
+        releaser.join()
+        assert refused.is_set()
+        assert recorder.running()
+        assert "failed: RuntimeError: seeding failed on purpose in first" in recorder.stdout
+
+    # The claim went to the waiter, which migrated and recorded its tenant at once: not after
+    # waiting out the bound.
+    assert how == "migrated"
+    assert "waited" not in caplog.text
+    assert claims() == []
+    assert [(problem, has_statements) for _, problem, has_statements in recordings()] == [
+        ("", True)
+    ]
+    assert not exists("first")
+    assert not Client.objects.filter(schema_name="first").exists()
+    assert provision(Client(schema_name="third", name="Third")) == "replayed"
+    for name in ("second", "third"):
+        assert fingerprint(database_url(), name) == reference, name
+
+
 @pytest.mark.slow
 def test_a_signup_waits_for_a_live_recorder_only_up_to_the_bound(reference):
     with runs() as start, hold("post_migrate", "first") as held:
@@ -262,6 +333,22 @@ def nested_notes_migrations(tmp_path, monkeypatch) -> Iterator[Path]:
         yield tmp_path / package / "migrations"
 
 
+def settled(migrations: Path, window: float) -> None:
+    """Until nothing the test wrote around ``migrations`` changed in the last ``window``
+    seconds (by its own timestamps, which the state key reads)."""
+    paths = [migrations.parent.parent, *migrations.parent.parent.rglob("*")]
+
+    def newest() -> float:
+        return max(max(path.stat().st_mtime, path.stat().st_ctime) for path in paths)
+
+    wait_for(
+        "the migration files to be older than the window",
+        lambda: time.time() - newest() > window,
+        timeout=30,
+        interval=0.01,
+    )
+
+
 def test_the_state_key_follows_every_migration_file(nested_notes_migrations, monkeypatch):
     builds: list[None] = []
 
@@ -277,7 +364,7 @@ def test_the_state_key_follows_every_migration_file(nested_notes_migrations, mon
     assert len(builds) == 2
     # Once they are older than the window (made short here), it is kept.
     monkeypatch.setattr(recording_state, "_RACY", 0.05)
-    time.sleep(0.1)
+    settled(nested_notes_migrations, 0.05)
     builds.clear()
     assert recording_state.state_key("default") == first
     assert recording_state.state_key("default") == first
@@ -306,7 +393,7 @@ def test_the_state_key_follows_every_migration_file(nested_notes_migrations, mon
     importlib.invalidate_caches()
     assert recording_state.state_key("default") == after_edit
     # A file the kept key was computed from disappears.
-    time.sleep(0.1)
+    settled(nested_notes_migrations, 0.05)
     builds.clear()
     assert recording_state.state_key("default") == after_edit
     assert recording_state.state_key("default") == after_edit
@@ -607,6 +694,10 @@ def test_through_pgbouncer_with_other_clients_on_the_pool():
             assert conn.execute(
                 "SELECT count(*) FROM pg_tables WHERE schemaname = 'decoy'"
             ).fetchone() == (0,)
+            # t0's migration was recorded through the pooler, once; t1 and t2 replayed it.
+            assert conn.execute(
+                "SELECT problem, length(statements) > 0 FROM public.tenantsafe_recording"
+            ).fetchall() == [("", True)]
         expected = reference_fingerprint(target, env=env)
         for schema in ("t0", "t1", "t2"):
             assert fingerprint(target, schema) == expected, schema
@@ -678,4 +769,8 @@ def test_without_the_setting_migrate_schemas_safe_records_nothing(migrations_run
     add_tenant("existing")
     out, _ = migrate(tenant=True)
     assert "replay" not in out
+    # Migrated in its own schema only: no scratch schema, and nothing stored to replay.
     assert migrations_run == ["existing"]
+    assert scratch_schemas() == []
+    if scalar("SELECT to_regclass('public.tenantsafe_recording') IS NOT NULL"):
+        assert recordings() == []

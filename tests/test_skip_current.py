@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,30 @@ def test_app_label_target_skips_tenants_current_for_that_app(migrated):
     assert migrated == []
 
 
+GONE = ["shop", "0099_gone"]
+
+
+@pytest.mark.parametrize(
+    ("option", "app"), [("run_syncdb", ()), ("prune", ("shop",))], ids=["run_syncdb", "prune"]
+)
+def test_options_that_write_with_nothing_to_apply_turn_the_skip_off(migrated, option, app):
+    current_tenants("alpha", "beta")
+    # A row of a migration no longer on disk: nothing to apply, so alpha reads as current;
+    # only migrate --prune (run in alpha) deletes it.
+    sql('INSERT INTO "alpha".django_migrations (app, name, applied) VALUES (%s, %s, now())', GONE)
+    out, _ = migrate(*app, tenant=True)
+    assert "2 tenant(s): 0 migrated, 2 already current" in out
+    assert tuple(GONE) in recorded("alpha")
+    migrated.clear()
+
+    out, _ = migrate(*app, tenant=True, **{option: True})
+
+    assert migrated == ["alpha", "beta"]
+    assert "read django_migrations" not in out
+    assert "2 tenant(s): 0 migrated, 2 already current, 0 failed" in out
+    assert (tuple(GONE) in recorded("alpha")) is (option != "prune")
+
+
 def test_unknown_app_label_is_reported_by_migrate_as_before():
     current_tenants("alpha")
     with pytest.raises(CommandError, match="1 of 1 schema"):
@@ -281,12 +306,38 @@ def test_verbosity_zero_prints_nothing():
     assert migrate(tenant=True, verbosity=0) == ("", "")
 
 
-def test_multiprocessing_executor_skips_too(migrated):
+@pytest.fixture
+def migrated_anywhere(tmp_path: Path) -> Iterator[Callable[[], list[tuple[str, int]]]]:
+    """(schema, process) of each migrate run, in this process or in one it forked (the
+    multiprocessing executor's workers), in order."""
+    log = tmp_path / "migrated"
+    log.touch()
+
+    def receiver(sender: Any, schema_name: str, **kwargs: Any) -> None:
+        with log.open("a") as file:
+            file.write(f"{schema_name} {os.getpid()}\n")
+
+    schema_pre_migration.connect(receiver, dispatch_uid="test_skip_current.anywhere")
+    yield lambda: [(name, int(pid)) for name, pid in map(str.split, log.read_text().splitlines())]
+    schema_pre_migration.disconnect(dispatch_uid="test_skip_current.anywhere")
+
+
+def test_multiprocessing_executor_skips_too(migrated_anywhere):
     current_tenants("alpha", "beta")
-    add_tenant("fresh")
+    add_tenant("fresh1")
+    add_tenant("fresh2")
+    before = len(migrated_anywhere())
+
     out, _ = migrate(tenant=True, executor="multiprocessing")
-    assert "3 tenant(s): 1 migrated, 2 already current, 0 failed" in out
-    assert has_table("fresh", "shop_product")
+
+    assert "read django_migrations of 4 tenant(s): 2 already current (skipped), 2 to migrate" in out
+    assert "4 tenant(s): 2 migrated, 2 already current, 0 failed" in out
+    # migrate ran for the two behind only, in the pool's worker processes.
+    ran = migrated_anywhere()[before:]
+    assert sorted(name for name, _ in ran) == ["fresh1", "fresh2"]
+    assert os.getpid() not in {pid for _, pid in ran}
+    assert has_table("fresh1", "shop_product")
+    assert has_table("fresh2", "shop_product")
 
 
 # --- the planner against Django's own executor, on recorded states alone -------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import textwrap
 
 import pytest
@@ -12,11 +13,12 @@ from django.core.management.base import CommandError
 from django.db import transaction
 from django.test.utils import override_settings
 
-from tenantsafe import doctor
+from tenantsafe import doctor, spares
 from tenantsafe.provisioning import ensure_recording, provision
 from testproject.customers.models import Client
 from tests.dbtools import (
     add_tenant,
+    at_the_gate,
     connect,
     database_url,
     direct_url,
@@ -30,6 +32,7 @@ from tests.dbtools import (
     scalar,
     signups_at_once,
     sql,
+    start_manage,
     with_dbname,
 )
 
@@ -200,6 +203,57 @@ def test_a_spare_of_an_older_migration_state_is_never_handed_out(extra_migration
             (1, "added"),
             (2, "claimed"),
         ]
+
+
+def test_count_0_only_drops_the_spares_of_an_older_state():
+    spares_command("--count", "2")
+    stale, kept = spare_schemas()
+    sql(
+        "UPDATE public.tenantsafe_spare SET state = 'an older state' WHERE schema_name = %s",
+        [stale],
+    )
+
+    out, err, status = spares_command("--count", "0")
+
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        "tenantsafe_spares: dropped 1 spare schema(s) of an older migration state.",
+        "tenantsafe_spares: 1 of 0 spare schema(s) ready (0 made).",
+    ]
+    # The current one is kept: 0 asks for none to be made, not for any to be dropped.
+    assert spare_schemas() == spare_rows() == [kept]
+
+
+FILL = ["tenantsafe_spares", "--count", "2"]
+
+
+@pytest.mark.slow
+def test_concurrent_fills_make_no_more_than_asked_between_them(reference):
+    assert ensure_recording() is True
+    spares.ensure_table("default")  # to lock it
+    url = database_url()
+
+    # Both wait on the spares' table, so they count and make spares at the same moment.
+    procs = at_the_gate(
+        url,
+        "public.tenantsafe_spare",
+        "EXCLUSIVE",
+        lambda: [start_manage(url, *FILL) for _ in range(2)],
+    )
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+
+    assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outputs]
+    lines = [
+        re.fullmatch(r"tenantsafe_spares: 2 of 2 spare schema\(s\) ready \((\d) made\)\.\n", out)
+        for out, _ in outputs
+    ]
+    assert all(lines), outputs
+    made = [int(line[1]) for line in lines if line]
+    assert sum(made) == 2
+    assert len(spare_schemas()) == 2
+    assert spare_rows() == spare_schemas()
+    for name in spare_schemas():
+        assert fingerprint(url, name) == reference, name
 
 
 def test_a_tampered_spare_is_dropped_and_the_tenant_replayed(reference):

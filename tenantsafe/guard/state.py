@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tenantsafe import conf
@@ -49,6 +49,10 @@ class ConnectionState:
     pooler: tuple[int, Pooler] | None = None
     # What citus.detect() found, for the driver connection with this id().
     citus: tuple[int, Citus] | None = None
+    # tenantsafe.recycling: its counter is on the connection, and the tenant schemas the
+    # connection's statements ran in since it last recycled.
+    counting: bool = False
+    schemas: set[str] = field(default_factory=set)
 
 
 def of(connection: Any) -> ConnectionState:

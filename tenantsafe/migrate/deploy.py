@@ -51,7 +51,7 @@ from django.db import DatabaseError, connections
 from django_tenants.migration_executors import base as upstream
 from django_tenants.signals import schema_migrated, schema_pre_migration
 
-from tenantsafe import guard, locks, recording
+from tenantsafe import drift, guard, locks, recording
 from tenantsafe.migrate import failures, warm
 from tenantsafe.migrate.executor import Executor
 from tenantsafe.migrate.groups import MIN_GROUP, WITNESSES, Group, Grouping, grouped, rows_of
@@ -127,6 +127,8 @@ class DeployRun:
             )
         for why, count in grouping.refused.items():
             say(self.opts, f"{count} tenant(s) are migrated through Django: their plan {why}.")
+        for sentence in drift.grouped_apart(grouping.drifted):
+            say(self.opts, sentence)
         return grouping
 
     def _group(self, group: Group) -> None:

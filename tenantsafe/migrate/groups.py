@@ -12,7 +12,7 @@ from django.db import connections
 from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 
-from tenantsafe import guard, plan, recording, schemas
+from tenantsafe import drift, guard, plan, recording, schemas
 from tenantsafe.results import TenantRef
 
 WITNESSES = 2
@@ -105,6 +105,8 @@ class Grouping:
     rest: tuple[TenantRef, ...]
     # How many tenants' plans were refused, by why.
     refused: dict[str, int]
+    # The tenants whose catalog is not the one most tenants with their plan have.
+    drifted: tuple[drift.Drift, ...] = ()
 
 
 def grouped(
@@ -117,6 +119,7 @@ def grouped(
     """The tenants of ``entries`` in groups of alike tenants, and the others (``python``: see
     :func:`refusal`)."""
     rest: list[TenantRef] = []
+    drifted: list[drift.Drift] = []
     by_plan: dict[tuple[Any, ...], list[plan.SchemaPlan]] = {}
     refused: dict[str, int] = {}
     for entry in entries:
@@ -134,7 +137,9 @@ def grouped(
         if len(members) < MIN_GROUP:
             rest += [TenantRef(m.schema, m.tenant_type) for m in members]
             continue
-        for alike in _alike(alias, [m.schema for m in members]):
+        splits, catalogs = _alike(alias, [m.schema for m in members])
+        drifted += drift.apart(alias, catalogs)
+        for alike in splits:
             refs = tuple(TenantRef(name, tenant_type) for name, _ in alike)
             if len(refs) < MIN_GROUP:
                 rest += refs
@@ -142,12 +147,14 @@ def grouped(
                 exact = tuple(digest for _, digest in alike)
                 count = pythons(planned.steps, loader)
                 groups.append(Group(tenant_type, refs, exact, applied, count))
-    return Grouping(tuple(groups), tuple(rest), refused)
+    return Grouping(tuple(groups), tuple(rest), refused, tuple(drifted))
 
 
-def _alike(alias: str, names: list[str]) -> list[list[tuple[str, str | None]]]:
+def _alike(
+    alias: str, names: list[str]
+) -> tuple[list[list[tuple[str, str | None]]], dict[str, str]]:
     """``names`` split by catalog and keyed rows without ids, in their order; each with its
-    keyed rows' exact digest."""
+    keyed rows' exact digest. And each one's catalog digest."""
     keys: dict[str, tuple[str, str | None]] = {}
     exact: dict[str, str | None] = {}
     for start in range(0, len(names), CHUNK):
@@ -166,7 +173,7 @@ def _alike(alias: str, names: list[str]) -> list[list[tuple[str, str | None]]]:
             split.setdefault(keys[name], []).append((name, exact.get(name)))
         else:
             split.setdefault(("", name), []).append((name, exact.get(name)))
-    return list(split.values())
+    return list(split.values()), {name: keys[name][0] for name in names if keys[name][0]}
 
 
 @contextlib.contextmanager

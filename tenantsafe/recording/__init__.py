@@ -44,12 +44,13 @@ from __future__ import annotations
 from tenantsafe.recording.fingerprints import (
     ROW_LIMIT,
     WITHOUT_IDS,
+    catalog_lines,
     catalogs,
     fingerprint,
     rows_digests,
 )
 from tenantsafe.recording.recorder import SEPARATOR, Recorder, identifying, record, taken
-from tenantsafe.recording.replaying import pinned_path, replay
+from tenantsafe.recording.replaying import in_scratch, pinned_path, replay
 from tenantsafe.recording.state import Recording, state_key
 from tenantsafe.recording.store import TABLE, RecordingStore
 
@@ -61,9 +62,11 @@ __all__ = [
     "Recorder",
     "Recording",
     "RecordingStore",
+    "catalog_lines",
     "catalogs",
     "fingerprint",
     "identifying",
+    "in_scratch",
     "pinned_path",
     "record",
     "replay",

@@ -13,18 +13,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import Error, connections, transaction
+from django.db import Error, connections
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from django_tenants.utils import get_tenant_domain_model, get_tenant_model
 
-from tenantsafe import citus, guard, statements, tenants
+from tenantsafe import guard, statements, tenants
 from tenantsafe.recording.fingerprints import fingerprint
-from tenantsafe.recording.replaying import pinned_path
+from tenantsafe.recording.replaying import in_scratch, pinned_path
 from tenantsafe.recording.state import Recording
 from tenantsafe.recording.store import RecordingStore
 
@@ -153,20 +152,15 @@ def _built(alias: str, state: str, tenant_type: str, schema: str, parts: list[st
 def _leaves(alias: str, tenant_type: str, sql: str, expected: str) -> bool:
     """Whether ``sql`` replayed into a new schema leaves one whose fingerprint is
     ``expected``; rolled back either way."""
-    scratch = f"tenantsafe_scratch_{uuid.uuid4().hex[:12]}"
-    path = pinned_path(alias, scratch, tenant_type)
     try:
-        with guard.pinned_transaction(alias, path, create=True) as cursor:
-            citus.execute_batch(connections[alias], cursor, sql)
+        with in_scratch(alias, tenant_type, sql) as (cursor, scratch):
             # Deferred constraints are checked at commit, which this never reaches.
             cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
-            alike = fingerprint(cursor, scratch) == expected
-            transaction.set_rollback(True, using=alias)
+            return fingerprint(cursor, scratch) == expected
     except Error as exc:
         # Only a faster form of what is kept anyway: whatever went wrong, it is not used.
         logger.debug("the recording with constraints folded in fails (%s): kept as recorded", exc)
         return False
-    return alike
 
 
 def taken(alias: str, recorder: Recorder, identifying: Iterable[str]) -> tuple[str, str]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, connections, transaction
 
 from tenantsafe import citus, guard, tenants
 from tenantsafe.errors import ReplayMismatch, sqlstate
@@ -25,6 +28,20 @@ def pinned_path(alias: str, schema: str, tenant_type: str) -> list[str]:
         return guard.search_path(connection)
     finally:
         connection.set_schema_to_public()
+
+
+@contextlib.contextmanager
+def in_scratch(alias: str, tenant_type: str, sql: str) -> Iterator[tuple[Any, str]]:
+    """A raw cursor, and the name of the new schema ``sql`` was replayed into, with that
+    schema's path pinned; in a transaction that is rolled back after the block."""
+    scratch = f"tenantsafe_scratch_{uuid.uuid4().hex[:12]}"
+    path = pinned_path(alias, scratch, tenant_type)
+    with guard.pinned_transaction(alias, path, create=True) as cursor:
+        try:
+            citus.execute_batch(connections[alias], cursor, sql)
+            yield cursor, scratch
+        finally:
+            transaction.set_rollback(True, using=alias)
 
 
 def replay(store: RecordingStore, tenant: Any) -> bool:

@@ -20,7 +20,7 @@ from tenantsafe import registry
 
 # Changes when what a recording holds or how it is fingerprinted changes: a recording made by
 # another version is never used.
-FORMAT = "2"
+FORMAT = "3"
 
 
 @dataclass(frozen=True)

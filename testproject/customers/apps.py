@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
-from django.db.models.signals import post_migrate
+from django.db.models.signals import post_migrate, pre_migrate
 
 
 class CustomersConfig(AppConfig):
@@ -15,3 +15,4 @@ class CustomersConfig(AppConfig):
         # Connected before contenttypes' and auth's receivers (customers comes first in
         # INSTALLED_APPS), so a hold here is before any content type or permission exists.
         post_migrate.connect(faults.on_post_migrate, dispatch_uid="testproject.faults.hold")
+        pre_migrate.connect(faults.on_pre_migrate, dispatch_uid="testproject.faults.hold_pre")
