@@ -353,6 +353,35 @@ MUTANTS = [
         ),
         ("tests/test_checks.py::test_w003_transaction_pooler_found_by_check_database",),
     ),
+    Mutant(
+        "has-table-listed",
+        "a run asks for django_migrations by name, not by listing every table",
+        (
+            (
+                "tenantsafe/migrate/run.py",
+                "        with stopping.on_signals(self.stop), recorder.by_name():\n",
+                "        with stopping.on_signals(self.stop):\n",
+            ),
+        ),
+        ("tests/test_recorder.py",),
+    ),
+    Mutant(
+        "data-directory-asked-anyway",
+        "a role that may not read data_directory gets the memory estimate, its transaction intact",
+        (
+            (
+                "tenantsafe/memory.py",
+                "                \"SELECT CASE WHEN pg_has_role('pg_read_all_settings', "
+                "'USAGE') \"\n"
+                "                \"THEN current_setting('data_directory') END, array_agg(pid) \"\n",
+                "                \"SELECT current_setting('data_directory'), array_agg(pid) \"\n",
+            ),
+        ),
+        (
+            "tests/test_recycling.py::test_a_role_that_may_not_read_the_data_directory_gets_the_"
+            "estimate_without_backends",
+        ),
+    ),
 ]
 
 

@@ -121,11 +121,14 @@ def _read_tenants(
     public = present[0].schema
     complete: set[str] = set()
     tenants_present = present[1:]
-    # The three reads that grow with the tenants, on three connections at once.
+    # The reads that grow with the tenants, on up to four connections at once: the catalogs,
+    # the costliest (about 1 ms a tenant: 12 of the 20 s of CPU at 10,000), in two halves when
+    # they take more than one query.
+    names = [t.schema for t in tenants_present]
+    half = len(names) // 2 if len(names) > drift.CHUNK else 0
     with (
-        meanwhile(
-            alias, lambda: drift.catalogs_of(alias, [t.schema for t in tenants_present])
-        ) as digests,
+        meanwhile(alias, lambda: drift.catalogs_of(alias, names[:half])) as first,
+        meanwhile(alias, lambda: drift.catalogs_of(alias, names[half:])) as second,
         meanwhile(alias, lambda: _registry_lag(alias, tenants_present, namespaces)) as lagging,
     ):
         entries = plan.plan_schemas(alias, present)
@@ -141,7 +144,7 @@ def _read_tenants(
                 complete.add(entry.schema)
         # Only tenants with every migration are expected to have every content type.
         report.findings.extend(f for f in lagging() if f.schema in complete)
-        found = digests()
+        found = {**first(), **second()}
     report.findings.extend(_drifted(alias, [e for e in entries if e.schema != public], found))
     sample = next((e.schema for e in entries if e.schema != public and e.current), None)
     if sample is not None:

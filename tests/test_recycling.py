@@ -251,6 +251,27 @@ def test_the_doctor_reports_what_a_connection_caches():
     assert "catalog-memory" not in {f["kind"] for f in report["findings"]}
 
 
+@TENANT_DB
+def test_a_role_that_may_not_read_the_data_directory_gets_the_estimate_without_backends():
+    create_tenant("mc", name="mc")
+    sql(
+        "DO $$ BEGIN CREATE ROLE tenantsafe_unprivileged; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    )
+    try:
+        with transaction.atomic():
+            # A role without pg_read_all_settings, for whom data_directory is refused.
+            sql("SET LOCAL ROLE tenantsafe_unprivileged")
+            cost = memory.estimate("default", 1, "mc")
+            # Nothing was refused: the transaction the doctor reads in is still usable.
+            assert scalar("SELECT current_user") == "tenantsafe_unprivileged"
+            transaction.set_rollback(True)
+    finally:
+        sql("DROP ROLE tenantsafe_unprivileged")
+    relations = scalar("SELECT count(*) FROM pg_class WHERE relnamespace = 'mc'::regnamespace")
+    assert (cost.tenants, cost.relations_per_tenant, cost.backends) == (1, relations, ())
+
+
 class EstimateTests(SimpleTestCase):
     def estimate(self, tenants: int, relations: int, limit: int = 0) -> memory.Estimate:
         served = min(tenants, limit) if limit else tenants

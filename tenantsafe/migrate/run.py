@@ -10,7 +10,7 @@ from django.test.utils import override_settings
 from django_tenants.utils import get_public_schema_name
 
 from tenantsafe import locks, progress, recording, schemas, spares, stopping
-from tenantsafe.migrate import failures, warm
+from tenantsafe.migrate import failures, recorder, warm
 from tenantsafe.migrate.deploy import DeployRun, replays
 from tenantsafe.migrate.executor import Executor
 from tenantsafe.migrate.skipping import Planned, answer_from_read
@@ -43,7 +43,7 @@ class MigrationRun:
     def summary(self) -> Summary:
         """Run, under the signal handlers; every tenant not reached is NOT_ATTEMPTED."""
         started = time.monotonic()
-        with stopping.on_signals(self.stop):
+        with stopping.on_signals(self.stop), recorder.by_name():
             try:
                 self._run()
             except DatabaseError as exc:
