@@ -13,6 +13,7 @@ from django.db import connections, transaction
 from django.db.models.signals import post_migrate
 from django.test import override_settings
 
+from tenantsafe.migrate import groups
 from tenantsafe.testing import create_tenant
 from tests.dbtools import (
     database_url,
@@ -140,7 +141,10 @@ def test_replayed_tenants_are_identical_to_migrated_ones(deploy, executor):
     assert err == ""
 
 
-def test_drifted_tenants_are_migrated_through_django_and_end_correct(deploy):
+# With chunks of two, the catalogs are read on two connections (as beyond 400 tenants).
+@pytest.mark.parametrize("chunk", [groups.CHUNK, 2], ids=["one-connection", "two-connections"])
+def test_drifted_tenants_are_migrated_through_django_and_end_correct(deploy, chunk, monkeypatch):
+    monkeypatch.setattr(groups, "CHUNK", chunk)
     tenants("a1", "a2", "a3", "a4", "extra_index", "redefined", "renamed", "own_default")
     sql('CREATE INDEX shop_product_name_extra ON "extra_index".shop_product (name)')
     # The same index name on another column.

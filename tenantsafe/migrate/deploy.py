@@ -140,7 +140,8 @@ class DeployRun:
             # The recording writes rows, which may hold content type or permission ids: only
             # tenants whose ids are the first witness's may get it; the others are grouped apart.
             same = group.exactly_like(first, rest)
-            apart = [t for t in rest if t not in set(same)]
+            taken = set(same)
+            apart = [t for t in rest if t not in taken]
             rest = same
             if apart:
                 say(
@@ -190,7 +191,8 @@ class DeployRun:
             t for t in others if not one.tables or before.get(t.schema) == before[second.schema]
         ]
         self._replay_all(alike, two, self._warm_plan(group))
-        self._without_replay([t for t in others if t not in set(alike)])
+        replayed = set(alike)
+        self._without_replay([t for t in others if t not in replayed])
 
     def _rows_before(
         self, one: Witness | None, tenants: Sequence[TenantRef]

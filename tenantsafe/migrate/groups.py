@@ -13,6 +13,7 @@ from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 
 from tenantsafe import drift, guard, plan, recording, schemas
+from tenantsafe.meanwhile import meanwhile
 from tenantsafe.results import TenantRef
 
 WITNESSES = 2
@@ -155,6 +156,27 @@ def _alike(
 ) -> tuple[list[list[tuple[str, str | None]]], dict[str, str]]:
     """``names`` split by catalog and keyed rows without ids, in their order; each with its
     keyed rows' exact digest. And each one's catalog digest."""
+    # About 4 ms of PostgreSQL's time a tenant: on two connections when it is more than a few
+    # queries, so that the server uses two cores.
+    half = len(names) // 2 if len(names) > 4 * CHUNK else 0
+    with meanwhile(alias, lambda: _digests(alias, names[:half])) as first:
+        keys, exact = _digests(alias, names[half:])
+        more_keys, more_exact = first()
+    keys.update(more_keys)
+    exact.update(more_exact)
+    split: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
+    for name in names:
+        if keys[name][0] and keys[name][1] is not None:
+            split.setdefault(keys[name], []).append((name, exact.get(name)))
+        else:
+            split.setdefault(("", name), []).append((name, exact.get(name)))
+    return list(split.values()), {name: keys[name][0] for name in names if keys[name][0]}
+
+
+def _digests(
+    alias: str, names: list[str]
+) -> tuple[dict[str, tuple[str, str | None]], dict[str, str | None]]:
+    """Each of ``names``' catalog digest and keyed rows' digest without ids; and with them."""
     keys: dict[str, tuple[str, str | None]] = {}
     exact: dict[str, str | None] = {}
     for start in range(0, len(names), CHUNK):
@@ -167,13 +189,7 @@ def _alike(
             exact.update(recording.rows_digests(cursor, batch, KEYED, unlimited=CHECKED))
         for name in batch:
             keys[name] = (catalogs.get(name, ""), loose.get(name))
-    split: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
-    for name in names:
-        if keys[name][0] and keys[name][1] is not None:
-            split.setdefault(keys[name], []).append((name, exact.get(name)))
-        else:
-            split.setdefault(("", name), []).append((name, exact.get(name)))
-    return list(split.values()), {name: keys[name][0] for name in names if keys[name][0]}
+    return keys, exact
 
 
 @contextlib.contextmanager
