@@ -36,6 +36,7 @@ from django_tenants.utils import (
 
 from tenantsafe import conf, errors, guard, locks, migrate, recording, schemas, spares, tenants
 from tenantsafe.errors import ProvisionError
+from tenantsafe.migrate import recorder
 from tenantsafe.options import RunOptions
 from tenantsafe.results import FAILED, MIGRATED, REPLAYED, SPARE, TenantRef
 
@@ -275,7 +276,7 @@ def migrate_schema(
         if record_into is not None
         else contextlib.nullcontext()
     )
-    with recorded:
+    with recorded, recorder.by_name():
         result = migrate.migrate_tenant(
             migrate_options(alias), TenantRef(schema, tenants.tenant_type(tenant)), lease=lease
         )

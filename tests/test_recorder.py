@@ -8,6 +8,7 @@ from django.db.migrations.recorder import MigrationRecorder
 from django.test.utils import CaptureQueriesContext
 
 from tenantsafe.migrate import recorder
+from tenantsafe.testing import create_tenant
 from tests.dbtools import add_tenant, connection, migrate, recorded, sql
 
 pytestmark = pytest.mark.usefixtures("drop_tenant_schemas")
@@ -60,3 +61,14 @@ def test_a_run_never_lists_every_table_to_find_django_migrations():
     # public, asking about the table only by name.
     assert not [q["sql"] for q in run.captured_queries if LISTING in q["sql"]]
     assert MigrationRecorder.has_table.__name__ == "has_table"
+
+
+@pytest.mark.usefixtures("drop_tenant_schemas", "fresh_recordings")
+def test_provisioning_by_migrating_never_lists_every_table():
+    migrate()
+    with CaptureQueriesContext(connection) as made:
+        # No recording yet: the first tenant is migrated through Django, and recorded.
+        create_tenant("first", name="first")
+    assert ("shop", "0003_product_sku") in recorded("first")
+    assert any("django_migrations" in q["sql"] for q in made.captured_queries)
+    assert not [q["sql"] for q in made.captured_queries if LISTING in q["sql"]]
