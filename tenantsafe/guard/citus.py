@@ -43,20 +43,17 @@ NOT_CITUS = Citus(False, False)
 
 def detect(connection: Any) -> Citus:
     """What ``connection``'s database is, read once per server connection."""
-    connection.ensure_connection()
-    raw = connection.connection
-    kept = state.of(connection)
-    if kept.citus is not None and kept.citus[0] == id(raw):
-        return kept.citus[1]
+    return state.read_once(connection, "citus", _read)
+
+
+def _read(raw: Any) -> Citus:
     with raw.cursor() as cursor:
         cursor.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus'), "
             "coalesce(current_setting('citus.enable_schema_based_sharding', true), 'off')"
         )
         installed, sharding = cursor.fetchone()
-    found = Citus(True, sharding == "on") if installed else NOT_CITUS
-    kept.citus = (id(raw), found)
-    return found
+    return Citus(True, sharding == "on") if installed else NOT_CITUS
 
 
 def is_citus(connection: Any) -> bool:

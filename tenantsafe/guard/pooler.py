@@ -43,22 +43,19 @@ def detect(connection: Any) -> Pooler:
     configured = conf.transaction_pooler(connection.alias)
     if configured is not None:
         return Pooler(configured, "TENANTSAFE_TRANSACTION_POOLER", port, None)
-    connection.ensure_connection()
-    raw = connection.connection
-    kept = state.of(connection)
-    if kept.pooler is not None and kept.pooler[0] == id(raw):
-        return kept.pooler[1]
-    with raw.cursor() as cursor:
-        cursor.execute("SELECT inet_server_port()")
-        server_port = cursor.fetchone()[0]
     host = connection.settings_dict.get("HOST") or ""
-    if server_port is None:
-        pooled = bool(host) and not host.startswith("/")
-    else:
-        pooled = int(server_port) != port
-    found = Pooler(pooled, "detected", port, None if server_port is None else int(server_port))
-    kept.pooler = (id(raw), found)
-    return found
+
+    def read(raw: Any) -> Pooler:
+        with raw.cursor() as cursor:
+            cursor.execute("SELECT inet_server_port()")
+            server_port = cursor.fetchone()[0]
+        if server_port is None:
+            pooled = bool(host) and not host.startswith("/")
+        else:
+            pooled = int(server_port) != port
+        return Pooler(pooled, "detected", port, None if server_port is None else int(server_port))
+
+    return state.read_once(connection, "pooler", read)
 
 
 def is_pooled(connection: Any) -> bool:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenantsafe import conf
 from tenantsafe.guard.sql import Terms
@@ -20,8 +21,7 @@ from tenantsafe.guard.streams import Stream
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
-    from tenantsafe.guard.citus import Citus
-    from tenantsafe.guard.pooler import Pooler
+T = TypeVar("T")
 
 # The one attribute tenantsafe sets on a Django connection (a DatabaseWrapper).
 ATTRIBUTE = "_tenantsafe"
@@ -45,10 +45,9 @@ class ConnectionState:
     # The check merged into the last statement (and whether it was %-escaped): left out of
     # connection.queries.
     merged: tuple[str, bool] | None = None
-    # What pooler.detect() found, for the driver connection with this id().
-    pooler: tuple[int, Pooler] | None = None
-    # What citus.detect() found, for the driver connection with this id().
-    citus: tuple[int, Citus] | None = None
+    # What was read once per server connection (read_once()), by what: the id() of the driver
+    # connection it was read on, and what it found (pooler.detect(), citus.detect()).
+    facts: dict[str, tuple[int, Any]] = field(default_factory=dict)
     # tenantsafe.recycling: its counter is on the connection, and the tenant schemas the
     # connection's statements ran in since it last recycled.
     counting: bool = False
@@ -61,6 +60,22 @@ def of(connection: Any) -> ConnectionState:
         state = ConnectionState()
         setattr(connection, ATTRIBUTE, state)
     return state
+
+
+def read_once(connection: Any, what: str, read: Callable[[Any], T]) -> T:
+    """What ``read(driver connection)`` finds, read once per server connection: kept on the
+    connection's state under ``what`` until Django opens another driver connection (a
+    reconnect reads again)."""
+    connection.ensure_connection()
+    raw = connection.connection
+    facts = of(connection).facts
+    seen = facts.get(what)
+    if seen is not None and seen[0] == id(raw):
+        found: T = seen[1]
+        return found
+    found = read(raw)
+    facts[what] = (id(raw), found)
+    return found
 
 
 # How many guarding() blocks are open per alias, across the threads of this process.
