@@ -366,6 +366,12 @@ MUTANTS = [
         ("tests/test_recorder.py",),
     ),
     Mutant(
+        "doctor-digests-in-small-chunks",
+        "the doctor reads every tenant's catalog in a few queries, on its other connections too",
+        (("tenantsafe/drift.py", "CHUNK = 1000\n", "CHUNK = 10\n"),),
+        ("tests/test_drift.py::test_the_doctor_reads_a_few_hundred_tenants_in_a_few_queries",),
+    ),
+    Mutant(
         "data-directory-asked-anyway",
         "a role that may not read data_directory gets the memory estimate, its transaction intact",
         (

@@ -395,6 +395,31 @@ def signups_at_once(
     return [signup_result(proc) for proc in procs]
 
 
+@contextlib.contextmanager
+def other_connections_queries() -> Iterator[list[dict[str, str]]]:
+    """The queries of the connections other than the test's that are opened while the block
+    runs, in any thread (the doctor's reads on connections of their own), as
+    CaptureQueriesContext's ``captured_queries``; complete when the block ends."""
+    from django.db.backends.signals import connection_created
+
+    opened: list[Any] = []
+
+    def made(sender: Any, connection: Any, **kwargs: Any) -> None:
+        connection.force_debug_cursor = True
+        opened.append(connection)
+
+    uid = "tests.other_connections_queries"
+    connection_created.connect(made, weak=False, dispatch_uid=uid)
+    captured: list[dict[str, str]] = []
+    try:
+        yield captured
+    finally:
+        connection_created.disconnect(dispatch_uid=uid)
+        for other in opened:
+            if other is not connection:
+                captured.extend(other.queries_log)
+
+
 def reads(captured: list[dict[str, str]]) -> list[str]:
     """The reads of CaptureQueriesContext's queries: SET search_path and transaction control
     (BEGIN/COMMIT) are not counted."""

@@ -17,6 +17,7 @@ from tenantsafe.testing import create_tenant
 from tests.dbtools import (
     connection,
     doctor_json,
+    other_connections_queries,
     reads,
     restore_as,
     scalar,
@@ -189,13 +190,13 @@ def test_inside_a_transaction_the_doctor_sees_what_it_holds():
 def test_the_doctor_reads_a_few_hundred_tenants_in_a_few_queries():
     light("few", 3)
     sql('CREATE INDEX extra_idx ON "few0001".django_migrations (name)')
-    with CaptureQueriesContext(connection) as few:
+    with CaptureQueriesContext(connection) as few, other_connections_queries() as few_others:
         report = doctor.diagnose("default")
     assert [f.schema for f in report.findings if f.kind == "catalog-drift"] == ["few0001"]
 
     light("many", 300)
     sql('ALTER TABLE "many0123".django_migrations ALTER COLUMN app TYPE text')
-    with CaptureQueriesContext(connection) as many:
+    with CaptureQueriesContext(connection) as many, other_connections_queries() as others:
         report = doctor.diagnose("default")
 
     assert report.tenants == report.current == 303
@@ -209,6 +210,9 @@ def test_the_doctor_reads_a_few_hundred_tenants_in_a_few_queries():
     assert len(many.captured_queries) == len(few.captured_queries)
     # What test_doctor's test of the doctor's reads counts, and the lines of the two catalogs.
     assert len(reads(many.captured_queries)) <= 13
+    # The reads on connections of their own (the catalog digests: one statement per 1,000
+    # tenants) do not grow with the tenants either.
+    assert 1 <= len(reads(others)) == len(reads(few_others)) <= 2
 
 
 def light(prefix: str, count: int) -> None:
