@@ -20,6 +20,7 @@ from tests.dbtools import (
     doctor_json,
     fresh_database,
     manage,
+    other_connections_queries,
     pool_load,
     pooled_url,
     reads,
@@ -169,19 +170,20 @@ def test_invalid_schema_names_are_reported_as_json_strings():
 
 def test_a_few_queries_whatever_the_number_of_tenants():
     migrated("t1", "t2")
-    with CaptureQueriesContext(connection) as few:
+    with CaptureQueriesContext(connection) as few, other_connections_queries() as few_others:
         doctor.diagnose("default")
     migrated("t3", "t4", "t5", "t6")
-    with CaptureQueriesContext(connection) as more:
+    with CaptureQueriesContext(connection) as more, other_connections_queries() as others:
         report = doctor.diagnose("default")
     assert report.current == 6
     statements = reads(more.captured_queries)
     assert len(more.captured_queries) == len(few.captured_queries)
     # Tenant rows, schemas, django_migrations tables, their rows, the lease rows (runs that
-    # did not finish), content types and permissions, catalog digests, whether there is a
-    # recording (tenantsafe.drift), a tenant's relations and the backends (tenantsafe.memory),
-    # public's tables, the port.
+    # did not finish), whether there is a recording (tenantsafe.drift), a tenant's relations
+    # and the backends (tenantsafe.memory), public's tables, the port.
     assert len(statements) <= 12
+    # On connections of their own: content types and permissions, catalog digests.
+    assert [len(reads(q)) for q in (few_others, others)] == [2, 2]
 
 
 @pytest.mark.pooler
