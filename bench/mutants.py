@@ -372,6 +372,21 @@ MUTANTS = [
         ("tests/test_drift.py::test_the_doctor_reads_a_few_hundred_tenants_in_a_few_queries",),
     ),
     Mutant(
+        "first-half-dropped",
+        "reads split over two connections (the doctor's catalogs, a deploy's grouping) keep both",
+        (
+            (
+                "tenantsafe/meanwhile.py",
+                "        return [first(), second]\n",
+                "        first()\n        return [second]\n",
+            ),
+        ),
+        (
+            "tests/test_drift.py::test_each_kind_of_drift_is_found_and_named",
+            "tests/test_deploy.py::test_drifted_tenants_are_migrated_through_django_and_end_correct",
+        ),
+    ),
+    Mutant(
         "data-directory-asked-anyway",
         "a role that may not read data_directory gets the memory estimate, its transaction intact",
         (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from django.db import connections
@@ -37,3 +37,17 @@ def meanwhile(alias: str, read: Callable[[], T]) -> Iterator[Callable[[], T]]:
 
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tenantsafe") as pool:
         yield pool.submit(own).result
+
+
+def in_halves(
+    alias: str, read: Callable[[Sequence[str]], T], names: Sequence[str], *, above: int
+) -> list[T]:
+    """``read`` of each half of ``names``, the first half on a connection of its own while
+    this one reads the second, when there are more than ``above`` (a read that takes several
+    statements: the server then uses two cores); else ``read(names)`` alone."""
+    if len(names) <= above:
+        return [read(names)]
+    half = len(names) // 2
+    with meanwhile(alias, lambda: read(names[:half])) as first:
+        second = read(names[half:])
+        return [first(), second]

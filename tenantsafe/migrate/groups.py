@@ -13,7 +13,7 @@ from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 
 from tenantsafe import drift, guard, plan, recording, schemas
-from tenantsafe.meanwhile import meanwhile
+from tenantsafe.meanwhile import in_halves
 from tenantsafe.results import TenantRef
 
 WITNESSES = 2
@@ -158,12 +158,13 @@ def _alike(
     keyed rows' exact digest. And each one's catalog digest."""
     # About 4 ms of PostgreSQL's time a tenant: on two connections when it is more than a few
     # queries, so that the server uses two cores.
-    half = len(names) // 2 if len(names) > 4 * CHUNK else 0
-    with meanwhile(alias, lambda: _digests(alias, names[:half])) as first:
-        keys, exact = _digests(alias, names[half:])
-        more_keys, more_exact = first()
-    keys.update(more_keys)
-    exact.update(more_exact)
+    keys: dict[str, tuple[str, str | None]] = {}
+    exact: dict[str, str | None] = {}
+    for part_keys, part_exact in in_halves(
+        alias, lambda part: _digests(alias, part), names, above=4 * CHUNK
+    ):
+        keys.update(part_keys)
+        exact.update(part_exact)
     split: dict[tuple[str, str | None], list[tuple[str, str | None]]] = {}
     for name in names:
         if keys[name][0] and keys[name][1] is not None:
@@ -174,7 +175,7 @@ def _alike(
 
 
 def _digests(
-    alias: str, names: list[str]
+    alias: str, names: Sequence[str]
 ) -> tuple[dict[str, tuple[str, str | None]], dict[str, str | None]]:
     """Each of ``names``' catalog digest and keyed rows' digest without ids; and with them."""
     keys: dict[str, tuple[str, str | None]] = {}
